@@ -1,0 +1,5 @@
+"""Allow ``python -m autoseg``."""
+
+from autoseg.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The ``autoseg`` command: parse arguments, call the library, report. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from autoseg import __version__
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("autoseg")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="worker processes (default: from CPU cores and free RAM)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway without a TTY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="autoseg", description="Self-configuring 3D medical image segmentation. Steps: verify -> plan -> "
+        "preprocess -> train -> predict.")
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    v = sub.add_parser("verify", help="check every case of a dataset and report all problems",
+                       description="Check that every case exists and opens; that channels and label agree in "
+                       "shape, spacing, origin and direction; that labels are declared integers; that images are "
+                       "finite. Prints one line per problem and exits 1 if there is any. Writes nothing.")
+    v.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR",
+                   help="folder with dataset.json, imagesTr/ and labelsTr/ (MSD or nnU-Net v2 layout)")
+    _add_common(v)
+
+    p = sub.add_parser("plan", help="verify, fingerprint and plan a dataset",
+                       description="Verify every case, fingerprint the dataset (reused when unchanged) and "
+                       "write RUN_DIR/fingerprint.json and RUN_DIR/plans.json, then print a summary.")
+    p.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR",
+                   help="folder with dataset.json, imagesTr/ and labelsTr/ (MSD or nnU-Net v2 layout); only read")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="RUN_DIR",
+                   help="run directory to write (default: ./autoseg_runs/<dataset name>); must not be inside "
+                   "DATASET_DIR")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="plan for a CUDA GPU with this much memory in GiB, instead of the detected device")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="device to plan for (default auto: CUDA if visible, else CPU)")
+    p.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
+    p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
+    _add_common(p)
+    return parser
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _report_problems(problems: list[str]) -> int:
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{len(problems)} problem(s) found; nothing was written.", file=sys.stderr)
+    return 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from autoseg.dataset import load_dataset
+    from autoseg.device import DeviceInfo
+    from autoseg.fingerprint import fingerprint_dataset
+
+    spec = load_dataset(args.dataset_dir)
+    cpu = DeviceInfo("cpu", "verify", 1, 0.0, None, 0.0, "detected")  # verify needs no device
+    fingerprint_dataset(spec, cpu, None, args.workers, not args.no_progress)
+    print(f"{spec.name}: {len(spec.cases)} cases, {spec.layout} layout, channels {spec.channel_names}, "
+          f"labels {sorted(spec.labels)}: no problems found")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.dataset import load_dataset
+    from autoseg.device import detect_device
+    from autoseg.fingerprint import fingerprint_dataset, save_fingerprint
+    from autoseg.planning import make_plan
+    from autoseg.planning.summary import format_summary
+    from autoseg.plans import PLANS_FILE, save_plans
+
+    t0 = time.perf_counter()
+    spec = load_dataset(args.dataset_dir)
+    run_dir = args.output or Path("autoseg_runs") / spec.name
+    if _inside(run_dir, args.dataset_dir):
+        return _report_problems([f"{run_dir}: run directory is inside the dataset folder {args.dataset_dir}; "
+                                 "choose another with -o"])
+    device = detect_device(args.gpu_memory, args.device)
+    cache = None if args.refingerprint else run_dir
+    fp, reused = fingerprint_dataset(spec, device, cache, args.workers, not args.no_progress)
+    plans = make_plan(fp, device, n_folds=args.folds)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_fingerprint(fp, run_dir)
+    save_plans(plans, run_dir / PLANS_FILE)
+    print(format_summary(fp, plans))
+    how = "reused" if reused else "computed"
+    print(f"wrote        {run_dir / 'fingerprint.json'} ({how}) and {run_dir / PLANS_FILE} "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+COMMANDS = {"verify": _cmd_verify, "plan": _cmd_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 bad input, 2 usage, 130 interrupted)."""
+    from autoseg.dataset import DatasetError
+    from autoseg.parallel import CaseError
+    from autoseg.typedjson import SchemaError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except DatasetError as e:
+        return _report_problems(e.problems)
+    except (CaseError, SchemaError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130

@@ -1,0 +1,82 @@
+"""Every tunable default of autoseg in one place, with where it comes from.
+
+Values that a run actually uses are copied into ``plans.json``; changing a constant here changes
+new plans only, never an existing run.
+"""
+
+from __future__ import annotations
+
+# --- verification -----------------------------------------------------------------------------
+#: relative tolerance on voxel spacing when image channels and label are compared
+SPACING_RTOL = 1e-3
+#: absolute tolerance on origin (mm); nnU-Net users hit float32 round-off of ~1e-4 mm (issue #1267)
+ORIGIN_ATOL_MM = 1e-2
+#: absolute tolerance on direction cosines
+DIRECTION_ATOL = 1e-3
+
+# --- fingerprint ------------------------------------------------------------------------------
+#: seed of the foreground intensity sampler (nnU-Net uses 1234 too)
+FINGERPRINT_SEED = 1234
+#: total number of foreground intensity samples kept per channel over the whole dataset
+FINGERPRINT_SAMPLES_TOTAL = 1_000_000
+#: bump when the fingerprint content changes so that cached fingerprints are recomputed
+FINGERPRINT_VERSION = 1
+
+# --- planning: spacing and topology (nnU-Net v2's rules) ---------------------------------------
+#: an axis is "strongly anisotropic" when its spacing exceeds this multiple of the others
+ANISO_THRESHOLD = 3.0
+#: smallest edge (voxels) of a feature map in the bottleneck
+FEATUREMAP_MIN_EDGE = 4
+#: maximum number of poolings per axis
+MAX_POOLINGS = 5
+#: initial patch volume (voxels) before fitting to memory: 256^3 as in nnU-Net
+INITIAL_PATCH_VOXELS = 256**3
+#: share of the dataset's voxels one batch may cover at most (nnU-Net: 5 %)
+MAX_DATASET_COVERED = 0.05
+#: zoom-in patch volume as a share of the zoom-out patch volume (seed 000 used 24 % vs 48 % of its volumes)
+ZOOM_IN_FRACTION = 0.5
+
+# --- planning: network width per device kind ----------------------------------------------------
+GPU_BASE_FEATURES = 32
+GPU_MAX_FEATURES = 320
+CPU_BASE_FEATURES = 16
+CPU_MAX_FEATURES = 128
+#: residual blocks per encoder stage (stage 0 first); repeated last value for deeper stages
+GPU_BLOCKS_PER_STAGE = (1, 2, 2, 2, 2, 2)
+CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
+
+# --- planning: memory and compute budget ----------------------------------------------------------
+#: GiB of device memory kept aside for the CUDA context, cuDNN workspaces and allocator slack
+GPU_RESERVED_GIB = 1.0
+#: share of the remaining GPU memory a training step may plan to use
+GPU_USABLE_SHARE = 0.85
+#: share of physical RAM a CPU training step may plan to use
+CPU_RAM_SHARE = 0.25
+#: CPU: maximum floating-point operations of one training step (forward + backward = 3 x forward).
+#: Calibrated on a 2-core x86 CPU (2026-11-25): the residual U-Net 16->128, batch 2, 40x56x40 costs 5.2e10
+#: FLOPs and took 0.36-0.45 s per SGD step: a 30-minute budget buys ~4,000 steps.
+CPU_MAX_STEP_FLOPS = 6.0e10
+CPU_BATCH_SIZE = 2
+MIN_BATCH_SIZE = 2
+
+# --- planning: schedule ---------------------------------------------------------------------------
+GPU_ITERATIONS_PER_EPOCH = 250
+GPU_ZOOM_IN_EPOCHS = 800
+CPU_ITERATIONS_PER_EPOCH = 50
+CPU_ZOOM_IN_EPOCHS = 80
+#: the zoom-out stage runs this share of the zoom-in epochs (seed 000: 150 / 1200)
+ZOOM_OUT_EPOCH_SHARE = 1 / 8
+#: the zoom-out stage starts at this share of the zoom-in learning rate (seed 000: 1e-4 / 1e-3)
+ZOOM_OUT_LR_SHARE = 0.1
+#: nnU-Net's optimiser: SGD, Nesterov, momentum 0.99, poly decay with exponent 0.9
+OPTIMIZER = "sgd"
+LEARNING_RATE = 1e-2
+MOMENTUM = 0.99
+WEIGHT_DECAY = 3e-5
+SCHEDULER = "poly"
+
+# --- splits and inference -------------------------------------------------------------------------
+N_FOLDS = 5
+SPLIT_SEED = 12345
+TILE_STEP = 0.5
+GAUSSIAN_SIGMA_SCALE = 1 / 8

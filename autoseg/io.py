@@ -1,0 +1,120 @@
+"""Read and write medical images with their geometry (SimpleITK for NIfTI, NRRD, MHA).
+
+Arrays are returned in numpy order: ``(channels, z, y, x)`` for images, ``(z, y, x)`` for labels.
+Geometry is kept exactly as SimpleITK reports it, in physical (x, y, z) order; ``Geometry.spacing_zyx``
+gives the spacing in array-axis order, which is what fingerprints and plans use.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Geometry", "ImageReadError", "read_image", "write_image", "IMAGE_SUFFIXES", "strip_suffix"]
+
+#: file endings read through SimpleITK, longest first so that ``.nii.gz`` wins over ``.gz``
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageReadError(Exception):
+    """An image file is missing, unreadable or has an unsupported layout."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image's voxels lie in physical space, in SimpleITK's (x, y, z) order.
+
+    Attributes:
+        spacing: voxel size per physical axis (mm).
+        origin: position of the first voxel (mm).
+        direction: 3x3 direction cosines, row-major, 9 values.
+        shape: array shape ``(z, y, x)`` in voxels.
+    """
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    shape: tuple[int, int, int]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in numpy array-axis order (mm)."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]), tuple(d["shape"]))
+
+
+def strip_suffix(name: str) -> str | None:
+    """Return ``name`` without its image file ending, or None when it has no known ending."""
+    low = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D image, a 4D image (channels first) or a multi-component image.
+
+    Returns:
+        ``(array, geometry)``: array of shape ``(C, z, y, x)`` in the file's own dtype, and its geometry.
+
+    Raises:
+        ImageReadError: the file does not exist, cannot be decoded, or is not 3D/4D.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError("file does not exist")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:  # SimpleITK reports decoding problems as RuntimeError
+        first = str(e).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "rror" in ln), first[-1] if first else "")
+        raise ImageReadError(f"cannot be read as an image ({detail[:160]})") from None
+    dim = img.GetDimension()
+    if dim not in (3, 4):
+        raise ImageReadError(f"is {dim}D; expected a 3D image (or 4D with channels last in the file)")
+    arr = sitk.GetArrayViewFromImage(img)
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if dim == 3:
+        arr = np.moveaxis(arr, -1, 0) if ncomp > 1 else arr[None]
+    elif ncomp > 1:
+        raise ImageReadError("is 4D with vector pixels; expected scalar pixels")
+    spacing = tuple(float(s) for s in img.GetSpacing()[:3])
+    origin = tuple(float(o) for o in img.GetOrigin()[:3])
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
+    geometry = Geometry(spacing, origin, tuple(float(v) for v in d.ravel()), tuple(int(s) for s in arr.shape[1:]))
+    return np.array(arr), geometry
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a 3D array ``(z, y, x)`` with ``geometry``, atomically (temporary name, then rename)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if array.ndim != 3:
+        raise ValueError(f"write_image expects a 3D array, got shape {array.shape}")
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(geometry.spacing)
+    img.SetOrigin(geometry.origin)
+    img.SetDirection(geometry.direction)
+    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

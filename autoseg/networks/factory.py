@@ -1,0 +1,29 @@
+"""Build the network a plan describes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autoseg.plans import NetworkPlan
+
+__all__ = ["build_network", "ARCHITECTURES"]
+
+#: architectures a plan may name; more arrive with the training issues (UNETR, SegResNet, Attention U-Net)
+ARCHITECTURES = ("residual_unet",)
+
+
+def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Module:
+    """The ``torch.nn.Module`` for ``net``.
+
+    Raises:
+        ValueError: unknown architecture name.
+    """
+    if net.architecture == "residual_unet":
+        from autoseg.networks.resunet import ResidualUNet
+
+        return ResidualUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
+                            net.blocks_per_stage, net.decoder_convs, net.deep_supervision)
+    raise ValueError(f"unknown architecture {net.architecture!r}; known: {', '.join(ARCHITECTURES)}")

@@ -1,0 +1,179 @@
+"""The planner: a pure, deterministic function from fingerprint and device to a plan.
+
+Patch fitting follows nnU-Net v2 (start isotropic in mm, clip to the median shape, shrink the axis that
+covers most of the median shape until a batch of 2 fits), with two differences: the budget is the
+measured-accurate cost model of :mod:`autoseg.planning.memory` rather than a feature-map proxy, and on a
+CPU the binding budget is compute per step, so that a training budget in minutes buys thousands of steps.
+The zoom-in stage (seed 000) trains long on patches of about half the zoom-out volume.
+"""
+
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from autoseg import __version__, defaults
+from autoseg.device import DeviceInfo
+from autoseg.fingerprint import Fingerprint
+from autoseg.plans import (
+    SCHEMA_VERSION, ChannelNormalization, InferencePlan, NetworkPlan, Plans, ResamplingPlan, StagePlan,
+    validate_plans)
+from autoseg.planning.memory import StepCost, step_cost
+from autoseg.planning.spacing import resampled_shape, target_spacing
+from autoseg.planning.splits import kfold_splits
+from autoseg.planning.topology import Topology, topology_for_patch
+
+__all__ = ["make_plan", "usable_memory_bytes", "normalization_for"]
+
+
+def usable_memory_bytes(device: DeviceInfo) -> int:
+    """Bytes a training step may use: GPU budget minus reserve, times a safety share; a share of RAM on CPU."""
+    if device.kind == "cuda":
+        return int(max(device.budget_gib - defaults.GPU_RESERVED_GIB, 0.25) * defaults.GPU_USABLE_SHARE * 2**30)
+    return int(device.budget_gib * defaults.CPU_RAM_SHARE * 2**30)
+
+
+def normalization_for(fp: Fingerprint) -> list[ChannelNormalization]:
+    """CT channels: dataset-wide clip to the foreground 0.5/99.5 percentiles and z-score; anything else:
+    per-case z-score, inside the non-zero mask when cropping to it removes a quarter of the volume or more
+    (brain-extracted MRI) so that the zero background does not skew mean and std."""
+    out = []
+    for name, st in zip(fp.channel_names, fp.channels):
+        if name.strip().lower() == "ct":
+            out.append(ChannelNormalization(name, "ct", False, [st.percentile_00_5, st.percentile_99_5],
+                                            st.mean, max(st.std, 1e-8)))
+        elif name.strip().lower() in ("none", "nonorm", "no_norm"):
+            out.append(ChannelNormalization(name, "none", False, None, None, None))
+        else:
+            out.append(ChannelNormalization(name, "zscore", fp.median_relative_size_after_crop < 0.75, None, None,
+                                            None))
+    return out
+
+
+def _network(topo: Topology, device: DeviceInfo) -> NetworkPlan:
+    gpu = device.kind == "cuda"
+    base, cap = (defaults.GPU_BASE_FEATURES, defaults.GPU_MAX_FEATURES) if gpu else \
+        (defaults.CPU_BASE_FEATURES, defaults.CPU_MAX_FEATURES)
+    blocks = defaults.GPU_BLOCKS_PER_STAGE if gpu else defaults.CPU_BLOCKS_PER_STAGE
+    n = len(topo.strides)
+    return NetworkPlan("residual_unet", [min(base * 2**s, cap) for s in range(n)], topo.kernel_sizes, topo.strides,
+                       [blocks[min(s, len(blocks) - 1)] for s in range(n)], 1, True)
+
+
+class _Fitter:
+    """Evaluates patches against the device budget; one instance per plan."""
+
+    def __init__(self, fp: Fingerprint, device: DeviceInfo, spacing: list[float]):
+        self.device, self.spacing = device, spacing
+        self.in_ch, self.n_cls = len(fp.channel_names), len(fp.labels)
+        self.amp = device.kind == "cuda"
+        self.memory = usable_memory_bytes(device)
+
+    def network(self, patch: list[int]) -> tuple[Topology, NetworkPlan]:
+        topo = topology_for_patch(patch, self.spacing)
+        return topo, _network(topo, self.device)
+
+    def cost(self, net: NetworkPlan, patch: list[int], batch: int) -> StepCost:
+        return step_cost(net, patch, batch, self.in_ch, self.n_cls, self.amp)
+
+    def fits(self, net: NetworkPlan, patch: list[int], batch: int) -> bool:
+        c = self.cost(net, patch, batch)
+        if self.device.kind == "cpu" and c.flops > defaults.CPU_MAX_STEP_FLOPS:
+            return False
+        return c.total_bytes <= self.memory
+
+
+def _initial_patch(spacing: list[float], median_shape: list[int]) -> list[int]:
+    """Isotropic in mm, :data:`defaults.INITIAL_PATCH_VOXELS` voxels, clipped to the median shape."""
+    aspect = 1 / np.asarray(spacing)
+    scale = (defaults.INITIAL_PATCH_VOXELS / prod(aspect)) ** (1 / 3)
+    return [int(min(round(a * scale), m)) for a, m in zip(aspect, median_shape)]
+
+
+def _fit_zoom_out(f: _Fitter, median_shape: list[int]) -> tuple[list[int], NetworkPlan]:
+    patch = _initial_patch(f.spacing, median_shape)
+    topo, net = f.network(patch)
+    while not f.fits(net, topo.patch, defaults.MIN_BATCH_SIZE):
+        ratios = [p / m for p, m in zip(topo.patch, median_shape)]
+        order = sorted(range(3), key=lambda a: -ratios[a])
+        step = topo.total_stride
+        axis = next((a for a in order if topo.patch[a] - step[a] >= step[a]), None)
+        if axis is None:
+            raise ValueError(f"no patch fits the budget of {f.memory / 2**30:.2f} GiB even at {topo.patch}; "
+                             "give a larger --gpu-memory")
+        patch = list(topo.patch)
+        patch[axis] -= step[axis]
+        topo, net = f.network(patch)
+    return topo.patch, net
+
+
+def _zoom_in_patch(out_patch: list[int], net: NetworkPlan, spacing: list[float], fraction: float) -> list[int]:
+    """Shrink the zoom-out patch, longest side in mm first, in steps of the total stride, to about
+    ``fraction`` of its volume, keeping at least ``FEATUREMAP_MIN_EDGE`` voxels per axis in the bottleneck
+    (or the zoom-out bottleneck edge where that is smaller)."""
+    stride = net.total_stride
+    floor_ = [s * min(defaults.FEATUREMAP_MIN_EDGE, p // s) for p, s in zip(out_patch, stride)]
+    target = fraction * prod(out_patch)
+    patch, prev = list(out_patch), list(out_patch)
+    while prod(patch) > target:
+        axes = [a for a in range(3) if patch[a] - stride[a] >= floor_[a]]
+        if not axes:
+            return patch
+        axis = max(axes, key=lambda a: (patch[a] * spacing[a], -a))
+        prev = list(patch)
+        patch[axis] -= stride[axis]
+    # take whichever of the last two candidates is closer to the target volume (in log ratio)
+    return prev if abs(np.log(prod(prev) / target)) < abs(np.log(prod(patch) / target)) else patch
+
+
+def _batch_size(f: _Fitter, net: NetworkPlan, patch: list[int], n_cases: int, median_shape: list[int]) -> int:
+    if f.device.kind == "cpu":
+        return defaults.CPU_BATCH_SIZE
+    per_sample = f.cost(net, patch, 1)
+    fixed = f.cost(net, patch, 0).total_bytes
+    by_memory = int((f.memory - fixed) // max(per_sample.total_bytes - fixed, 1))
+    by_dataset = int(defaults.MAX_DATASET_COVERED * n_cases * prod(median_shape) / prod(patch))
+    return max(defaults.MIN_BATCH_SIZE, min(by_memory, by_dataset))
+
+
+def _stage(f: _Fitter, net: NetworkPlan, name: str, patch: list[int], batch: int, median_shape: list[int],
+           epochs: int, lr: float, init_from: str | None) -> StagePlan:
+    c = f.cost(net, patch, batch)
+    iters = defaults.GPU_ITERATIONS_PER_EPOCH if f.device.kind == "cuda" else defaults.CPU_ITERATIONS_PER_EPOCH
+    share = prod(min(p, m) for p, m in zip(patch, median_shape)) / prod(median_shape)
+    return StagePlan(name, list(patch), batch, round(share, 4), round(c.total_bytes / 2**30, 3),
+                     round(c.flops / 1e9, 2), epochs, iters, defaults.OPTIMIZER, lr, defaults.MOMENTUM,
+                     defaults.WEIGHT_DECAY, defaults.SCHEDULER, init_from)
+
+
+def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
+              seed: int = defaults.SPLIT_SEED) -> Plans:
+    """Plan preprocessing, network, both training stages, folds and inference for ``fp`` on ``device``.
+
+    Raises:
+        ValueError: no patch fits the budget, or too few cases for cross-validation.
+    """
+    spacings = np.array([c.spacing for c in fp.cases])
+    cropped = np.array([c.shape_after_crop for c in fp.cases])
+    spacing = target_spacing(spacings, np.array([c.shape for c in fp.cases]))
+    resampled = np.array([resampled_shape(s, sp, spacing) for s, sp in zip(cropped, spacings)])
+    median_shape = [int(v) for v in np.median(resampled, axis=0)]
+    f = _Fitter(fp, device, spacing)
+    out_patch, net = _fit_zoom_out(f, median_shape)
+    in_patch = _zoom_in_patch(out_patch, net, spacing, defaults.ZOOM_IN_FRACTION)
+    batch = _batch_size(f, net, out_patch, fp.n_cases, median_shape)
+    zoom_in_epochs = defaults.GPU_ZOOM_IN_EPOCHS if device.kind == "cuda" else defaults.CPU_ZOOM_IN_EPOCHS
+    stages = [
+        _stage(f, net, "zoom_in", in_patch, batch, median_shape, zoom_in_epochs, defaults.LEARNING_RATE, None),
+        _stage(f, net, "zoom_out", out_patch, batch, median_shape,
+               max(1, round(zoom_in_epochs * defaults.ZOOM_OUT_EPOCH_SHARE)),
+               defaults.LEARNING_RATE * defaults.ZOOM_OUT_LR_SHARE, "zoom_in"),
+    ]
+    plans = Plans(
+        SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
+        list(fp.median_spacing), list(fp.median_shape), spacing, median_shape, normalization_for(fp),
+        ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
+        defaults.ZOOM_IN_FRACTION, stages, kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
+        InferencePlan(defaults.TILE_STEP, [0, 1, 2], defaults.GAUSSIAN_SIGMA_SCALE))
+    return validate_plans(plans)

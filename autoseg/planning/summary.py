@@ -1,0 +1,42 @@
+"""A short human-readable summary of a plan, for the terminal."""
+
+from __future__ import annotations
+
+from autoseg.fingerprint import Fingerprint
+from autoseg.plans import Plans
+
+__all__ = ["format_summary"]
+
+
+def _x(values: list) -> str:
+    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def format_summary(fp: Fingerprint, p: Plans) -> str:
+    """Cases, shapes and spacings, normalisation, network, both stages and the memory estimate."""
+    net = p.network
+    dev = p.device
+    device = f"{dev.kind.upper()} {dev.name}" + (f", {dev.budget_gib:g} GiB ({dev.budget_source})"
+                                                 if dev.kind == "cuda" else f", {dev.cores} cores, {dev.ram_gib:g} GiB RAM")
+    lines = [
+        f"dataset      {p.dataset_name}: {fp.n_cases} cases, {len(p.channel_names)} channel(s) "
+        f"{', '.join(p.channel_names)}, classes {', '.join(f'{k}={v}' for k, v in p.labels.items() if k)}",
+        f"median       shape {_x(fp.median_shape)} at spacing {_x([round(s, 3) for s in fp.median_spacing])} mm "
+        "(z, y, x)",
+        f"target       spacing {_x(p.target_spacing)} mm -> median shape {_x(p.median_shape_after_resampling)}",
+        "normalise    " + "; ".join(f"{n.channel}: {n.scheme}" + (" in non-zero mask" if n.use_mask else "") +
+                                    (f", clip [{n.clip[0]:.4g}, {n.clip[1]:.4g}]" if n.clip else "")
+                                    for n in p.normalization),
+        f"network      {net.architecture}, {len(net.features)} stages, features {net.features}",
+        f"             kernels {[_x(k) for k in net.kernel_sizes]}",
+        f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
+        f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB" + (" (mixed precision)" if p.amp else ""),
+    ]
+    for st in p.stages:
+        lines.append(
+            f"{st.name:<12} patch {_x(st.patch_size)} ({100 * st.share_of_median_volume:.0f}% of median volume), "
+            f"batch {st.batch_size}, ~{st.estimated_memory_gib:.2f} GiB and {st.estimated_step_gflops:.0f} GFLOP "
+            f"per step; {st.epochs} epochs x {st.iterations_per_epoch} iterations, {st.optimizer} lr "
+            f"{st.learning_rate:g} {st.scheduler}" + (f", starts from {st.init_from}" if st.init_from else ""))
+    lines.append(f"folds        {len(p.folds)} (validation sizes {[len(f.val) for f in p.folds]})")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""The plan: typed, versioned, validated on load. Written to ``RUN_DIR/plans.json``.
+
+Everything later steps need to know about *how* to preprocess, train and predict lives here, not in
+globals or environment variables. A hand-edited plan is checked field by field on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Literal
+
+from autoseg.device import DeviceInfo
+from autoseg.networks.factory import ARCHITECTURES
+from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
+
+__all__ = ["SCHEMA_VERSION", "ChannelNormalization", "NetworkPlan", "StagePlan", "ResamplingPlan",
+           "InferencePlan", "Fold", "Plans", "load_plans", "save_plans", "validate_plans", "PLANS_FILE"]
+
+SCHEMA_VERSION = 1
+PLANS_FILE = "plans.json"
+
+
+@dataclass
+class ChannelNormalization:
+    """How one input channel is normalised.
+
+    ``zscore``: per case, (x - mean) / std over the case (inside the non-zero mask when ``use_mask``).
+    ``ct``: clip to ``clip`` (dataset foreground 0.5/99.5 percentiles), then (x - mean) / std with the
+    dataset's foreground ``mean`` and ``std``. ``none``: unchanged.
+    """
+
+    channel: str
+    scheme: Literal["zscore", "ct", "none"]
+    use_mask: bool
+    clip: list[float] | None
+    mean: float | None
+    std: float | None
+
+
+@dataclass
+class NetworkPlan:
+    """Network topology. Per stage: features, kernel (z, y, x), downsampling stride (z, y, x), blocks."""
+
+    architecture: str
+    features: list[int]
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]
+    blocks_per_stage: list[int]
+    decoder_convs: int
+    deep_supervision: bool
+
+    @property
+    def total_stride(self) -> list[int]:
+        """Product of the strides per axis: every patch edge must be a multiple of it."""
+        return [prod(s[a] for s in self.strides) for a in range(3)]
+
+
+@dataclass
+class StagePlan:
+    """One training stage: zoom-in (small patches, long) or zoom-out (large patches, short, lower LR)."""
+
+    name: Literal["zoom_in", "zoom_out"]
+    patch_size: list[int]
+    batch_size: int
+    share_of_median_volume: float
+    estimated_memory_gib: float
+    estimated_step_gflops: float
+    epochs: int
+    iterations_per_epoch: int
+    optimizer: Literal["sgd", "adam"]
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    scheduler: Literal["poly", "cosine_restarts"]
+    init_from: str | None
+
+
+@dataclass
+class ResamplingPlan:
+    """Interpolation orders: images by splines of ``image_order``; labels one-hot with ``label_order``;
+    for cases whose spacing anisotropy exceeds ``anisotropy_threshold`` the out-of-plane axis separately
+    with ``out_of_plane_order``."""
+
+    image_order: int
+    label_order: int
+    out_of_plane_order: int
+    anisotropy_threshold: float
+
+
+@dataclass
+class InferencePlan:
+    """Sliding-window settings: step as a share of the patch, mirrored axes for test-time augmentation."""
+
+    tile_step: float
+    mirror_axes: list[int]
+    gaussian_sigma_scale: float
+
+
+@dataclass
+class Fold:
+    """Case ids used for training and validation in one cross-validation fold."""
+
+    train: list[str]
+    val: list[str]
+
+
+@dataclass
+class Plans:
+    """Everything autoseg decided about a dataset. Shapes and spacings in array order (z, y, x)."""
+
+    schema_version: int
+    autoseg_version: str
+    dataset_name: str
+    fingerprint_key: str
+    channel_names: list[str]
+    labels: dict[int, str]
+    original_median_spacing: list[float]
+    original_median_shape: list[int]
+    target_spacing: list[float]
+    median_shape_after_resampling: list[int]
+    normalization: list[ChannelNormalization]
+    resampling: ResamplingPlan
+    network: NetworkPlan
+    device: DeviceInfo
+    amp: bool
+    memory_budget_gib: float
+    zoom_in_fraction: float
+    stages: list[StagePlan]
+    folds: list[Fold]
+    inference: InferencePlan
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SchemaError(msg)
+
+
+def validate_plans(p: Plans) -> Plans:
+    """Check what types cannot: consistent lengths, divisible patches, sensible numbers.
+
+    Raises:
+        SchemaError: naming the offending field.
+    """
+    _check(p.schema_version == SCHEMA_VERSION,
+           f"schema_version: {p.schema_version}; this autoseg reads version {SCHEMA_VERSION} (re-run autoseg plan)")
+    net = p.network
+    _check(net.architecture in ARCHITECTURES, f"network.architecture: unknown {net.architecture!r}; "
+           f"known: {', '.join(ARCHITECTURES)}")
+    n = len(net.features)
+    for name in ("kernel_sizes", "strides", "blocks_per_stage"):
+        _check(len(getattr(net, name)) == n, f"network.{name}: {len(getattr(net, name))} entries; "
+               f"network.features has {n} stages")
+    for name in ("kernel_sizes", "strides"):
+        for i, v in enumerate(getattr(net, name)):
+            _check(len(v) == 3 and all(x >= 1 for x in v), f"network.{name}[{i}]: {v}; expected 3 positive ints")
+    _check(all(f > 0 for f in net.features), f"network.features: {net.features}; expected positive ints")
+    _check(len(p.target_spacing) == 3 and all(s > 0 for s in p.target_spacing),
+           f"target_spacing: {p.target_spacing}; expected 3 positive numbers (mm)")
+    _check(len(p.normalization) == len(p.channel_names), f"normalization: {len(p.normalization)} entries; "
+           f"channel_names has {len(p.channel_names)}")
+    _check(bool(p.stages), "stages: empty; expected a zoom_in and a zoom_out stage")
+    stride = net.total_stride
+    for i, st in enumerate(p.stages):
+        _check(len(st.patch_size) == 3, f"stages[{i}].patch_size: {st.patch_size}; expected 3 edges (z, y, x)")
+        _check(all(e > 0 and e % s == 0 for e, s in zip(st.patch_size, stride)),
+               f"stages[{i}].patch_size: {st.patch_size} is not divisible by the network's total stride {stride}")
+        _check(st.batch_size >= 1, f"stages[{i}].batch_size: {st.batch_size}; expected at least 1")
+        _check(st.epochs >= 0 and st.iterations_per_epoch >= 1,
+               f"stages[{i}]: epochs {st.epochs} / iterations_per_epoch {st.iterations_per_epoch} out of range")
+        _check(st.learning_rate > 0, f"stages[{i}].learning_rate: {st.learning_rate}; expected > 0")
+    _check(0 < p.inference.tile_step <= 1, f"inference.tile_step: {p.inference.tile_step}; expected in (0, 1]")
+    _check(all(a in (0, 1, 2) for a in p.inference.mirror_axes),
+           f"inference.mirror_axes: {p.inference.mirror_axes}; expected axes among 0, 1, 2")
+    for i, f in enumerate(p.folds):
+        overlap = set(f.train) & set(f.val)
+        _check(not overlap, f"folds[{i}]: case(s) {sorted(overlap)[:3]} are in both train and val")
+    return p
+
+
+def load_plans(path: str | Path) -> Plans:
+    """Read, type-check and validate ``plans.json``.
+
+    Raises:
+        SchemaError: the message starts with the file and names the field.
+    """
+    path = Path(path)
+    try:
+        return validate_plans(from_jsonable(Plans, read_json(path)))
+    except SchemaError as e:
+        msg = str(e)
+        raise SchemaError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+
+
+def save_plans(plans: Plans, path: str | Path) -> None:
+    """Validate and write ``plans`` atomically."""
+    write_json_atomic(validate_plans(plans), path)
