@@ -27,6 +27,9 @@ FINGERPRINT_VERSION = 1
 ANISO_THRESHOLD = 3.0
 #: smallest edge (voxels) of a feature map in the bottleneck
 FEATUREMAP_MIN_EDGE = 4
+#: smallest bottleneck edge (voxels) of a zoom-in patch: a training sub-volume of the planned network, which
+#: may go below the planned minimum when the zoom-out patch is itself at that minimum (small CPU budgets)
+ZOOM_IN_MIN_EDGE = 2
 #: maximum number of poolings per axis
 MAX_POOLINGS = 5
 #: initial patch volume (voxels) before fitting to memory: 256^3 as in nnU-Net
@@ -41,8 +44,10 @@ GPU_BASE_FEATURES = 32
 GPU_MAX_FEATURES = 320
 CPU_BASE_FEATURES = 16
 CPU_MAX_FEATURES = 128
-#: residual blocks per encoder stage (stage 0 first); repeated last value for deeper stages
-GPU_BLOCKS_PER_STAGE = (1, 2, 2, 2, 2, 2)
+#: residual blocks per encoder stage (stage 0 first); the last value repeats for deeper stages.
+#: GPUs: once the patch is capped by the median image, extra memory buys depth, as nnU-Net's ResEnc
+#: presets do (M at 8 GB, L at 24 GB): (budget GiB at least, blocks), largest first.
+GPU_BLOCKS_BY_BUDGET = ((20.0, (1, 3, 4, 6, 6, 6)), (10.0, (1, 2, 3, 4, 4, 4)), (0.0, (1, 2, 2, 2, 2, 2)))
 CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
 
 # --- planning: memory and compute budget ----------------------------------------------------------

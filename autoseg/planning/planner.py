@@ -1,8 +1,9 @@
 """The planner: a pure, deterministic function from fingerprint and device to a plan.
 
-Patch fitting follows nnU-Net v2 (start isotropic in mm, clip to the median shape, shrink the axis that
-covers most of the median shape until a batch of 2 fits), with two differences: the budget is the
-measured-accurate cost model of :mod:`autoseg.planning.memory` rather than a feature-map proxy, and on a
+Patch fitting follows nnU-Net v2 (start isotropic in mm, clip to the median shape, shrink until a batch of 2
+fits), with three differences: the physically longest side is shrunk first (nnU-Net: the side covering most
+of the median shape), which keeps small CPU patches from losing thick-slice axes; the budget is the
+measured-accurate cost model of :mod:`autoseg.planning.memory` rather than a feature-map proxy; and on a
 CPU the binding budget is compute per step, so that a training budget in minutes buys thousands of steps.
 The zoom-in stage (seed 000) trains long on patches of about half the zoom-out volume.
 """
@@ -30,7 +31,7 @@ __all__ = ["make_plan", "usable_memory_bytes", "normalization_for"]
 def usable_memory_bytes(device: DeviceInfo) -> int:
     """Bytes a training step may use: GPU budget minus reserve, times a safety share; a share of RAM on CPU."""
     if device.kind == "cuda":
-        return int(max(device.budget_gib - defaults.GPU_RESERVED_GIB, 0.25) * defaults.GPU_USABLE_SHARE * 2**30)
+        return int(max(device.budget_gib - defaults.GPU_RESERVED_GIB, 0.0) * defaults.GPU_USABLE_SHARE * 2**30)
     return int(device.budget_gib * defaults.CPU_RAM_SHARE * 2**30)
 
 
@@ -55,7 +56,9 @@ def _network(topo: Topology, device: DeviceInfo) -> NetworkPlan:
     gpu = device.kind == "cuda"
     base, cap = (defaults.GPU_BASE_FEATURES, defaults.GPU_MAX_FEATURES) if gpu else \
         (defaults.CPU_BASE_FEATURES, defaults.CPU_MAX_FEATURES)
-    blocks = defaults.GPU_BLOCKS_PER_STAGE if gpu else defaults.CPU_BLOCKS_PER_STAGE
+    blocks = defaults.CPU_BLOCKS_PER_STAGE
+    if gpu:
+        blocks = next(b for least, b in defaults.GPU_BLOCKS_BY_BUDGET if device.budget_gib >= least)
     n = len(topo.strides)
     return NetworkPlan("residual_unet", [min(base * 2**s, cap) for s in range(n)], topo.kernel_sizes, topo.strides,
                        [blocks[min(s, len(blocks) - 1)] for s in range(n)], 1, True)
@@ -95,13 +98,16 @@ def _fit_zoom_out(f: _Fitter, median_shape: list[int]) -> tuple[list[int], Netwo
     patch = _initial_patch(f.spacing, median_shape)
     topo, net = f.network(patch)
     while not f.fits(net, topo.patch, defaults.MIN_BATCH_SIZE):
-        ratios = [p / m for p, m in zip(topo.patch, median_shape)]
-        order = sorted(range(3), key=lambda a: -ratios[a])
+        # shrink the physically longest side first (ties: the one covering most of the median shape), so that
+        # small budgets keep patches isotropic in mm instead of cutting thick-slice axes to a few slices
+        extent = [p * s for p, s in zip(topo.patch, f.spacing)]
+        order = sorted(range(3), key=lambda a: (-round(extent[a], 6), -topo.patch[a] / median_shape[a]))
         step = topo.total_stride
         axis = next((a for a in order if topo.patch[a] - step[a] >= step[a]), None)
         if axis is None:
-            raise ValueError(f"no patch fits the budget of {f.memory / 2**30:.2f} GiB even at {topo.patch}; "
-                             "give a larger --gpu-memory")
+            raise ValueError(f"no patch fits the budget: {f.device.budget_gib:g} GiB on {f.device.kind} leaves "
+                             f"{f.memory / 2**30:.2f} GiB for a training step, and even patch {topo.patch} "
+                             "needs more; plan for a device with more memory (--gpu-memory)")
         patch = list(topo.patch)
         patch[axis] -= step[axis]
         topo, net = f.network(patch)
@@ -110,10 +116,10 @@ def _fit_zoom_out(f: _Fitter, median_shape: list[int]) -> tuple[list[int], Netwo
 
 def _zoom_in_patch(out_patch: list[int], net: NetworkPlan, spacing: list[float], fraction: float) -> list[int]:
     """Shrink the zoom-out patch, longest side in mm first, in steps of the total stride, to about
-    ``fraction`` of its volume, keeping at least ``FEATUREMAP_MIN_EDGE`` voxels per axis in the bottleneck
+    ``fraction`` of its volume, keeping at least ``ZOOM_IN_MIN_EDGE`` voxels per axis in the bottleneck
     (or the zoom-out bottleneck edge where that is smaller)."""
     stride = net.total_stride
-    floor_ = [s * min(defaults.FEATUREMAP_MIN_EDGE, p // s) for p, s in zip(out_patch, stride)]
+    floor_ = [s * min(defaults.ZOOM_IN_MIN_EDGE, p // s) for p, s in zip(out_patch, stride)]
     target = fraction * prod(out_patch)
     patch, prev = list(out_patch), list(out_patch)
     while prod(patch) > target:

@@ -1,0 +1,77 @@
+"""The residual U-Net: shapes, deep supervision, and its cost model against measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autoseg.networks import build_network
+from autoseg.networks.resunet import ResidualUNet, costs
+from autoseg.planning import make_plan
+from autoseg.planning.memory import step_cost
+
+from ..planning.fingerprints import BRAIN, CT, PROSTATE, device
+
+
+def saved_activation_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct tensor storages kept for backward during one forward pass, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(kept.values())
+
+
+PLANS = {
+    "brain-cpu": (BRAIN, device("cpu", 16), 1),
+    "prostate-cpu": (PROSTATE, device("cpu", 16), 1),
+    "ct-cpu": (CT, device("cpu", 16), 1),
+    "brain-gpu24": (BRAIN, device("cuda", 24), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_memory_estimate_matches_measurement(name):
+    """The planner's activation estimate is within 30 % of the bytes PyTorch keeps for backward."""
+    fp, dev, stage = PLANS[name]
+    plan = make_plan(fp, dev)
+    st = plan.stages[stage]
+    torch.manual_seed(0)
+    net = build_network(plan.network, len(plan.channel_names), len(plan.labels)).train()
+    batch = 1 if dev.kind == "cuda" else st.batch_size  # keep the big GPU net cheap on this CPU
+    x = torch.randn(batch, len(plan.channel_names), *st.patch_size)
+    measured = saved_activation_bytes(net, x)
+    estimate = step_cost(plan.network, st.patch_size, batch, len(plan.channel_names), len(plan.labels),
+                         amp=False).activation_bytes  # measured in float32 on the CPU
+    assert estimate == pytest.approx(measured, rel=0.30)
+
+
+def test_parameter_count_matches():
+    plan = make_plan(PROSTATE, device("cpu", 16))
+    net = build_network(plan.network, 2, 3)
+    c = costs(2, 3, plan.network.features, plan.network.kernel_sizes, plan.network.strides,
+              plan.network.blocks_per_stage, plan.stages[1].patch_size)
+    assert c.parameters == sum(p.numel() for p in net.parameters())
+
+
+def test_deep_supervision_outputs_at_native_resolutions():
+    net = ResidualUNet(1, 3, [8, 16, 32], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                       [1, 1, 1])
+    x = torch.randn(2, 1, 8, 32, 32)
+    outs = net.train()(x)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 8, 32, 32), (2, 3, 8, 16, 16)]
+    assert tuple(net.eval()(x).shape) == (2, 3, 8, 32, 32)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="one entry per stage"):
+        ResidualUNet(1, 2, [8, 16], [[3, 3, 3]], [[1, 1, 1], [2, 2, 2]], [1, 1])
+    with pytest.raises(ValueError, match="first stage cannot downsample"):
+        ResidualUNet(1, 2, [8, 16], [[3, 3, 3]] * 2, [[2, 2, 2], [2, 2, 2]], [1, 1])
