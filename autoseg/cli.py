@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
     _add_common(p)
+
+    d = sub.add_parser("demo", help="generate a small synthetic dataset and run the pipeline on it",
+                       description="Write a synthetic dataset (ellipsoid organs, 2 classes, real geometry) to "
+                       "DIR/data, then run every available step on it into DIR/run. Takes seconds on a CPU.")
+    d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
+                   help="folder for the demo dataset and run (default ./autoseg_demo)")
+    d.add_argument("--cases", type=int, default=10, metavar="N", help="number of synthetic cases (default 10)")
     return parser
 
 
@@ -112,7 +119,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"verify": _cmd_verify, "plan": _cmd_plan}
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from autoseg.demo import make_synthetic_dataset
+
+    data, run = args.output / "data", args.output / "run"
+    if not (data / "dataset.json").is_file():
+        make_synthetic_dataset(data, n_cases=args.cases)
+        print(f"demo         wrote a synthetic dataset of {args.cases} cases to {data}")
+    steps = [["plan", str(data), "-o", str(run), "--device", "cpu"]]
+    if "preprocess" in COMMANDS:
+        steps.append(["preprocess", str(run)])
+    for argv in steps:
+        print(f"\n$ autoseg {' '.join(argv)}")
+        code = main(argv)
+        if code:
+            return code
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "verify": _cmd_verify, "plan": _cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
