@@ -43,7 +43,8 @@ class _ResidualBlock(nn.Module):
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.project = None
         if cin != cout or any(s != 1 for s in stride):
-            self.project = nn.Sequential(nn.Conv3d(cin, cout, 1, stride), nn.InstanceNorm3d(cout, eps=1e-5, affine=True))
+            self.project = nn.Sequential(nn.Conv3d(cin, cout, 1, stride),
+                                         nn.InstanceNorm3d(cout, eps=1e-5, affine=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.norm1(self.conv1(x)))

@@ -17,13 +17,20 @@ import numpy as np
 from autoseg import __version__, defaults
 from autoseg.device import DeviceInfo
 from autoseg.fingerprint import Fingerprint
-from autoseg.plans import (
-    SCHEMA_VERSION, ChannelNormalization, InferencePlan, NetworkPlan, Plans, ResamplingPlan, StagePlan,
-    validate_plans)
 from autoseg.planning.memory import StepCost, step_cost
 from autoseg.planning.spacing import resampled_shape, target_spacing
 from autoseg.planning.splits import kfold_splits
 from autoseg.planning.topology import Topology, topology_for_patch
+from autoseg.plans import (
+    SCHEMA_VERSION,
+    ChannelNormalization,
+    InferencePlan,
+    NetworkPlan,
+    Plans,
+    ResamplingPlan,
+    StagePlan,
+    validate_plans,
+)
 
 __all__ = ["make_plan", "usable_memory_bytes", "normalization_for"]
 

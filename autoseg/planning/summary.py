@@ -16,8 +16,9 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
     """Cases, shapes and spacings, normalisation, network, both stages and the memory estimate."""
     net = p.network
     dev = p.device
-    device = f"{dev.kind.upper()} {dev.name}" + (f", {dev.budget_gib:g} GiB ({dev.budget_source})"
-                                                 if dev.kind == "cuda" else f", {dev.cores} cores, {dev.ram_gib:g} GiB RAM")
+    detail = f", {dev.budget_gib:g} GiB ({dev.budget_source})" if dev.kind == "cuda" else \
+        f", {dev.cores} cores, {dev.ram_gib:g} GiB RAM"
+    device = f"{dev.kind.upper()} {dev.name}{detail}"
     lines = [
         f"dataset      {p.dataset_name}: {fp.n_cases} cases, {len(p.channel_names)} channel(s) "
         f"{', '.join(p.channel_names)}, classes {', '.join(f'{k}={v}' for k, v in p.labels.items() if k)}",
@@ -30,7 +31,8 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
         f"network      {net.architecture}, {len(net.features)} stages, features {net.features}",
         f"             kernels {[_x(k) for k in net.kernel_sizes]}",
         f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
-        f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB" + (" (mixed precision)" if p.amp else ""),
+        f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB"
+        + (" (mixed precision)" if p.amp else ""),
     ]
     for st in p.stages:
         lines.append(
