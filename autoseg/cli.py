@@ -54,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
     _add_common(p)
 
+    pp = sub.add_parser("preprocess", help="crop, normalise and resample every case of a planned run",
+                        description="Turn every training case of RUN_DIR into arrays at the planned spacing, "
+                        "normalised as planned, in RUN_DIR/preprocessed/ (blosc2 arrays + a properties JSON "
+                        "per case that undoes it). Cases already done and unchanged are skipped; an interrupted "
+                        "run leaves no half-written case.")
+    pp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory written by autoseg plan")
+    pp.add_argument("--force", action="store_true", help="redo every case, even those already done")
+    _add_common(pp)
+
     d = sub.add_parser("demo", help="generate a small synthetic dataset and run the pipeline on it",
                        description="Write a synthetic dataset (ellipsoid organs, 2 classes, real geometry) to "
                        "DIR/data, then run every available step on it into DIR/run. Takes seconds on a CPU.")
@@ -119,6 +128,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.preprocessing.run import preprocess_run
+
+    t0 = time.perf_counter()
+    r = preprocess_run(args.run_dir, args.workers, not args.no_progress, args.force)
+    print(f"preprocessed {len(r.written)} case(s) with {r.workers} worker(s), skipped {len(r.skipped)} already "
+          f"done, into {r.folder} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from autoseg.demo import make_synthetic_dataset
 
@@ -137,7 +156,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "verify": _cmd_verify, "plan": _cmd_plan}
+COMMANDS = {"demo": _cmd_demo, "verify": _cmd_verify, "plan": _cmd_plan, "preprocess": _cmd_preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:

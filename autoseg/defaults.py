@@ -80,6 +80,14 @@ MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
 SCHEDULER = "poly"
 
+# --- preprocessing -------------------------------------------------------------------------------
+#: voxel coordinates kept per class and case for foreground oversampling during training
+CLASS_LOCATIONS_PER_CLASS = 2000
+#: seed of the class-location sampler (the case id is mixed in)
+CLASS_LOCATIONS_SEED = 4321
+#: bump when preprocessed files change meaning, so that reruns redo every case
+PREPROCESSING_VERSION = 1
+
 # --- splits and inference -------------------------------------------------------------------------
 N_FOLDS = 5
 SPLIT_SEED = 12345

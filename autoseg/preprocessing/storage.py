@@ -1,0 +1,130 @@
+"""Preprocessed cases on disk: blosc2 arrays chunked for random patch reads, plus a properties JSON.
+
+Per case: ``<case>_data.b2nd`` (float32, channels first), ``<case>_seg.b2nd`` (smallest integer type),
+``<case>_locations.npy`` (sampled class voxels, rows ``(class, z, y, x)``) and ``<case>.json``
+(:class:`CaseProperties`). Each file is written under a temporary name and renamed; the JSON
+comes last, so its presence marks a complete case.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.preprocessing.transform import CaseProperties
+from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
+
+__all__ = ["write_case", "read_case_arrays", "read_properties", "read_class_locations", "case_is_complete",
+           "chunking", "remove_temporaries", "TMP_PREFIX", "CASE_FILES"]
+
+TMP_PREFIX = ".tmp-"
+#: the files of one case; the JSON is written last
+CASE_FILES = ("_data.b2nd", "_seg.b2nd", "_locations.npy", ".json")
+#: a block (the unit blosc2 decompresses) is kept near an L2 cache; a chunk near a patch
+BLOCK_BYTES = 128 * 2**10
+CHUNK_BYTES = 4 * 2**20
+
+
+def _shrink(box: list[int], itemsize: int, limit: int) -> list[int]:
+    box = list(box)
+    while prod(box) * itemsize > limit and max(box) > 1:
+        a = int(np.argmax(box))
+        box[a] = (box[a] + 1) // 2
+    return box
+
+
+def chunking(shape: tuple[int, ...], itemsize: int, patch: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Chunks and blocks for an array ``(C, z, y, x)``: one channel per chunk, a chunk about a patch (at most
+    ``CHUNK_BYTES``), blocks of at most ``BLOCK_BYTES`` so that a random patch decompresses little extra."""
+    spatial = [min(s, p) for s, p in zip(shape[1:], patch)]
+    chunk = _shrink(spatial, itemsize, CHUNK_BYTES)
+    block = _shrink(chunk, itemsize, BLOCK_BYTES)
+    return (1, *chunk), (1, *block)
+
+
+def _write_b2nd(array: np.ndarray, path: Path, patch: list[int]) -> None:
+    import blosc2
+
+    chunks, blocks = chunking(array.shape, array.dtype.itemsize, patch)
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        blosc2.asarray(np.ascontiguousarray(array), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks,
+                       cparams={"codec": blosc2.Codec.ZSTD, "clevel": 5, "nthreads": 1})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_case(folder: Path, data: np.ndarray, seg: np.ndarray, locations: np.ndarray, props: CaseProperties,
+               patch: list[int]) -> None:
+    """Write one case atomically (arrays first, properties JSON last)."""
+    _write_b2nd(data, folder / f"{props.case_id}_data.b2nd", patch)
+    _write_b2nd(seg[None], folder / f"{props.case_id}_seg.b2nd", patch)
+    _write_npy(locations, folder / f"{props.case_id}_locations.npy")
+    write_json_atomic(props, folder / f"{props.case_id}.json")
+
+
+def read_class_locations(folder: Path, case_id: str) -> dict[int, np.ndarray]:
+    """Sampled voxel coordinates per class: class value -> ``(n, 3)`` int array (z, y, x)."""
+    rows = np.load(folder / f"{case_id}_locations.npy")
+    return {int(v): rows[rows[:, 0] == v, 1:] for v in np.unique(rows[:, 0])}
+
+
+def read_properties(folder: Path, case_id: str) -> CaseProperties:
+    """Read ``<case>.json``.
+
+    Raises:
+        SchemaError: missing or malformed.
+    """
+    path = folder / f"{case_id}.json"
+    if not path.is_file():
+        raise SchemaError(f"{path}: missing; run autoseg preprocess")
+    return from_jsonable(CaseProperties, read_json(path))
+
+
+def read_case_arrays(folder: Path, case_id: str):
+    """Open the stored arrays of a case without decompressing them: ``(data, seg)`` blosc2 arrays that
+    decompress only the chunks a slice touches."""
+    import blosc2
+
+    return (blosc2.open(str(folder / f"{case_id}_data.b2nd"), mmap_mode="r"),
+            blosc2.open(str(folder / f"{case_id}_seg.b2nd"), mmap_mode="r"))
+
+
+def case_is_complete(folder: Path, case_id: str, source_key: str) -> bool:
+    """True when the case's three files exist, its properties parse, and it was made from the same sources
+    with the same settings."""
+    if not all((folder / f"{case_id}{s}").is_file() for s in CASE_FILES):
+        return False
+    try:
+        return read_properties(folder, case_id).source_key == source_key
+    except (SchemaError, TypeError, ValueError):
+        return False
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete files left under temporary names by an interrupted run; returns how many."""
+    n = 0
+    for p in folder.glob(f"{TMP_PREFIX}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    for p in folder.glob(".*.tmp"):  # from write_json_atomic
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
