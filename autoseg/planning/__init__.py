@@ -1,5 +1,19 @@
-"""Planning: from a fingerprint and a device budget to a :class:`autoseg.plans.Plans`."""
+"""Planning: from a fingerprint and a device budget to a :class:`autoseg.plans.Plans`.
 
-from autoseg.planning.planner import make_plan
+``make_plan`` is imported lazily: the planner needs the network's cost model (and so torch), while
+preprocessing workers only need :mod:`autoseg.planning.spacing` and should not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["make_plan"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "make_plan":
+        from autoseg.planning.planner import make_plan
+
+        return make_plan
+    raise AttributeError(f"module 'autoseg.planning' has no attribute {name!r}")
