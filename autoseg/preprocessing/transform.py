@@ -18,8 +18,7 @@ from autoseg.io import Geometry
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import Plans, ResamplingPlan
 from autoseg.preprocessing.normalise import normalise
-from autoseg.preprocessing.resample import (
-    out_of_plane_axis, resample_image, resample_labels, resample_probabilities)
+from autoseg.preprocessing.resample import out_of_plane_axis, resample_image, resample_labels, resample_probabilities
 
 __all__ = ["CaseProperties", "forward", "class_locations", "labels_to_original", "probabilities_to_original"]
 

@@ -18,8 +18,7 @@ from autoseg.io import read_image
 from autoseg.parallel import CaseError
 from autoseg.plans import load_plans
 from autoseg.preprocessing.run import preprocess_run
-from autoseg.preprocessing.storage import (
-    CASE_FILES, chunking, read_case_arrays, read_class_locations, read_properties)
+from autoseg.preprocessing.storage import CASE_FILES, chunking, read_case_arrays, read_class_locations, read_properties
 from autoseg.preprocessing.transform import labels_to_original
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "MSD_Task04_Hippocampus"
