@@ -168,8 +168,9 @@ def load_dataset(root: str | Path) -> DatasetSpec:
                 cases.append(case)
     else:
         for stem, label in label_files.items():
-            split = tuple(root / "imagesTr" / f"{stem}_{c:04d}{ending}" for c in range(len(channels)))
-            single = root / "imagesTr" / f"{stem}{ending}"
+            own = label.name[len(stem):]  # images share their label's file ending
+            split = tuple(root / "imagesTr" / f"{stem}_{c:04d}{own}" for c in range(len(channels)))
+            single = root / "imagesTr" / f"{stem}{own}"
             images = (single,) if single.exists() and not any(p.exists() for p in split) else split
             cases.append(CaseFiles(stem, images, label))
         used = {p.resolve() for c in cases for p in c.images}

@@ -1,6 +1,8 @@
 """Read and write medical images with their geometry (SimpleITK for NIfTI, NRRD, MHA).
 
-Arrays are returned in numpy order: ``(channels, z, y, x)`` for images, ``(z, y, x)`` for labels.
+Arrays are returned in numpy order: ``(channels, z, y, x)`` for images, ``(z, y, x)`` for labels. NIfTI
+voxels are read with nibabel (SimpleITK's reader hides NaN), everything else and all geometry with
+SimpleITK.
 Geometry is kept exactly as SimpleITK reports it, in physical (x, y, z) order; ``Geometry.spacing_zyx``
 gives the spacing in array-axis order, which is what fingerprints and plans use.
 """
@@ -78,25 +80,69 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if not path.is_file():
         raise ImageReadError("file does not exist")
     try:
+        if _is_nifti(path):
+            return _read_nifti(path)
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports decoding problems as RuntimeError
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "rror" in ln), first[-1] if first else "")
-        raise ImageReadError(f"cannot be read as an image ({detail[:160]})") from None
+        raise ImageReadError(f"cannot be read as an image ({_first_error(e)})") from None
     dim = img.GetDimension()
-    if dim not in (3, 4):
-        raise ImageReadError(f"is {dim}D; expected a 3D image (or 4D with channels last in the file)")
-    arr = sitk.GetArrayViewFromImage(img)
     ncomp = img.GetNumberOfComponentsPerPixel()
+    _check_dims(dim, ncomp)
+    arr = sitk.GetArrayViewFromImage(img)
     if dim == 3:
         arr = np.moveaxis(arr, -1, 0) if ncomp > 1 else arr[None]
-    elif ncomp > 1:
+    return np.array(arr), _geometry(img.GetSpacing(), img.GetOrigin(), img.GetDirection(), dim, arr.shape[1:])
+
+
+def _first_error(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    detail = next((ln.strip() for ln in lines if "rror" in ln), lines[-1] if lines else type(e).__name__)
+    return detail[:160]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _check_dims(dim: int, ncomp: int) -> None:
+    if dim not in (3, 4):
+        raise ImageReadError(f"is {dim}D; expected a 3D image (or 4D with channels last in the file)")
+    if dim == 4 and ncomp > 1:
         raise ImageReadError("is 4D with vector pixels; expected scalar pixels")
-    spacing = tuple(float(s) for s in img.GetSpacing()[:3])
-    origin = tuple(float(o) for o in img.GetOrigin()[:3])
-    d = np.asarray(img.GetDirection(), dtype=float).reshape(dim, dim)[:3, :3]
-    geometry = Geometry(spacing, origin, tuple(float(v) for v in d.ravel()), tuple(int(s) for s in arr.shape[1:]))
-    return np.array(arr), geometry
+
+
+def _geometry(spacing: tuple, origin: tuple, direction: tuple, dim: int, shape: tuple) -> Geometry:
+    d = np.asarray(direction, dtype=float).reshape(dim, dim)[:3, :3]
+    return Geometry(tuple(float(s) for s in spacing[:3]), tuple(float(o) for o in origin[:3]),
+                    tuple(float(v) for v in d.ravel()), tuple(int(s) for s in shape))
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Geometry from SimpleITK's header reader (so it matches every other format), voxels from nibabel.
+
+    Why not SimpleITK for the voxels too: its NIfTI reader turns NaN and infinity into 0 (SimpleITK 2.5),
+    which would hide exactly what verification must find. nibabel returns the stored values, equal to
+    SimpleITK's everywhere else, and reads no slower.
+    """
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    dim, ncomp = reader.GetDimension(), reader.GetNumberOfComponents()
+    _check_dims(dim, ncomp)
+    try:
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as e:  # noqa: BLE001 - nibabel raises many types (EOFError, zlib.error, ImageFileError)
+        raise ImageReadError(f"cannot be read as an image ({type(e).__name__}: {str(e)[:140]})") from None
+    if ncomp > 1:  # vector pixels: (x, y, z, 1, c) -> (c, z, y, x)
+        arr = arr.reshape(arr.shape[:3] + (ncomp,)).T
+    else:
+        arr = arr.reshape(arr.shape[:dim]).T
+        arr = arr[None] if dim == 3 else arr
+    arr = np.ascontiguousarray(arr)
+    return arr, _geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), dim, arr.shape[1:])
 
 
 def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:

@@ -11,6 +11,7 @@ import os
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 __all__ = ["CaseError", "run_over_cases", "available_cores", "available_ram_bytes", "choose_workers"]
@@ -95,13 +96,19 @@ def run_over_cases(fn: Callable[..., Any], jobs: Sequence[tuple[str, tuple]], wo
         else:
             ctx = mp.get_context("spawn")  # safe with threads (torch, BLAS) and identical on every OS
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            futures = {pool.submit(_call, fn, cid, args): cid for cid, args in jobs}
             try:
-                futures = [pool.submit(_call, fn, cid, args) for cid, args in jobs]
                 for fut in as_completed(futures):
                     cid, ok, value = fut.result()
                     (results if ok else failures)[cid] = value
                     bar.update()
-            except BaseException:  # Ctrl-C or a dead worker: do not start the cases still queued
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                lost = [c for f, c in futures.items() if c not in results and c not in failures]
+                raise CaseError(lost[0], f"a worker process died abruptly (killed, for example for lack of memory) "
+                                f"while {len(lost)} case(s) were unfinished ({', '.join(lost[:5])}"
+                                f"{', ...' if len(lost) > 5 else ''}); retry with fewer workers (-j 1)") from None
+            except BaseException:  # Ctrl-C: do not start the cases still queued
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)

@@ -29,7 +29,7 @@ class LoadedCase:
 
 
 def _fmt(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"  # + 0.0 turns -0 into 0
 
 
 def geometry_mismatch(g: Geometry, ref: Geometry) -> str | None:
