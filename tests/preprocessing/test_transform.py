@@ -53,6 +53,15 @@ def geometry(shape, spacing_xyz):
     return Geometry(tuple(spacing_xyz), (-31.5, 12.25, 80.0), OBLIQUE, tuple(shape))
 
 
+def preprocessed(case_id, spacing_xyz=(1.0, 1.0, 1.0), target_zyx=None, shape=(20, 40, 36), seed=0):
+    """Blobs at ``spacing_xyz`` through ``forward``: (label, plan, seg, locations, props)."""
+    image, label = blobs(shape, seed=seed)
+    geo = geometry(shape, spacing_xyz)
+    plan = make_plan(geo.spacing_zyx, target_zyx or geo.spacing_zyx)
+    _, seg, locations, props = forward(image, label, geo, plan, case_id)
+    return label, plan, seg, locations, props
+
+
 def dice(a, b, k):
     x, y = a == k, b == k
     return 2 * (x & y).sum() / (x.sum() + y.sum())
@@ -112,10 +121,7 @@ def test_thin_structure_survives_resampling():
 
 def test_probabilities_back_to_original_sum_to_one():
     shape = (20, 40, 36)
-    image, label = blobs(shape)
-    geo = geometry(shape, (0.7, 0.7, 3.0))
-    plan = make_plan(geo.spacing_zyx, [3.0, 1.1, 1.1])
-    _, seg, _, props = forward(image, label, geo, plan, "p")
+    _, plan, seg, _, props = preprocessed("p", (0.7, 0.7, 3.0), [3.0, 1.1, 1.1], shape)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, *seg.shape)).astype(np.float32)
     probs = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
@@ -129,26 +135,18 @@ def test_probabilities_back_to_original_sum_to_one():
 
 
 def test_shape_mismatch_on_inverse_is_a_clear_error():
-    shape = (20, 40, 36)
-    image, label = blobs(shape)
-    geo = geometry(shape, (1, 1, 1))
-    plan = make_plan(geo.spacing_zyx, geo.spacing_zyx)
-    _, seg, _, props = forward(image, label, geo, plan, "bad")
+    _, plan, seg, _, props = preprocessed("bad")
     with pytest.raises(ValueError, match="bad: label map has shape"):
         labels_to_original(seg[:-1], props, plan.resampling, [0, 1, 2])
 
 
 def test_class_locations_point_at_their_class():
-    shape = (20, 40, 36)
-    image, label = blobs(shape)
-    geo = geometry(shape, (1, 1, 1))
-    plan = make_plan(geo.spacing_zyx, [1.2, 1.2, 1.2])
-    _, seg, locations, props = forward(image, label, geo, plan, "loc")
+    _, _, seg, locations, props = preprocessed("loc", target_zyx=[1.2, 1.2, 1.2])
     for k in (1, 2):
         rows = locations[locations[:, 0] == k, 1:]
         assert len(rows) == min(2000, int((seg == k).sum())) == props.class_locations[k]
         assert np.all(seg[tuple(rows.T)] == k)
-    again = forward(image, label, geo, plan, "loc")[2]
+    again = preprocessed("loc", target_zyx=[1.2, 1.2, 1.2])[3]
     np.testing.assert_array_equal(again, locations)  # seeded
 
 
