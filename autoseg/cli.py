@@ -175,5 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        print("interrupted: files are only ever written complete (temporary name, then rename); run the same "
+              "command again to continue", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, load_fingerprint
 from autoseg.parallel import choose_workers, run_over_cases
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import PLANS_FILE, Plans, load_plans
-from autoseg.preprocessing.storage import case_is_complete, remove_temporaries, write_case
+from autoseg.preprocessing.storage import CASE_FILES, case_is_complete, remove_temporaries, write_case
 from autoseg.preprocessing.transform import forward
 from autoseg.typedjson import SchemaError, to_jsonable
 from autoseg.verify import read_case
@@ -82,6 +82,17 @@ def _bytes_per_worker(fp: Fingerprint, plans: Plans) -> int:
     return worst + 300 * 2**20  # interpreter, numpy, SimpleITK
 
 
+def _remove_unplanned(folder: Path, planned: set[str]) -> None:
+    """Delete stored cases that the current plan no longer has (removed from the dataset, then re-planned),
+    JSON first so that a crash in between leaves no case that looks complete."""
+    for props in folder.glob("*.json"):
+        case_id = props.name[: -len(".json")]
+        if case_id not in planned:
+            for suffix in CASE_FILES[::-1]:
+                (folder / f"{case_id}{suffix}").unlink(missing_ok=True)
+            log.info("removed %s: no longer in the plan", case_id)
+
+
 def preprocess_run(run_dir: Path, workers: int | None = None, progress: bool = True,
                    force: bool = False) -> PreprocessReport:
     """Preprocess every training case of ``run_dir`` into ``run_dir/preprocessed``.
@@ -112,6 +123,7 @@ def preprocess_run(run_dir: Path, workers: int | None = None, progress: bool = T
         log.info("removed %d file(s) left by an interrupted run", removed)
     settings = _settings_key(plans)
     planned = {c.case_id for c in fp.cases}
+    _remove_unplanned(folder, planned)
     jobs, skipped = [], []
     for case in spec.cases:
         if case.case_id not in planned:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,20 @@ def test_second_run_skips_and_changes_are_redone(tmp_path, capsys):
     r = preprocess_run(run, 1, progress=False)
     assert r.written == ["case_002"] and len(r.skipped) == 3
     assert preprocess_run(run, 1, progress=False, force=True).written == [f"case_{i:03d}" for i in range(4)]
+
+
+def test_cases_no_longer_planned_are_removed(tmp_path):
+    data, run = planned(tmp_path, n_cases=4)
+    preprocess_run(run, 1, progress=False)
+    for f in list((data / "imagesTr").glob("case_003*")) + [data / "labelsTr" / "case_003.nii.gz"]:
+        f.unlink()
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps(meta | {"numTraining": 3}))
+    assert main(["plan", str(data), "-o", str(run), "--device", "cpu", "--no-progress"]) == 0
+    r = preprocess_run(run, 1, progress=False)
+    assert r.written == [] and len(r.skipped) == 3
+    assert not list((run / "preprocessed").glob("case_003*"))
+    check_complete(run, 3)
 
 
 def test_failing_case_is_named_and_others_complete(tmp_path, capsys):
