@@ -28,7 +28,8 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
         "normalise    " + "; ".join(f"{n.channel}: {n.scheme}" + (" in non-zero mask" if n.use_mask else "") +
                                     (f", clip [{n.clip[0]:.4g}, {n.clip[1]:.4g}]" if n.clip else "")
                                     for n in p.normalization),
-        f"network      {net.architecture}, {len(net.features)} stages, features {net.features}",
+        f"network      {net.architecture}, {len(net.features)} stages, features {net.features}, residual blocks "
+        f"{net.blocks_per_stage}",
         f"             kernels {[_x(k) for k in net.kernel_sizes]}",
         f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
         f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB"
