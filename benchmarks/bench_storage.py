@@ -2,7 +2,8 @@
 
 Compares autoseg's chunked blosc2 (autoseg.preprocessing.storage) with an uncompressed .npy read through a
 memory map and with a compressed .npz (which must be decompressed whole). A CT-sized float32 volume of
-smooth noise inside an ellipsoidal body and a constant background, patches of the planned zoom-out size at random places.
+smooth noise inside an ellipsoidal body and a constant background; patches of a zoom-out size at random
+places.
 Usage: python benchmarks/bench_storage.py [--shape 200 512 512] [--patch 64 192 192] [--reads 50]
 """
 
