@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from autoseg.preprocessing.storage import _write_b2nd
+from autoseg.preprocessing.storage import write_b2nd
 
 
 def volume(shape: tuple[int, ...]) -> np.ndarray:
@@ -71,7 +71,7 @@ def main() -> int:
 
         p = Path(tmp) / "case_data.b2nd"
         t0 = time.perf_counter()
-        _write_b2nd(data, p, args.patch)
+        write_b2nd(data, p, args.patch)
         w = time.perf_counter() - t0
         arr = blosc2.open(str(p), mmap_mode="r")
         rows.append(("blosc2, chunked (autoseg)", p.stat().st_size, w, timed(lambda: patch(arr), args.reads)))

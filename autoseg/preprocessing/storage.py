@@ -18,8 +18,8 @@ import numpy as np
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
-__all__ = ["write_case", "read_case_arrays", "read_properties", "read_class_locations", "case_is_complete",
-           "chunking", "remove_temporaries", "TMP_PREFIX", "CASE_FILES"]
+__all__ = ["write_case", "write_b2nd", "read_case_arrays", "read_properties", "read_class_locations",
+           "case_is_complete", "chunking", "remove_temporaries", "TMP_PREFIX", "CASE_FILES"]
 
 TMP_PREFIX = ".tmp-"
 #: the files of one case; the JSON is written last
@@ -46,7 +46,8 @@ def chunking(shape: tuple[int, ...], itemsize: int, patch: list[int]) -> tuple[t
     return (1, *chunk), (1, *block)
 
 
-def _write_b2nd(array: np.ndarray, path: Path, patch: list[int]) -> None:
+def write_b2nd(array: np.ndarray, path: Path, patch: list[int]) -> None:
+    """Write ``array`` ``(C, z, y, x)`` to ``path`` as blosc2, chunked for ``patch`` reads, atomically."""
     import blosc2
 
     chunks, blocks = chunking(array.shape, array.dtype.itemsize, patch)
@@ -74,8 +75,8 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
 def write_case(folder: Path, data: np.ndarray, seg: np.ndarray, locations: np.ndarray, props: CaseProperties,
                patch: list[int]) -> None:
     """Write one case atomically (arrays first, properties JSON last)."""
-    _write_b2nd(data, folder / f"{props.case_id}_data.b2nd", patch)
-    _write_b2nd(seg[None], folder / f"{props.case_id}_seg.b2nd", patch)
+    write_b2nd(data, folder / f"{props.case_id}_data.b2nd", patch)
+    write_b2nd(seg[None], folder / f"{props.case_id}_seg.b2nd", patch)
     _write_npy(locations, folder / f"{props.case_id}_locations.npy")
     write_json_atomic(props, folder / f"{props.case_id}.json")
 
