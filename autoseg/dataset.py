@@ -14,7 +14,7 @@ from pathlib import Path
 
 from autoseg.io import IMAGE_SUFFIXES, strip_suffix
 
-__all__ = ["CaseFiles", "DatasetSpec", "DatasetError", "load_dataset"]
+__all__ = ["CaseFiles", "DatasetSpec", "DatasetError", "load_dataset", "files_stamp"]
 
 
 class DatasetError(Exception):
@@ -57,6 +57,19 @@ class DatasetSpec:
     file_ending: str
     cases: list[CaseFiles]
     problems: list[str] = field(default_factory=list)
+
+
+def files_stamp(paths: tuple[Path, ...] | list[Path]) -> str:
+    """``name:size:mtime;`` for each file (``-1`` for a missing one): changes whenever a file is rewritten,
+    without reading it. Used to decide whether cached results (fingerprint, preprocessed cases) are stale."""
+    parts = []
+    for p in paths:
+        try:
+            st = p.stat()
+            parts.append(f"{p.name}:{st.st_size}:{st.st_mtime_ns};")
+        except OSError:
+            parts.append(f"{p.name}:-1:-1;")
+    return "".join(parts)
 
 
 def _parse_labels(raw: object, where: str) -> dict[int, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg import defaults
-from autoseg.dataset import CaseFiles, DatasetError, DatasetSpec
+from autoseg.dataset import CaseFiles, DatasetError, DatasetSpec, files_stamp
 from autoseg.device import DeviceInfo
 from autoseg.parallel import choose_workers, run_over_cases
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
@@ -208,9 +208,7 @@ def dataset_key(spec: DatasetSpec) -> str:
     h.update(f"v{defaults.FINGERPRINT_VERSION}:{defaults.FINGERPRINT_SAMPLES_TOTAL}".encode())
     h.update((spec.root / "dataset.json").read_bytes())
     for case in spec.cases:
-        for p in (*case.images, case.label):
-            st = p.stat() if p.exists() else None
-            h.update(f"{p.name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+        h.update(files_stamp((*case.images, case.label)).encode())
     return h.hexdigest()[:32]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg import defaults
-from autoseg.dataset import CaseFiles, DatasetError, load_dataset
+from autoseg.dataset import CaseFiles, DatasetError, files_stamp, load_dataset
 from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, load_fingerprint
 from autoseg.parallel import choose_workers, run_over_cases
 from autoseg.planning.spacing import resampled_shape
@@ -47,11 +47,8 @@ def _settings_key(plans: Plans) -> str:
 
 
 def _source_key(case: CaseFiles, settings: str) -> str:
-    h = hashlib.sha256(settings.encode())
-    for p in (*case.images, case.label):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:32]
+    stamp = files_stamp((*case.images, case.label))
+    return hashlib.sha256(f"{settings}|{stamp}".encode()).hexdigest()[:32]
 
 
 def preprocess_case(case: CaseFiles, plans: Plans, folder: Path, source_key: str) -> list[int]:
