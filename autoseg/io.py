@@ -9,12 +9,12 @@ gives the spacing in array-axis order, which is what fingerprints and plans use.
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from autoseg.atomic import atomic_path
 
 __all__ = ["Geometry", "ImageReadError", "read_image", "write_image", "IMAGE_SUFFIXES", "strip_suffix"]
 
@@ -156,11 +156,5 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
     img.SetSpacing(geometry.spacing)
     img.SetOrigin(geometry.origin)
     img.SetDirection(geometry.direction)
-    suffix = next((s for s in IMAGE_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}{suffix}")
-    try:
+    with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
-import uuid
 from pathlib import Path
 from typing import Any, TypeVar
+
+from autoseg.atomic import atomic_path
 
 __all__ = ["SchemaError", "to_jsonable", "from_jsonable", "write_json_atomic", "read_json"]
 
@@ -131,14 +131,9 @@ def from_jsonable(cls: type[T], data: Any, path: str = "") -> T:
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
     """Write ``obj`` (a dataclass or JSON value) to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(to_jsonable(obj), indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = json.dumps(to_jsonable(obj), indent=1) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: str | Path) -> Any:

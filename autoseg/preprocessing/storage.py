@@ -8,20 +8,18 @@ comes last, so its presence marks a complete case.
 
 from __future__ import annotations
 
-import os
-import uuid
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
+from autoseg.atomic import TMP_PREFIX, atomic_path
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["write_case", "write_b2nd", "read_case_arrays", "read_properties", "read_class_locations",
            "case_is_complete", "chunking", "remove_temporaries", "TMP_PREFIX", "CASE_FILES"]
 
-TMP_PREFIX = ".tmp-"
 #: the files of one case; the JSON is written last
 CASE_FILES = ("_data.b2nd", "_seg.b2nd", "_locations.npy", ".json")
 #: a block (the unit blosc2 decompresses) is kept near an L2 cache; a chunk near a patch
@@ -51,25 +49,9 @@ def write_b2nd(array: np.ndarray, path: Path, patch: list[int]) -> None:
     import blosc2
 
     chunks, blocks = chunking(array.shape, array.dtype.itemsize, patch)
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
+    with atomic_path(path) as tmp:
         blosc2.asarray(np.ascontiguousarray(array), urlpath=str(tmp), mode="w", chunks=chunks, blocks=blocks,
                        cparams={"codec": blosc2.Codec.ZSTD, "clevel": 5, "nthreads": 1})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_case(folder: Path, data: np.ndarray, seg: np.ndarray, locations: np.ndarray, props: CaseProperties,
@@ -77,7 +59,8 @@ def write_case(folder: Path, data: np.ndarray, seg: np.ndarray, locations: np.nd
     """Write one case atomically (arrays first, properties JSON last)."""
     write_b2nd(data, folder / f"{props.case_id}_data.b2nd", patch)
     write_b2nd(seg[None], folder / f"{props.case_id}_seg.b2nd", patch)
-    _write_npy(locations, folder / f"{props.case_id}_locations.npy")
+    with atomic_path(folder / f"{props.case_id}_locations.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, locations)
     write_json_atomic(props, folder / f"{props.case_id}.json")
 
 
@@ -123,9 +106,6 @@ def remove_temporaries(folder: Path) -> int:
     """Delete files left under temporary names by an interrupted run; returns how many."""
     n = 0
     for p in folder.glob(f"{TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    for p in folder.glob(".*.tmp"):  # from write_json_atomic
         p.unlink(missing_ok=True)
         n += 1
     return n
