@@ -6,6 +6,8 @@ new plans only, never an existing run.
 
 from __future__ import annotations
 
+from typing import Literal
+
 # --- verification -----------------------------------------------------------------------------
 #: relative tolerance on voxel spacing when image channels and label are compared
 SPACING_RTOL = 1e-3
@@ -74,11 +76,11 @@ ZOOM_OUT_EPOCH_SHARE = 1 / 8
 #: the zoom-out stage starts at this share of the zoom-in learning rate (seed 000: 1e-4 / 1e-3)
 ZOOM_OUT_LR_SHARE = 0.1
 #: nnU-Net's optimiser: SGD, Nesterov, momentum 0.99, poly decay with exponent 0.9
-OPTIMIZER = "sgd"
+OPTIMIZER: Literal["sgd", "adam"] = "sgd"
 LEARNING_RATE = 1e-2
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
-SCHEDULER = "poly"
+SCHEDULER: Literal["poly", "cosine_restarts"] = "poly"
 
 # --- preprocessing -------------------------------------------------------------------------------
 #: voxel coordinates kept per class and case for foreground oversampling during training

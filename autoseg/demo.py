@@ -83,16 +83,12 @@ def make_synthetic_dataset(root: str | Path, n_cases: int = 8, shape: tuple[int,
         else:
             for c in range(n_channels):
                 sitk.WriteImage(geo(sitk.GetImageFromArray(image[c])), str(root / "imagesTr" / f"{cid}_{c:04d}.nii.gz"))
-    meta = {
-        "name": "Synthetic",
-        "channel_names": {str(c): channel_name if n_channels == 1 else f"{channel_name}{c}" for c in range(n_channels)},
-        "labels": {"background": 0, **{f"organ{k}": k for k in range(1, n_classes + 1)}},
-        "numTraining": n_cases,
-        "file_ending": ".nii.gz",
-    }
-    if layout == "msd":
-        meta = {"name": "Synthetic", "modality": meta["channel_names"],
-                "labels": {str(v): k for k, v in meta["labels"].items()}, "numTraining": n_cases,
-                "training": training}
+    channels = {str(c): channel_name if n_channels == 1 else f"{channel_name}{c}" for c in range(n_channels)}
+    labels = {"background": 0, **{f"organ{k}": k for k in range(1, n_classes + 1)}}
+    meta: dict[str, object] = {"name": "Synthetic", "channel_names": channels, "labels": labels,
+                               "numTraining": n_cases, "file_ending": ".nii.gz"}
+    if layout == "msd":  # MSD spelling: modality, int -> name labels, a training list
+        meta = {"name": "Synthetic", "modality": channels, "labels": {str(v): k for k, v in labels.items()},
+                "numTraining": n_cases, "training": training}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root

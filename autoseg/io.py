@@ -113,8 +113,9 @@ def _check_dims(dim: int, ncomp: int) -> None:
 
 def _geometry(spacing: tuple, origin: tuple, direction: tuple, dim: int, shape: tuple) -> Geometry:
     d = np.asarray(direction, dtype=float).reshape(dim, dim)[:3, :3]
-    return Geometry(tuple(float(s) for s in spacing[:3]), tuple(float(o) for o in origin[:3]),
-                    tuple(float(v) for v in d.ravel()), tuple(int(s) for s in shape))
+    sp, og = [float(s) for s in spacing[:3]], [float(o) for o in origin[:3]]
+    return Geometry((sp[0], sp[1], sp[2]), (og[0], og[1], og[2]), tuple(float(v) for v in d.ravel()),
+                    (int(shape[0]), int(shape[1]), int(shape[2])))
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -133,7 +134,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     dim, ncomp = reader.GetDimension(), reader.GetNumberOfComponents()
     _check_dims(dim, ncomp)
     try:
-        arr = np.asanyarray(nib.load(str(path)).dataobj)
+        arr = np.asanyarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]  # NIfTI images have it
     except Exception as e:  # noqa: BLE001 - nibabel raises many types (EOFError, zlib.error, ImageFileError)
         raise ImageReadError(f"cannot be read as an image ({type(e).__name__}: {str(e)[:140]})") from None
     if ncomp > 1:  # vector pixels: (x, y, z, 1, c) -> (c, z, y, x)

@@ -58,7 +58,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise SchemaError(f"{path}: must be one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_jsonable(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
@@ -90,7 +90,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise SchemaError(f"{path}: expected an object, got {value!r} ({_type_name(value)})")
         ktype, vtype = args if args else (str, Any)
-        out = {}
+        mapping = {}
         for k, v in value.items():
             key = k
             if ktype is int:
@@ -98,8 +98,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                     key = int(k)
                 except ValueError:
                     raise SchemaError(f"{path}: key {k!r} must be an integer") from None
-            out[key] = _convert(vtype, v, f"{path}.{k}")
-        return out
+            mapping[key] = _convert(vtype, v, f"{path}.{k}")
+        return mapping
     raise SchemaError(f"{path}: unsupported schema type {tp}")  # a bug in autoseg, not in the file
 
 
@@ -113,7 +113,7 @@ def from_jsonable(cls: type[T], data: Any, path: str = "") -> T:
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: expected an object, got {_type_name(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # T is a dataclass
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{path}." if path else ""

@@ -18,14 +18,22 @@ from torch import nn
 __all__ = ["ResidualUNet", "NetworkCost", "costs"]
 
 
-def _pad(kernel: list[int]) -> list[int]:
-    return [k // 2 for k in kernel]
+Triple = tuple[int, int, int]
+
+
+def _t3(v: list[int]) -> Triple:
+    """torch wants a (z, y, x) tuple where plans hold lists."""
+    return (int(v[0]), int(v[1]), int(v[2]))
+
+
+def _pad(kernel: list[int]) -> Triple:
+    return _t3([k // 2 for k in kernel])
 
 
 class _ConvNormAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel: list[int], stride: list[int] | None = None):
         super().__init__(
-            nn.Conv3d(cin, cout, kernel, stride or 1, _pad(kernel)),
+            nn.Conv3d(cin, cout, _t3(kernel), _t3(stride or [1, 1, 1]), _pad(kernel)),
             nn.InstanceNorm3d(cout, eps=1e-5, affine=True),
             nn.LeakyReLU(0.01, inplace=True),
         )
@@ -36,14 +44,14 @@ class _ResidualBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: list[int], stride: list[int]):
         super().__init__()
-        self.conv1 = nn.Conv3d(cin, cout, kernel, stride, _pad(kernel))
+        self.conv1 = nn.Conv3d(cin, cout, _t3(kernel), _t3(stride), _pad(kernel))
         self.norm1 = nn.InstanceNorm3d(cout, eps=1e-5, affine=True)
-        self.conv2 = nn.Conv3d(cout, cout, kernel, 1, _pad(kernel))
+        self.conv2 = nn.Conv3d(cout, cout, _t3(kernel), 1, _pad(kernel))
         self.norm2 = nn.InstanceNorm3d(cout, eps=1e-5, affine=True)
         self.act = nn.LeakyReLU(0.01, inplace=True)
         self.project = None
         if cin != cout or any(s != 1 for s in stride):
-            self.project = nn.Sequential(nn.Conv3d(cin, cout, 1, stride),
+            self.project = nn.Sequential(nn.Conv3d(cin, cout, 1, _t3(stride)),
                                          nn.InstanceNorm3d(cout, eps=1e-5, affine=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +98,8 @@ class ResidualUNet(nn.Module):
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
         for s in range(n - 2, -1, -1):
-            self.up.append(nn.ConvTranspose3d(features[s + 1], features[s], strides[s + 1], strides[s + 1]))
+            up = _t3(strides[s + 1])
+            self.up.append(nn.ConvTranspose3d(features[s + 1], features[s], up, up))
             layers = [_ConvNormAct(2 * features[s] if i == 0 else features[s], features[s], kernel_sizes[s])
                       for i in range(decoder_convs)]
             self.decoder.append(nn.Sequential(*layers))

@@ -11,6 +11,7 @@ The zoom-in stage (seed 000) trains long on patches of about half the zoom-out v
 from __future__ import annotations
 
 from math import prod
+from typing import Literal
 
 import numpy as np
 
@@ -150,8 +151,8 @@ def _batch_size(f: _Fitter, net: NetworkPlan, patch: list[int], n_cases: int, me
     return max(defaults.MIN_BATCH_SIZE, min(by_memory, by_dataset))
 
 
-def _stage(f: _Fitter, net: NetworkPlan, name: str, patch: list[int], batch: int, median_shape: list[int],
-           epochs: int, lr: float, init_from: str | None) -> StagePlan:
+def _stage(f: _Fitter, net: NetworkPlan, name: Literal["zoom_in", "zoom_out"], patch: list[int], batch: int,
+           median_shape: list[int], epochs: int, lr: float, init_from: str | None) -> StagePlan:
     c = f.cost(net, patch, batch)
     iters = defaults.GPU_ITERATIONS_PER_EPOCH if f.device.kind == "cuda" else defaults.CPU_ITERATIONS_PER_EPOCH
     share = prod(min(p, m) for p, m in zip(patch, median_shape)) / prod(median_shape)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from autoseg import defaults
@@ -32,7 +34,7 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
     return [float(round(v, 6)) for v in target]
 
 
-def resampled_shape(shape: list[int] | np.ndarray, spacing: list[float] | np.ndarray,
-                    target: list[float] | np.ndarray) -> list[int]:
+def resampled_shape(shape: Sequence[int] | np.ndarray, spacing: Sequence[float] | np.ndarray,
+                    target: Sequence[float] | np.ndarray) -> list[int]:
     """Shape (voxels) of an image of ``shape`` at ``spacing`` after resampling to ``target`` (mm)."""
     return [int(round(s * sp / t)) for s, sp, t in zip(shape, spacing, target)]
