@@ -47,14 +47,6 @@ class Geometry:
         """Spacing in numpy array-axis order (mm)."""
         return (self.spacing[2], self.spacing[1], self.spacing[0])
 
-    def to_dict(self) -> dict:
-        return {"spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction), "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Geometry:
-        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]), tuple(d["shape"]))
-
 
 def strip_suffix(name: str) -> str | None:
     """Return ``name`` without its image file ending, or None when it has no known ending."""
