@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate a small synthetic dataset and run the pipeline on it",
                        description="Write a synthetic dataset (ellipsoid organs, 2 classes, real geometry) to "
-                       "DIR/data, then run every available step on it into DIR/run. Takes seconds on a CPU.")
+                       "DIR/data, then plan and preprocess it into DIR/run. Takes seconds on a CPU.")
     d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
                    help="folder for the demo dataset and run (default ./autoseg_demo)")
     d.add_argument("--cases", type=int, default=10, metavar="N", help="number of synthetic cases (default 10)")
@@ -145,10 +145,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (data / "dataset.json").is_file():
         make_synthetic_dataset(data, n_cases=args.cases)
         print(f"demo         wrote a synthetic dataset of {args.cases} cases to {data}")
-    steps = [["plan", str(data), "-o", str(run), "--device", "cpu"]]
-    if "preprocess" in COMMANDS:
-        steps.append(["preprocess", str(run)])
-    for argv in steps:
+    for argv in (["plan", str(data), "-o", str(run), "--device", "cpu"], ["preprocess", str(run)]):
         print(f"\n$ autoseg {' '.join(argv)}")
         code = main(argv)
         if code:
