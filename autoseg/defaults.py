@@ -80,7 +80,56 @@ OPTIMIZER: Literal["sgd", "adam"] = "sgd"
 LEARNING_RATE = 1e-2
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
-SCHEDULER: Literal["poly", "cosine_restarts"] = "poly"
+SCHEDULER: Literal["poly", "cosine_restarts", "onecycle"] = "poly"
+#: poly decay exponent (nnU-Net): lr = lr0 * (1 - t / T) ** POLY_EXPONENT
+POLY_EXPONENT = 0.9
+#: cosine annealing with warm restarts (seed 000): cycles per stage, floor as a share of the initial LR
+COSINE_CYCLES = 4
+COSINE_MIN_SHARE = 0.01
+#: OneCycle (seed 001, torch's defaults): warm-up share, start and end as divisions of the peak LR
+ONECYCLE_WARMUP_SHARE = 0.3
+ONECYCLE_DIV_START = 25.0
+ONECYCLE_DIV_END = 1e4
+
+# --- training: loss, sampling, bookkeeping ----------------------------------------------------------
+#: Dice over the whole batch as one volume (nnU-Net: True for 3D full-resolution plans)
+BATCH_DICE = True
+#: smoothing of the soft Dice ratio (nnU-Net: 1e-5)
+DICE_SMOOTH = 1e-5
+#: probability that a training patch is centred on a voxel of a random foreground class (nnU-Net: 0.33)
+OVERSAMPLE_FOREGROUND = 0.33
+#: gradient norm clip (nnU-Net: 12)
+GRAD_CLIP_NORM = 12.0
+#: validation batches per epoch for the pseudo-Dice (nnU-Net: 50 of 250 training iterations)
+GPU_VALIDATION_ITERATIONS = 50
+CPU_VALIDATION_ITERATIONS = 10
+#: write the ``latest`` checkpoint every this many epochs (and always on SIGINT / SIGTERM)
+CHECKPOINT_EVERY_EPOCHS = 5
+#: the ``best`` checkpoint follows an exponential moving average of pseudo-Dice (nnU-Net: 0.9)
+EMA_MOMENTUM = 0.9
+#: seed of patch sampling and augmentation; batch ``i`` depends on (seed, stage, i) only
+TRAINING_SEED = 2024
+
+# --- training: augmentation (nnU-Net v2's probabilities, ANCHORS.md 1.6) ------------------------------
+P_ROTATION = 0.2
+ROTATION_DEGREES = 30.0
+#: rotation in-plane only, and by up to 180 degrees, when the patch is this much flatter than wide
+DUMMY_2D_ASPECT = 3.0
+P_SCALE = 0.2
+SCALE_RANGE = (0.7, 1.4)
+P_NOISE = 0.1
+NOISE_VARIANCE = (0.0, 0.1)
+P_BLUR = 0.2
+BLUR_SIGMA = (0.5, 1.0)
+P_BRIGHTNESS = 0.15
+BRIGHTNESS_RANGE = (0.75, 1.25)
+P_CONTRAST = 0.15
+CONTRAST_RANGE = (0.75, 1.25)
+P_LOW_RESOLUTION = 0.25
+LOW_RESOLUTION_ZOOM = (0.5, 1.0)
+P_GAMMA = 0.3
+P_GAMMA_INVERTED = 0.1
+GAMMA_RANGE = (0.7, 1.5)
 
 # --- preprocessing -------------------------------------------------------------------------------
 #: voxel coordinates kept per class and case for foreground oversampling during training

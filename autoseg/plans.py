@@ -16,9 +16,9 @@ from autoseg.networks.factory import ARCHITECTURES
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["SCHEMA_VERSION", "ChannelNormalization", "NetworkPlan", "StagePlan", "ResamplingPlan",
-           "InferencePlan", "Fold", "Plans", "load_plans", "save_plans", "validate_plans", "PLANS_FILE"]
+           "InferencePlan", "AugmentationPlan", "TrainingPlan", "Fold", "Plans", "load_plans", "save_plans", "validate_plans", "PLANS_FILE"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PLANS_FILE = "plans.json"
 
 
@@ -73,8 +73,60 @@ class StagePlan:
     learning_rate: float
     momentum: float
     weight_decay: float
-    scheduler: Literal["poly", "cosine_restarts"]
+    scheduler: Literal["poly", "cosine_restarts", "onecycle"]
     init_from: str | None
+
+
+@dataclass
+class AugmentationPlan:
+    """Training augmentation (batchgenerators); ``p_*`` are probabilities per sample, ranges are (low, high).
+
+    Rotation is about each axis by up to ``rotation_degrees`` (per axis z, y, x); ``dummy_2d`` rotates and
+    scales in-plane only (strongly anisotropic patches). Mirroring flips each of ``mirror_axes`` with p 0.5.
+    """
+
+    p_rotation: float
+    rotation_degrees: list[float]
+    p_scale: float
+    scale_range: list[float]
+    dummy_2d: bool
+    p_noise: float
+    noise_variance: list[float]
+    p_blur: float
+    blur_sigma: list[float]
+    p_brightness: float
+    brightness_range: list[float]
+    p_contrast: float
+    contrast_range: list[float]
+    p_low_resolution: float
+    low_resolution_zoom: list[float]
+    p_gamma: float
+    p_gamma_inverted: float
+    gamma_range: list[float]
+    mirror_axes: list[int]
+
+
+@dataclass
+class TrainingPlan:
+    """Loss, sampling and bookkeeping shared by both stages.
+
+    ``dice_class_weights``: one weight per foreground class for the Dice term (equal: all 1; seed 001's
+    weighting: larger for rarer classes, ``autoseg plan --dice-weights size-rank``). ``deep_supervision_weights``:
+    loss weight per network output, full resolution first (halving, the coarsest 0, summing to 1).
+    ``oversample_foreground``: probability that a patch is centred on a voxel of a random foreground class.
+    ``ema_momentum``: the best checkpoint follows ``ema = m * ema + (1 - m) * pseudo_dice``.
+    """
+
+    batch_dice: bool
+    dice_class_weights: list[float]
+    deep_supervision_weights: list[float]
+    oversample_foreground: float
+    grad_clip_norm: float
+    validation_iterations: int
+    checkpoint_every_epochs: int
+    ema_momentum: float
+    seed: int
+    augmentation: AugmentationPlan
 
 
 @dataclass
@@ -128,6 +180,7 @@ class Plans:
     memory_budget_gib: float
     zoom_in_fraction: float
     stages: list[StagePlan]
+    training: TrainingPlan
     folds: list[Fold]
     inference: InferencePlan
 
@@ -173,6 +226,31 @@ def validate_plans(p: Plans) -> Plans:
     _check(0 < p.inference.tile_step <= 1, f"inference.tile_step: {p.inference.tile_step}; expected in (0, 1]")
     _check(all(a in (0, 1, 2) for a in p.inference.mirror_axes),
            f"inference.mirror_axes: {p.inference.mirror_axes}; expected axes among 0, 1, 2")
+    t = p.training
+    n_fg = len(p.labels) - 1
+    _check(len(t.dice_class_weights) == n_fg and all(w >= 0 for w in t.dice_class_weights),
+           f"training.dice_class_weights: {t.dice_class_weights}; expected {n_fg} non-negative weights "
+           "(one per foreground class)")
+    n_out = len(net.features) - 1 if net.deep_supervision else 1
+    _check(len(t.deep_supervision_weights) == n_out and sum(t.deep_supervision_weights) > 0,
+           f"training.deep_supervision_weights: {len(t.deep_supervision_weights)} entries; the network has "
+           f"{n_out} output(s)")
+    _check(0 <= t.oversample_foreground <= 1,
+           f"training.oversample_foreground: {t.oversample_foreground}; expected in [0, 1]")
+    _check(t.validation_iterations >= 1 and t.checkpoint_every_epochs >= 1,
+           "training.validation_iterations and training.checkpoint_every_epochs: expected at least 1")
+    a = t.augmentation
+    for name in ("p_rotation", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_low_resolution",
+                 "p_gamma", "p_gamma_inverted"):
+        _check(0 <= getattr(a, name) <= 1, f"training.augmentation.{name}: {getattr(a, name)}; expected in [0, 1]")
+    for name in ("rotation_degrees",):
+        _check(len(getattr(a, name)) == 3, f"training.augmentation.{name}: expected 3 values (z, y, x)")
+    for name in ("scale_range", "noise_variance", "blur_sigma", "brightness_range", "contrast_range",
+                 "low_resolution_zoom", "gamma_range"):
+        v = getattr(a, name)
+        _check(len(v) == 2 and v[0] <= v[1], f"training.augmentation.{name}: {v}; expected [low, high]")
+    _check(all(x in (0, 1, 2) for x in a.mirror_axes),
+           f"training.augmentation.mirror_axes: {a.mirror_axes}; expected axes among 0, 1, 2")
     for i, f in enumerate(p.folds):
         overlap = set(f.train) & set(f.val)
         _check(not overlap, f"folds[{i}]: case(s) {sorted(overlap)[:3]} are in both train and val")

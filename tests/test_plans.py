@@ -7,7 +7,7 @@ import json
 import pytest
 
 from autoseg.planning import make_plan
-from autoseg.plans import load_plans, save_plans
+from autoseg.plans import SCHEMA_VERSION, load_plans, save_plans
 from autoseg.typedjson import SchemaError
 
 from .planning.fingerprints import PROSTATE, device
@@ -29,7 +29,7 @@ def edit(path, change):
 def test_round_trip(plan_file):
     plan = make_plan(PROSTATE, device("cuda", 8))
     assert load_plans(plan_file) == plan
-    assert json.loads(plan_file.read_text())["schema_version"] == 1
+    assert json.loads(plan_file.read_text())["schema_version"] == SCHEMA_VERSION
     assert not [p for p in plan_file.parent.iterdir() if p.name != "plans.json"]  # no temporary left
 
 

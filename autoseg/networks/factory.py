@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 __all__ = ["build_network", "ARCHITECTURES"]
 
-#: architectures a plan may name; more arrive with the training issues (UNETR, SegResNet, Attention U-Net)
-ARCHITECTURES = ("residual_unet",)
+#: architectures a plan may name: the U-Net with residual (default) or plain encoder blocks
+ARCHITECTURES = ("residual_unet", "plain_unet")
 
 
 def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Module:
@@ -21,9 +21,10 @@ def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Modu
     Raises:
         ValueError: unknown architecture name.
     """
-    if net.architecture == "residual_unet":
+    if net.architecture in ("residual_unet", "plain_unet"):
         from autoseg.networks.resunet import ResidualUNet
 
         return ResidualUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
-                            net.blocks_per_stage, net.decoder_convs, net.deep_supervision)
+                            net.blocks_per_stage, net.decoder_convs, net.deep_supervision,
+                            residual=net.architecture == "residual_unet")
     raise ValueError(f"unknown architecture {net.architecture!r}; known: {', '.join(ARCHITECTURES)}")

@@ -61,8 +61,13 @@ class _ResidualBlock(nn.Module):
         return self.act(out + skip)
 
 
+def _plain_block(cin: int, cout: int, kernel: list[int], stride: list[int]) -> nn.Module:
+    """Two conv-norm-act layers, the first strided (nnU-Net's plain encoder block)."""
+    return nn.Sequential(_ConvNormAct(cin, cout, kernel, stride), _ConvNormAct(cout, cout, kernel))
+
+
 class ResidualUNet(nn.Module):
-    """Residual-encoder U-Net for 3D patches.
+    """U-Net for 3D patches with a residual (default) or plain encoder.
 
     Args:
         in_channels: image channels.
@@ -73,11 +78,12 @@ class ResidualUNet(nn.Module):
         blocks_per_stage: residual blocks per encoder stage.
         decoder_convs: conv-norm-act layers per decoder stage.
         deep_supervision: in training mode, return logits at every decoder resolution (full first).
+        residual: residual encoder blocks (seeds 000 and 003); False gives plain two-conv blocks.
     """
 
     def __init__(self, in_channels: int, n_classes: int, features: list[int], kernel_sizes: list[list[int]],
                  strides: list[list[int]], blocks_per_stage: list[int], decoder_convs: int = 1,
-                 deep_supervision: bool = True):
+                 deep_supervision: bool = True, residual: bool = True):
         super().__init__()
         n = len(features)
         if not (len(kernel_sizes) == len(strides) == len(blocks_per_stage) == n):
@@ -90,8 +96,9 @@ class ResidualUNet(nn.Module):
         self.encoder = nn.ModuleList()
         cin = features[0]
         for s in range(n):
-            blocks = [_ResidualBlock(cin if b == 0 else features[s], features[s], kernel_sizes[s],
-                                     strides[s] if b == 0 else [1, 1, 1]) for b in range(blocks_per_stage[s])]
+            make = _ResidualBlock if residual else _plain_block
+            blocks = [make(cin if b == 0 else features[s], features[s], kernel_sizes[s],
+                           strides[s] if b == 0 else [1, 1, 1]) for b in range(blocks_per_stage[s])]
             self.encoder.append(nn.Sequential(*blocks))
             cin = features[s]
         self.up = nn.ModuleList()
@@ -140,7 +147,7 @@ class NetworkCost:
 
 def costs(in_channels: int, n_classes: int, features: list[int], kernel_sizes: list[list[int]],
           strides: list[list[int]], blocks_per_stage: list[int], patch: list[int], decoder_convs: int = 1,
-          deep_supervision: bool = True) -> NetworkCost:
+          deep_supervision: bool = True, residual: bool = True) -> NetworkCost:
     """Walk the same layers as :meth:`ResidualUNet.forward` and count what each keeps for backward.
 
     Per op, in float terms: a conv keeps its input; instance norm keeps its input (the conv output); an
@@ -176,8 +183,8 @@ def costs(in_channels: int, n_classes: int, features: list[int], kernel_sizes: l
             conv(f, f, kernel_sizes[s], vox[s])
             norm(f)
             norm(f)
-            saved += 4 * f * vox[s]  # conv1 out, act1 out, conv2 out, act(out + skip)
-            if b == 0 and (c_in != f or any(x != 1 for x in strides[s])):
+            saved += 4 * f * vox[s]  # conv1 out, act1 out, conv2 out, act2 out (residual: act(out + skip))
+            if residual and b == 0 and (c_in != f or any(x != 1 for x in strides[s])):
                 conv(c_in, f, [1, 1, 1], vox[s])
                 norm(f)
                 saved += f * vox[s]  # projection conv output, kept by its norm

@@ -43,7 +43,7 @@ def step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, 
         amp: activations in 16-bit (CUDA mixed precision) instead of 32-bit.
     """
     c = costs(in_channels, n_classes, net.features, net.kernel_sizes, net.strides, net.blocks_per_stage, patch,
-              net.decoder_convs, net.deep_supervision)
+              net.decoder_convs, net.deep_supervision, net.architecture == "residual_unet")
     act_bytes = 2 if amp else 4
     activations = batch * c.saved_elements * act_bytes
     loss = batch * c.output_elements * 4 * LOSS_COPIES

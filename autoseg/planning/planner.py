@@ -24,16 +24,20 @@ from autoseg.planning.splits import kfold_splits
 from autoseg.planning.topology import Topology, topology_for_patch
 from autoseg.plans import (
     SCHEMA_VERSION,
+    AugmentationPlan,
     ChannelNormalization,
     InferencePlan,
     NetworkPlan,
     Plans,
     ResamplingPlan,
     StagePlan,
+    TrainingPlan,
     validate_plans,
 )
 
-__all__ = ["make_plan", "usable_memory_bytes", "normalization_for"]
+__all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights"]
+
+DiceWeighting = Literal["equal", "size-rank"]
 
 
 def usable_memory_bytes(device: DeviceInfo) -> int:
@@ -161,8 +165,55 @@ def _stage(f: _Fitter, net: NetworkPlan, name: Literal["zoom_in", "zoom_out"], p
                      defaults.WEIGHT_DECAY, defaults.SCHEDULER, init_from)
 
 
+def dice_weights(fp: Fingerprint, weighting: DiceWeighting) -> list[float]:
+    """One Dice weight per foreground class. ``equal``: all 1. ``size-rank`` (seed 001): rank the classes by
+    voxels over the dataset, largest first, weight them 1, 2, ..., n, and rescale so the weights average 1."""
+    n = len(fp.labels) - 1
+    if weighting == "equal" or n == 0:
+        return [1.0] * n
+    by_value = {c.value: c.total_voxels for c in fp.classes}
+    sizes = [by_value.get(v, 0) for v in sorted(fp.labels)[1:]]
+    order = sorted(range(n), key=lambda i: -sizes[i])
+    ranks = [0.0] * n
+    for r, i in enumerate(order):
+        ranks[i] = float(r + 1)
+    return [round(w * n / sum(ranks), 6) for w in ranks]
+
+
+def _augmentation(patch: list[int]) -> AugmentationPlan:
+    """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``)."""
+    flat = max(patch) / patch[0] > defaults.DUMMY_2D_ASPECT
+    deg = [180.0, 0.0, 0.0] if flat else [defaults.ROTATION_DEGREES] * 3
+    return AugmentationPlan(
+        defaults.P_ROTATION, deg, defaults.P_SCALE, list(defaults.SCALE_RANGE), flat, defaults.P_NOISE,
+        list(defaults.NOISE_VARIANCE), defaults.P_BLUR, list(defaults.BLUR_SIGMA), defaults.P_BRIGHTNESS,
+        list(defaults.BRIGHTNESS_RANGE), defaults.P_CONTRAST, list(defaults.CONTRAST_RANGE),
+        defaults.P_LOW_RESOLUTION, list(defaults.LOW_RESOLUTION_ZOOM), defaults.P_GAMMA, defaults.P_GAMMA_INVERTED,
+        list(defaults.GAMMA_RANGE), [0, 1, 2])
+
+
+def _deep_supervision_weights(net: NetworkPlan) -> list[float]:
+    """nnU-Net's: 1/2^i per output (full resolution first), the coarsest 0, normalised to sum 1."""
+    n = len(net.features) - 1 if net.deep_supervision else 1
+    w = [0.5**i for i in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    return [round(x / sum(w), 6) for x in w]
+
+
+def training_plan(fp: Fingerprint, device: DeviceInfo, net: NetworkPlan, patch: list[int],
+                  weighting: DiceWeighting = "equal") -> TrainingPlan:
+    """Loss, sampling and bookkeeping settings for both stages."""
+    gpu = device.kind == "cuda"
+    return TrainingPlan(
+        defaults.BATCH_DICE, dice_weights(fp, weighting), _deep_supervision_weights(net),
+        defaults.OVERSAMPLE_FOREGROUND, defaults.GRAD_CLIP_NORM,
+        defaults.GPU_VALIDATION_ITERATIONS if gpu else defaults.CPU_VALIDATION_ITERATIONS,
+        defaults.CHECKPOINT_EVERY_EPOCHS, defaults.EMA_MOMENTUM, defaults.TRAINING_SEED, _augmentation(patch))
+
+
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
-              seed: int = defaults.SPLIT_SEED) -> Plans:
+              seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal") -> Plans:
     """Plan preprocessing, network, both training stages, folds and inference for ``fp`` on ``device``.
 
     Raises:
@@ -188,6 +239,7 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
         SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
         list(fp.median_spacing), list(fp.median_shape), spacing, median_shape, normalization_for(fp),
         ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
-        defaults.ZOOM_IN_FRACTION, stages, kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
+        defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting),
+        kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
         InferencePlan(defaults.TILE_STEP, [0, 1, 2], defaults.GAUSSIAN_SIGMA_SCALE))
     return validate_plans(plans)

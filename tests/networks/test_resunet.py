@@ -34,6 +34,7 @@ PLANS = {
     "prostate-cpu": (PROSTATE, device("cpu", 16), 1),
     "ct-cpu": (CT, device("cpu", 16), 1),
     "brain-gpu24": (BRAIN, device("cuda", 24), 0),
+    "prostate-cpu-plain": (PROSTATE, device("cpu", 16), 1),
 }
 
 
@@ -42,6 +43,8 @@ def test_memory_estimate_matches_measurement(name):
     """The planner's activation estimate is within 30 % of the bytes PyTorch keeps for backward."""
     fp, dev, stage = PLANS[name]
     plan = make_plan(fp, dev)
+    if name.endswith("plain"):
+        plan.network.architecture = "plain_unet"
     st = plan.stages[stage]
     torch.manual_seed(0)
     net = build_network(plan.network, len(plan.channel_names), len(plan.labels)).train()
@@ -53,11 +56,13 @@ def test_memory_estimate_matches_measurement(name):
     assert estimate == pytest.approx(measured, rel=0.30)
 
 
-def test_parameter_count_matches():
+@pytest.mark.parametrize("architecture", ["residual_unet", "plain_unet"])
+def test_parameter_count_matches(architecture):
     plan = make_plan(PROSTATE, device("cpu", 16))
+    plan.network.architecture = architecture
     net = build_network(plan.network, 2, 3)
     c = costs(2, 3, plan.network.features, plan.network.kernel_sizes, plan.network.strides,
-              plan.network.blocks_per_stage, plan.stages[1].patch_size)
+              plan.network.blocks_per_stage, plan.stages[1].patch_size, residual=architecture == "residual_unet")
     assert c.parameters == sum(p.numel() for p in net.parameters())
 
 
