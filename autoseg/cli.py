@@ -63,6 +63,36 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--force", action="store_true", help="redo every case, even those already done")
     _add_common(pp)
 
+    t = sub.add_parser("train", help="train one cross-validation fold: zoom-in stage, then zoom-out stage",
+                       description="Train FOLD of a planned and preprocessed run: the plan's zoom-in stage (small "
+                       "patches, long), then its zoom-out stage (large patches, short, lower learning rate, starting "
+                       "from the zoom-in weights). Writes RUN_DIR/fold_<FOLD>/: checkpoint_{latest,best,final}.pt, "
+                       "training_log.txt, progress.png, config.json (what was run) and plans.json, then predicts "
+                       "the fold's validation cases into validation/ with metrics.json. Interrupted (Ctrl-C, "
+                       "SIGTERM, a crash), the same command resumes exactly where the last checkpoint was. Under "
+                       "torchrun (or with --gpus N) the fold trains on several GPUs with DistributedDataParallel.")
+    t.add_argument("fold", metavar="FOLD", help="fold index 0..k-1, or 'all' (every case; validates on them)")
+    t.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run directory (autoseg plan -o)")
+    t.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="training device (default auto: CUDA if visible, else CPU)")
+    t.add_argument("--stage", choices=("both", "zoom-in", "zoom-out"), default="both",
+                   help="stages to train (default both). zoom-out alone is a single-stage schedule from scratch "
+                   "at the large patch with the zoom-in learning rate")
+    t.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="epochs of the first stage trained (the zoom-out stage keeps the plan's ratio to it)")
+    t.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
+                   help="optimiser steps per epoch (default: the plan's)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="measure this machine's step time and set the epochs so that the whole schedule, "
+                   "its learning-rate decay and the final validation finish within MINUTES")
+    t.add_argument("--restart", action="store_true", help="delete this fold's checkpoints and start over")
+    t.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this machine with DistributedDataParallel (launches torchrun)")
+    t.add_argument("-j", "--workers", type=int, default=None, metavar="N",
+                   help="data-loading worker processes (default: all cores but one on GPU, half the cores on CPU; "
+                   "0 loads in the training process)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway without a TTY)")
+
     d = sub.add_parser("demo", help="generate a small synthetic dataset and run the pipeline on it",
                        description="Write a synthetic dataset (ellipsoid organs, 2 classes, real geometry) to "
                        "DIR/data, then plan and preprocess it into DIR/run. Takes seconds on a CPU.")
@@ -153,7 +183,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "verify": _cmd_verify, "plan": _cmd_plan, "preprocess": _cmd_preprocess}
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.gpus)
+    from autoseg.training.config import Overrides
+    from autoseg.training.trainer import Trainer, distributed_runtime
+
+    if args.epochs is not None and args.epochs < 1 or args.iterations_per_epoch is not None and \
+            args.iterations_per_epoch < 1 or args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError("--epochs, --iterations-per-epoch and --time-budget must be positive")
+    if args.time_budget is not None and args.epochs is not None:
+        raise ValueError("--time-budget sets the epochs; give either it or --epochs")
+    progress = not args.no_progress and sys.stderr.isatty()
+    rt = distributed_runtime(args.device, args.workers, progress)
+    overrides = Overrides(args.stage, args.epochs, args.iterations_per_epoch, args.time_budget)
+    Trainer(args.run, args.fold, overrides, rt, args.restart).fit()
+    return 0
+
+
+def _launch_torchrun(gpus: int) -> int:
+    """Re-run this command under ``torch.distributed.run`` with one process per GPU."""
+    import subprocess
+
+    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and (i == 0 or sys.argv[i] != "--gpus")]
+    argv = [a for a in argv if not a.startswith("--gpus=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
+           "autoseg", *argv]
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "verify": _cmd_verify, "plan": _cmd_plan, "preprocess": _cmd_preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports it; its thread notice is noise
     try:
         return COMMANDS[args.command](args)
     except DatasetError as e:
@@ -171,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CaseError, SchemaError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if hasattr(e, "code"):
+            print(f"interrupted: {e}", file=sys.stderr)
+            return int(e.code)
         print("interrupted: files are only ever written complete (temporary name, then rename); run the same "
               "command again to continue", file=sys.stderr)
         return 130

@@ -1,0 +1,1 @@
+"""Evaluation: overlap and surface metrics of predicted label maps against references."""

@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction with Gaussian weighting and mirroring."""

@@ -1,0 +1,1 @@
+"""Training: patch sampling and augmentation, losses, schedules, checkpoints and the trainer loop."""

@@ -1,0 +1,229 @@
+"""Training batches: random patches of the preprocessed cases, a share centred on foreground, augmented with
+batchgenerators, produced by ``torch.utils.data`` worker processes.
+
+Batch ``i`` of a stage is a pure function of ``(seed, stage, i, rank)``: the same with any number of workers,
+after a resume, and on every machine. A failing case does not kill a worker with a bare traceback: the
+worker returns the error and the main process raises :class:`BatchError` naming the case.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autoseg.plans import AugmentationPlan
+from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
+
+__all__ = ["PatchSampler", "BatchDataset", "BatchError", "initial_patch_size", "build_augmentation",
+           "make_loader", "batch_seed"]
+
+
+class BatchError(ValueError):
+    """Building a training batch failed; the message names the case."""
+
+
+def batch_seed(seed: int, stage: int, index: int, rank: int = 0, purpose: int = 0) -> int:
+    """A 32-bit seed unique to one batch (``purpose`` 0 training, 1 validation)."""
+    return int(np.random.SeedSequence([seed, stage, index, rank, purpose]).generate_state(1)[0])
+
+
+def initial_patch_size(patch: list[int], aug: AugmentationPlan) -> list[int]:
+    """The region read before augmentation: large enough that rotating (by the plan's maximum angles) and
+    scaling the final patch stays on real data (as nnU-Net's ``get_patch_size``; scale margin 1/0.85)."""
+    corners = np.array(np.meshgrid(*[[-p / 2, p / 2] for p in patch], indexing="ij")).reshape(3, -1)
+    extent = np.array(patch, dtype=float)
+    if aug.p_rotation > 0:
+        for axis, deg in enumerate(aug.rotation_degrees):
+            a = math.radians(min(deg, 90.0))
+            i, j = [k for k in range(3) if k != axis]
+            rot = np.eye(3)
+            rot[i, i], rot[i, j], rot[j, i], rot[j, j] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+            extent = np.maximum(extent, np.ptp(rot @ corners, axis=1))
+    if aug.p_scale > 0:
+        extent = extent / 0.85
+    return [int(math.ceil(e)) for e in extent]
+
+
+def _centre_range(shape: int, patch: int) -> tuple[int, int]:
+    """Patch centres (voxels) for which the patch lies inside the volume, or holds it when larger."""
+    lo_a, lo_b = sorted((0, shape - patch))
+    return lo_a + patch // 2, lo_b + patch // 2
+
+
+def _read_region(arr: Any, lo: list[int], size: list[int], fill: float) -> np.ndarray:
+    """``arr[:, lo:lo+size]`` with ``fill`` wherever the region leaves the array."""
+    shape = arr.shape[1:]
+    src = tuple(slice(max(a, 0), min(a + s, n)) for a, s, n in zip(lo, size, shape))
+    out = np.full((arr.shape[0], *size), fill, dtype=arr.dtype)
+    if all(s.stop > s.start for s in src):
+        dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
+        out[(slice(None), *dst)] = arr[(slice(None), *src)]
+    return out
+
+
+@dataclass(frozen=True)
+class Sample:
+    case_id: str
+    centre: list[int]
+    foreground_class: int | None
+
+
+class PatchSampler:
+    """Chooses patch centres: with probability ``oversample`` on a stored voxel of a random foreground class
+    of the case (nnU-Net's probabilistic oversampling; a fixed count per batch would force 50 % at batch 2),
+    otherwise uniformly among centres that keep the ``patch`` inside the case."""
+
+    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], oversample: float):
+        self.folder, self.case_ids, self.patch, self.oversample = folder, list(case_ids), list(patch), oversample
+        self.locations = {c: read_class_locations(folder, c) for c in self.case_ids}
+        self._arrays: dict[str, Any] = {}
+
+    def arrays(self, case_id: str) -> Any:
+        """The case's (data, seg) blosc2 arrays, opened once per process."""
+        if case_id not in self._arrays:
+            self._arrays[case_id] = read_case_arrays(self.folder, case_id)
+        return self._arrays[case_id]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": {}}  # open files stay in the process that opened them
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        return self.place(self.case_ids[int(rng.integers(len(self.case_ids)))], rng)
+
+    def place(self, case_id: str, rng: np.random.Generator) -> Sample:
+        """A patch centre in ``case_id``."""
+        shape = self.arrays(case_id)[0].shape[1:]
+        ranges = [_centre_range(s, p) for s, p in zip(shape, self.patch)]
+        fg = [c for c, v in self.locations[case_id].items() if c > 0 and len(v)]
+        if fg and rng.random() < self.oversample:
+            cls = fg[int(rng.integers(len(fg)))]
+            voxels = self.locations[case_id][cls]
+            v = voxels[int(rng.integers(len(voxels)))]
+            return Sample(case_id, [int(np.clip(x, a, b)) for x, (a, b) in zip(v, ranges)], cls)
+        return Sample(case_id, [int(rng.integers(a, b + 1)) for a, b in ranges], None)
+
+    def read(self, s: Sample, size: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``(C, *size)`` and label ``(1, *size)`` centred on ``s.centre``, zero-padded outside."""
+        data, seg = self.arrays(s.case_id)
+        lo = [c - n // 2 for c, n in zip(s.centre, size)]
+        return _read_region(data, lo, size, 0.0), _read_region(seg, lo, size, 0)
+
+
+def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
+    """batchgenerators transforms in nnU-Net's order: spatial (rotation, scaling, centre crop to ``patch``),
+    noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring."""
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (
+        BrightnessMultiplicativeTransform,
+        ContrastAugmentationTransform,
+        GammaTransform,
+    )
+    from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
+    from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+
+    rad = [math.radians(d) for d in aug.rotation_degrees]
+    ts = [
+        SpatialTransform(patch, patch_center_dist_from_border=None, do_elastic_deform=False,
+                         do_rotation=aug.p_rotation > 0, angle_x=(-rad[0], rad[0]), angle_y=(-rad[1], rad[1]),
+                         angle_z=(-rad[2], rad[2]), p_rot_per_axis=1, do_scale=aug.p_scale > 0,
+                         scale=tuple(aug.scale_range), border_mode_data="constant", border_cval_data=0, order_data=3,
+                         border_mode_seg="constant", border_cval_seg=0, order_seg=1, random_crop=False,
+                         p_scale_per_sample=aug.p_scale, p_rot_per_sample=aug.p_rotation),
+        GaussianNoiseTransform(tuple(aug.noise_variance), p_per_sample=aug.p_noise),
+        GaussianBlurTransform(tuple(aug.blur_sigma), different_sigma_per_channel=True, p_per_sample=aug.p_blur,
+                              p_per_channel=0.5),
+        BrightnessMultiplicativeTransform(tuple(aug.brightness_range), p_per_sample=aug.p_brightness),
+        ContrastAugmentationTransform(tuple(aug.contrast_range), p_per_sample=aug.p_contrast),
+        SimulateLowResolutionTransform(tuple(aug.low_resolution_zoom), per_channel=True, p_per_channel=0.5,
+                                       order_downsample=0, order_upsample=3, p_per_sample=aug.p_low_resolution,
+                                       ignore_axes=(0,) if aug.dummy_2d else None),
+        GammaTransform(tuple(aug.gamma_range), True, True, retain_stats=True, p_per_sample=aug.p_gamma_inverted),
+        GammaTransform(tuple(aug.gamma_range), False, True, retain_stats=True, p_per_sample=aug.p_gamma),
+    ]
+    if aug.mirror_axes:
+        ts.append(MirrorTransform(tuple(aug.mirror_axes)))
+    return Compose(ts)
+
+
+class BatchDataset(torch.utils.data.Dataset):
+    """Item ``i`` is a whole batch: ``{"data": float32 (B, C, *patch), "seg": int16 (B, *patch), "cases": [...]}``,
+    or ``{"error": message}`` when a case could not be read or augmented.
+
+    Args:
+        augment: training batches (augmented, from an enlarged region); False: validation batches (the
+            patch itself, no augmentation).
+    """
+
+    def __init__(self, sampler: PatchSampler, batch_size: int, aug: AugmentationPlan, seed: int, stage: int,
+                 augment: bool, rank: int = 0, length: int = 2**62):
+        self.sampler, self.batch_size, self.aug = sampler, batch_size, aug
+        self.seed, self.stage, self.augment, self.rank, self.length = seed, stage, augment, rank, length
+        self.read_size = initial_patch_size(sampler.patch, aug) if augment else list(sampler.patch)
+        self._transform: Any = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        s = batch_seed(self.seed, self.stage, index, self.rank, 0 if self.augment else 1)
+        rng = np.random.default_rng(s)
+        case_id = "?"
+        try:
+            images, labels, cases = [], [], []
+            for _ in range(self.batch_size):
+                case_id = self.sampler.case_ids[int(rng.integers(len(self.sampler.case_ids)))]
+                smp = self.sampler.place(case_id, rng)
+                img, seg = self.sampler.read(smp, self.read_size)
+                images.append(img)
+                labels.append(seg)
+                cases.append(case_id)
+            data = np.stack(images).astype(np.float32, copy=False)
+            seg = np.stack(labels).astype(np.float32)
+            case_id = ",".join(cases)
+            if self.augment:
+                if self._transform is None:
+                    self._transform = build_augmentation(self.sampler.patch, self.aug)
+                np.random.seed(s)  # batchgenerators draws from numpy's and Python's global generators
+                random.seed(s)
+                out = self._transform(data=data, seg=seg)
+                data, seg = out["data"], out["seg"]
+            if not np.isfinite(data).all():
+                raise ValueError("non-finite values in the image patch")
+            return {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                    "seg": torch.from_numpy(np.rint(seg[:, 0]).astype(np.int16)), "cases": cases}
+        except Exception as e:  # reported by the main process with the case id (see module docstring)
+            return {"error": f"case {case_id}: {type(e).__name__}: {e}"}
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: BatchDataset, start: int, stop: int, workers: int, pin_memory: bool) -> Any:
+    """An iterator over batches ``start..stop-1`` of ``dataset``, built by ``workers`` background processes
+    (0: in this process), raising :class:`BatchError` for a failed batch."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init if workers else None,
+        persistent_workers=False)
+    return _checked(loader)
+
+
+def _checked(loader: Any) -> Any:
+    try:
+        for batch in loader:
+            if "error" in batch:
+                raise BatchError(batch["error"])
+            yield batch
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise BatchError(f"a data-loading worker died ({str(e).splitlines()[0]}); it may have run out of memory: "
+                         "try fewer workers (-j)") from None

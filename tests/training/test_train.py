@@ -1,0 +1,163 @@
+"""The trainer on a tiny generated run: it learns, resumes exactly after SIGTERM, and keeps DDP replicas equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoseg.cli import main
+from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.config import Overrides, StageRun, budget_epochs
+from autoseg.training.trainer import Runtime, Trainer
+
+
+def cpu(workers: int = 0) -> Runtime:
+    return Runtime(torch.device("cpu"), workers=workers, progress=False)
+
+
+def test_tiny_dataset_learns(tiny_run, capsys):
+    t0 = time.perf_counter()
+    metrics = Trainer(tiny_run, "0", Overrides("both", 8, 25, None), cpu(1)).fit()
+    took = time.perf_counter() - t0
+    fold = tiny_run / "fold_0"
+    for name in ("checkpoint_final.pt", "checkpoint_best.pt", "config.json", "plans.json", "progress.png",
+                 "training_log.txt", "validation/metrics.json"):
+        assert (fold / name).is_file(), name
+    assert not (fold / "checkpoint_latest.pt").exists()
+    lines = (fold / "training_log.txt").read_text().splitlines()
+    assert sum(line.startswith("zoom_in") for line in lines) == 8
+    assert sum(line.startswith("zoom_out") for line in lines) == 1  # the plan's 1/8 of the zoom-in epochs
+    state = load_checkpoint(fold / "checkpoint_final.pt")["state"]
+    assert state.history["mean_dice"][-1] > 0.6, state.history["mean_dice"]  # chance is ~0.05 per class
+    assert metrics is not None and metrics["mean_foreground_dice"] > 0.6, metrics
+    assert set(metrics["cases"]) == set(json.loads((fold / "config.json").read_text())["val_cases"])
+    assert took < 60, took
+
+
+def _train_cmd(run: Path) -> list[str]:
+    return [sys.executable, "-m", "autoseg", "train", "0", "--run", str(run), "--epochs", "3",
+            "--iterations-per-epoch", "8", "-j", "0", "--no-progress"]
+
+
+def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
+    reference = tmp_path / "reference"
+    import shutil
+
+    shutil.copytree(tiny_run, reference)
+    assert subprocess.run(_train_cmd(reference), capture_output=True).returncode == 0
+
+    proc = subprocess.Popen(_train_cmd(tiny_run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tiny_run / "fold_0" / "training_log.txt"
+    deadline = time.time() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)  # into the second epoch
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in err and "Traceback" not in err
+    latest = tiny_run / "fold_0" / "checkpoint_latest.pt"
+    assert latest.is_file() and not (tiny_run / "fold_0" / "checkpoint_final.pt").exists()
+    stopped_at = load_checkpoint(latest)["state"]
+    assert 0 < stopped_at.step < 3 * 8 or stopped_at.stage > 0
+
+    resumed = subprocess.run(_train_cmd(tiny_run), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
+    assert a["state"]["stage"] == b["state"]["stage"] == 2
+    # the same batches and learning rates: the resumed weights equal the uninterrupted ones
+    for k in b["network"]:
+        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_changed_overrides_need_restart(tiny_run):
+    Trainer(tiny_run, "0", Overrides("zoom-in", 1, 2, None), cpu()).fit()
+    with pytest.raises(ValueError, match="--restart"):
+        Trainer(tiny_run, "0", Overrides("zoom-in", 2, 2, None), cpu()).fit()
+    said: list[str] = []
+    Trainer(tiny_run, "0", Overrides("zoom-in", 1, 2, None), cpu(), say=said.append).fit()
+    assert any("already trained" in s for s in said)
+    Trainer(tiny_run, "0", Overrides("zoom-in", 2, 2, None), cpu(), restart=True).fit()
+    assert len(load_checkpoint(tiny_run / "fold_0" / "checkpoint_final.pt")["state"].history["lr"]) == 2
+
+
+def test_single_stage_zoom_out_uses_the_zoom_in_rate(tiny_run):
+    Trainer(tiny_run, "1", Overrides("zoom-out", 1, 2, None), cpu()).fit()
+    cfg = json.loads((tiny_run / "fold_1" / "config.json").read_text())
+    (run,) = cfg["stages"]
+    assert run["name"] == "zoom_out" and run["init_from"] is None and run["learning_rate"] == 0.01
+
+
+def test_budget_epochs_keep_the_ratio_and_fit():
+    runs = [StageRun("zoom_in", [8] * 3, 2, 80, 50, "sgd", 0.01, 0.99, 3e-5, "poly", None),
+            StageRun("zoom_out", [8] * 3, 2, 10, 50, "sgd", 0.001, 0.99, 3e-5, "poly", "zoom_in")]
+    epochs = budget_epochs(runs, [10.0, 20.0], 1800)
+    assert epochs == [144, 18]  # 144 * 10 + 18 * 20 = 1800
+    assert sum(e * t for e, t in zip(epochs, [10.0, 20.0])) <= 1800
+    with pytest.raises(ValueError, match="less than one epoch"):
+        budget_epochs(runs, [10.0, 20.0], 25)
+
+
+def test_time_budget_sets_epochs_from_a_measurement(tiny_run):
+    Trainer(tiny_run, "0", Overrides("both", None, 5, 0.75), cpu()).fit()
+    cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
+    assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
+    assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
+
+
+def test_cli_errors_are_one_line(tiny_run, capsys):
+    assert main(["train", "7", "--run", str(tiny_run)]) == 1
+    assert "fold '7'" in capsys.readouterr().err
+    assert main(["train", "0", "--run", str(tiny_run / "nowhere")]) == 1
+    assert "plans.json" in capsys.readouterr().err
+    assert main(["train", "0", "--run", str(tiny_run), "--epochs", "2", "--time-budget", "3"]) == 1
+    assert "either" in capsys.readouterr().err
+
+
+def _ddp_worker(rank: int, run: str, out: str, port: int) -> None:
+    from autoseg.training.trainer import distributed_runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    rt = distributed_runtime("cpu", 0, False)
+    trainer = Trainer(Path(run), "0", Overrides("zoom-in", 1, 3, None), rt, say=lambda s: None)
+    trainer.fit()
+    assert trainer.network is not None
+    torch.save(trainer.network.state_dict(), Path(out) / f"rank{rank}.pt")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_keeps_replicas_identical(tiny_run, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tiny_run), str(tmp_path), port), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    untrained = load_checkpoint(tiny_run / "fold_0" / "checkpoint_final.pt")["network"]
+    assert any(not torch.equal(a[k], untrained[k]) or True for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and training moved the weights away from their initial values
+    torch.manual_seed(2024)
+    from autoseg.networks import build_network
+    from autoseg.plans import load_plans
+
+    plans = load_plans(tiny_run / "plans.json")
+    init = build_network(plans.network, 1, 3).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a)
