@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="device to plan for (default auto: CUDA if visible, else CPU)")
     p.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
+    p.add_argument("--dice-weights", choices=("equal", "size-rank"), default="equal",
+                   help="Dice loss weight per foreground class: equal (default, nnU-Net), or size-rank (seed 001: "
+                   "the rarer the class over the dataset, the larger its weight)")
     _add_common(p)
 
     pp = sub.add_parser("preprocess", help="crop, normalise and resample every case of a planned run",
@@ -147,7 +150,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     device = detect_device(args.gpu_memory, args.device)
     cache = None if args.refingerprint else run_dir
     fp, reused = fingerprint_dataset(spec, device, cache, args.workers, not args.no_progress)
-    plans = make_plan(fp, device, n_folds=args.folds)
+    plans = make_plan(fp, device, n_folds=args.folds, dice_weighting=args.dice_weights)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fp, run_dir)
     save_plans(plans, run_dir / PLANS_FILE)
@@ -214,7 +217,8 @@ def _launch_torchrun(gpus: int) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "verify": _cmd_verify, "plan": _cmd_plan, "preprocess": _cmd_preprocess}
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "verify": _cmd_verify, "plan": _cmd_plan,
+            "preprocess": _cmd_preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:

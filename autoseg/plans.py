@@ -16,7 +16,8 @@ from autoseg.networks.factory import ARCHITECTURES
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["SCHEMA_VERSION", "ChannelNormalization", "NetworkPlan", "StagePlan", "ResamplingPlan",
-           "InferencePlan", "AugmentationPlan", "TrainingPlan", "Fold", "Plans", "load_plans", "save_plans", "validate_plans", "PLANS_FILE"]
+           "InferencePlan", "AugmentationPlan", "TrainingPlan", "Fold", "Plans", "load_plans", "save_plans",
+           "validate_plans", "PLANS_FILE"]
 
 SCHEMA_VERSION = 2
 PLANS_FILE = "plans.json"

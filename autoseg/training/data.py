@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,11 @@ class BatchDataset(torch.utils.data.Dataset):
 
 
 def _worker_init(_: int) -> None:
+    """One thread per worker; Ctrl-C and SIGTERM are the main process's to handle (it saves a checkpoint,
+    then stops the workers): a worker dying of them first would look like a crash."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: BatchDataset, start: int, stop: int, workers: int, pin_memory: bool) -> Any:

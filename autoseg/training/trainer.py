@@ -31,6 +31,7 @@ from autoseg.training.config import (
     StageRun,
     TrainConfig,
     budget_epochs,
+    fold_cases,
     load_config,
     new_config,
     save_config,
@@ -216,6 +217,8 @@ class Trainer:
             TrainingInterrupted: after SIGINT/SIGTERM, once ``latest`` is written.
             ValueError: the run is not ready for training, or this fold was started differently.
         """
+        train, val = fold_cases(self.plans, self.fold)
+        self._check_preprocessed(train + val)
         if self.restart and self.rt.main and self.fold_dir.exists():
             shutil.rmtree(self.fold_dir)
         self._barrier()
@@ -223,7 +226,6 @@ class Trainer:
             cfg = self._config()
         self._barrier()
         cfg = load_config(self.fold_dir / CONFIG_FILE)
-        self._check_preprocessed(cfg.train_cases + cfg.val_cases)
         torch.manual_seed(self.plans.training.seed)
         net = self._new_network().to(self.rt.device)
         self.network = net

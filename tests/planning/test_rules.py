@@ -71,3 +71,18 @@ def test_kfold_bad_arguments():
     with pytest.raises(ValueError, match="at least 2 cases"):
         kfold_splits(["a"], 5, 0)
     assert len(kfold_splits(["a", "b", "c"], 5, 0)) == 3
+
+
+def test_size_rank_dice_weights_favour_rare_classes():
+    from dataclasses import replace
+
+    from autoseg.fingerprint import ClassStats
+    from autoseg.planning.planner import dice_weights
+
+    from .fingerprints import PROSTATE
+
+    # classes 1 and 2 with 9,000 and 1,000 voxels: ranks 1 (large) and 2 (rare), rescaled to average 1
+    fp = replace(PROSTATE, classes=[ClassStats(1, "a", 9000, 10, 900.0, 1.0, 0.9),
+                                    ClassStats(2, "b", 1000, 10, 100.0, 1.0, 0.1)])
+    assert dice_weights(fp, "size-rank") == [pytest.approx(2 / 3), pytest.approx(4 / 3)]
+    assert dice_weights(fp, "equal") == [1.0, 1.0]
