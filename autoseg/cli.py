@@ -90,18 +90,76 @@ def build_parser() -> argparse.ArgumentParser:
                    "its learning-rate decay and the final validation finish within MINUTES")
     t.add_argument("--restart", action="store_true", help="delete this fold's checkpoints and start over")
     t.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="train on N GPUs of this machine with DistributedDataParallel (launches torchrun)")
+                   help="train on N GPUs of this machine with DistributedDataParallel (launches torchrun; with "
+                   "--device cpu, N CPU processes over gloo)")
     t.add_argument("-j", "--workers", type=int, default=None, metavar="N",
                    help="data-loading worker processes (default: all cores but one on GPU, half the cores on CPU; "
                    "0 loads in the training process)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway without a TTY)")
 
-    d = sub.add_parser("demo", help="generate a small synthetic dataset and run the pipeline on it",
-                       description="Write a synthetic dataset (ellipsoid organs, 2 classes, real geometry) to "
-                       "DIR/data, then plan and preprocess it into DIR/run. Takes seconds on a CPU.")
+    pr = sub.add_parser("predict", help="segment a folder of scans with a trained run",
+                        description="Segment every scan in SCANS_DIR (nnU-Net naming case_0000.nii.gz, _0001, ... "
+                        "or one file per case as in MSD) with the trained folds of RUN_DIR, averaging their "
+                        "probabilities, and write OUT_DIR/<case> with the input's ending, shape, spacing, origin "
+                        "and direction. Outputs that exist are skipped (--overwrite to redo). A scan that cannot "
+                        "be read or does not fit the run is reported by name, the others are still written, and "
+                        "the exit code is 1.")
+    pr.add_argument("-i", "--input", type=Path, required=True, metavar="SCANS_DIR", help="folder of scans")
+    pr.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="folder for label maps")
+    pr.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
+    pr.add_argument("--folds", nargs="+", default=None, metavar="K",
+                    help="folds to use (default: every fold with the checkpoint)")
+    pr.add_argument("--checkpoint", choices=("final", "best"), default="final",
+                    help="checkpoint of each fold (default final)")
+    pr.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (about 8x faster)")
+    pr.add_argument("--step", type=float, default=None, metavar="S",
+                    help="sliding-window step as a share of the patch (default: the plan's, 0.5)")
+    pr.add_argument("--save-probabilities", action="store_true",
+                    help="also write <case>.npz with class probabilities (for autoseg ensemble)")
+    pr.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="device (default auto: CUDA if visible, else CPU)")
+    pr.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    en = sub.add_parser("ensemble", help="average the saved probabilities of several predictions",
+                        description="Average <case>.npz (autoseg predict --save-probabilities) over the folders "
+                        "and write OUT_DIR/<case>.nii.gz, the arg-max labels on the scans' grid.")
+    en.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="prediction folders (at least two)")
+    en.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="folder for label maps")
+    en.add_argument("--save-probabilities", action="store_true", help="also write the averaged probabilities")
+    en.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sm = sub.add_parser("summarize", help="gather the folds' validation results and decide the post-processing",
+                        description="Read RUN_DIR/fold_*/validation/ (written at the end of autoseg train), print "
+                        "the Dice per class per fold and over all folds' cases, and decide per class whether "
+                        "keeping only its largest connected component raises the cross-validation Dice; the "
+                        "decision goes to RUN_DIR/postprocessing.json, which autoseg predict applies. Writes "
+                        "RUN_DIR/crossval.json.")
+    sm.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
+
+    e = sub.add_parser("evaluate", help="score predicted label maps against references",
+                       description="Pair PRED_DIR and REF_DIR by case name and compute, per case and class, Dice, "
+                       "95th-percentile Hausdorff distance and average symmetric surface distance (mm), true-positive "
+                       "rate and precision, plus per-class means and the micro-Dice over all cases. Writes "
+                       "PRED_DIR/metrics.json and PRED_DIR/metrics.csv and prints a table. A 0/0 ratio is 1 when "
+                       "the class is in neither mask and 0 otherwise; distances are 0 when both masks are empty "
+                       "and the image diagonal when one is. Every reference needs a prediction of the same shape "
+                       "and spacing.")
+    e.add_argument("pred_dir", type=Path, metavar="PRED_DIR", help="folder of predicted label maps")
+    e.add_argument("ref_dir", type=Path, metavar="REF_DIR", help="folder of reference label maps (e.g. labelsTr)")
+    e.add_argument("--labels", type=int, nargs="+", default=None, metavar="L",
+                   help="label values to score (default: every non-zero value found)")
+
+    d = sub.add_parser("demo", help="run the whole pipeline on a small generated dataset",
+                       description="Generate a synthetic dataset (ellipsoid organs, 2 classes, anisotropic spacing, "
+                       "noise, oblique geometry) in DIR/data and held-out cases in DIR/heldout, then plan, "
+                       "preprocess, train fold 0 within --minutes, predict the held-out cases and evaluate them. "
+                       "Prints the held-out Dice. About 3 minutes on a 2-core CPU; a rerun reuses what is done.")
     d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
                    help="folder for the demo dataset and run (default ./autoseg_demo)")
-    d.add_argument("--cases", type=int, default=10, metavar="N", help="number of synthetic cases (default 10)")
+    d.add_argument("--cases", type=int, default=10, metavar="N", help="number of training cases (default 10)")
+    d.add_argument("--minutes", type=float, default=1.5, metavar="M",
+                   help="training time budget in minutes (default 1.5)")
     return parser
 
 
@@ -172,17 +230,30 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import json
+
     from autoseg.demo import make_synthetic_dataset
 
-    data, run = args.output / "data", args.output / "run"
+    data, heldout, run = args.output / "data", args.output / "heldout", args.output / "run"
+    spacing = (0.9, 0.9, 2.0)
     if not (data / "dataset.json").is_file():
-        make_synthetic_dataset(data, n_cases=args.cases)
+        make_synthetic_dataset(data, n_cases=args.cases, spacing_xyz=spacing)
         print(f"demo         wrote a synthetic dataset of {args.cases} cases to {data}")
-    for argv in (["plan", str(data), "-o", str(run), "--device", "cpu"], ["preprocess", str(run)]):
-        print(f"\n$ autoseg {' '.join(argv)}")
+    if not (heldout / "dataset.json").is_file():
+        make_synthetic_dataset(heldout, n_cases=4, spacing_xyz=spacing, seed=1)
+        print(f"demo         wrote 4 held-out cases to {heldout}")
+    predictions = args.output / "predictions"
+    steps = [["plan", str(data), "-o", str(run), "--device", "cpu"], ["preprocess", str(run)],
+             ["train", "0", "--run", str(run), "--time-budget", f"{args.minutes:g}"],
+             ["predict", "-i", str(heldout / "imagesTr"), "-o", str(predictions), "--run", str(run)],
+             ["evaluate", str(predictions), str(heldout / "labelsTr")]]
+    for argv in steps:
+        print(f"\n$ autoseg {' '.join(argv)}", flush=True)
         code = main(argv)
         if code:
             return code
+    dice = json.loads((predictions / "metrics.json").read_text())["mean"]["dice"]
+    print(f"\ndemo         mean Dice on the 4 held-out cases: {dice:.3f}")
     return 0
 
 
@@ -206,18 +277,70 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference.folder import predict_folder
+    from autoseg.inference.predictor import Predictor
+
+    t0 = time.perf_counter()
+    predictor = Predictor.from_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta, args.step)
+    r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
+                       not args.no_progress and sys.stderr.isatty())
+    for line in r.failed.values():
+        print(f"error: {line}", file=sys.stderr)
+    n = len(r.written)
+    per_case = f" ({(time.perf_counter() - t0) / n:.1f} s per case)" if n else ""
+    print(f"predicted {n} case(s) into {args.output} with {len(predictor.networks)} fold(s){per_case}; skipped "
+          f"{len(r.skipped)} already done; {len(r.failed)} failed")
+    return 1 if r.failed else 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from autoseg.inference.ensemble import ensemble_folders
+
+    done = ensemble_folders(args.folders, args.output, args.save_probabilities, not args.no_progress)
+    print(f"ensembled {len(done)} case(s) from {len(args.folders)} folders into {args.output}")
+    return 0
+
+
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from autoseg.evaluation.crossval import CROSSVAL_FILE, summarize_run
+
+    r = summarize_run(args.run)
+    for fold, dice in r["dice_per_fold"].items():
+        print(f"{fold:<8} " + "  ".join(f"{k} {v:.4f}" for k, v in dice.items()))
+    print(f"{'all':<8} " + "  ".join(f"{k} {v:.4f}" for k, v in r["dice_pooled"].items())
+          + f"  (mean {r['mean_foreground_dice']:.4f}, {r['n_cases']} cases)")
+    pp = r["postprocessing"]
+    kept = pp["largest_component_classes"]
+    print(f"postprocess  largest component for classes {kept or 'none'} (Dice before -> after: "
+          + ", ".join(f"{k} {pp['dice_before'][k]:.4f} -> {pp['dice_after'][k]:.4f}" for k in pp["dice_before"]) + ")")
+    print(f"wrote        {args.run / CROSSVAL_FILE} and {args.run / 'postprocessing.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation.evaluate import evaluate_folders, format_table
+
+    result = evaluate_folders(args.pred_dir, args.ref_dir, args.labels)
+    print(format_table(result))
+    print(f"{result['n_cases']} case(s); wrote {args.pred_dir / 'metrics.json'} and {args.pred_dir / 'metrics.csv'}")
+    return 0
+
+
 def _launch_torchrun(gpus: int) -> int:
     """Re-run this command under ``torch.distributed.run`` with one process per GPU."""
     import subprocess
 
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and (i == 0 or sys.argv[i] != "--gpus")]
     argv = [a for a in argv if not a.startswith("--gpus=")]
+    # "--" ends torchrun's own options: without it, its parser takes our --run for an abbreviation of --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
-           "autoseg", *argv]
+           "autoseg", "--", *argv]
     return subprocess.call(cmd)
 
 
-COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "verify": _cmd_verify, "plan": _cmd_plan,
+COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict, "ensemble": _cmd_ensemble,
+            "evaluate": _cmd_evaluate, "summarize": _cmd_summarize, "verify": _cmd_verify, "plan": _cmd_plan,
             "preprocess": _cmd_preprocess}
 
 

@@ -1,19 +1,24 @@
-"""``autoseg demo``, the README's first command: a synthetic dataset planned and preprocessed."""
+"""``autoseg demo``, the README's first command: the whole pipeline on generated data, end to end."""
 
 from __future__ import annotations
 
+import json
+import re
+
 from autoseg.cli import main
-from autoseg.plans import load_plans
 
 
-def test_demo_runs_plan_and_preprocess(tmp_path, capsys):
-    assert main(["demo", "-o", str(tmp_path / "demo"), "--cases", "4"]) == 0
+def test_demo_runs_the_pipeline_and_segments_held_out_cases(tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
     out = capsys.readouterr().out
-    assert "wrote a synthetic dataset of 4 cases" in out and "preprocessed 4 case(s)" in out
-    run = tmp_path / "demo" / "run"
-    assert len(load_plans(run / "plans.json").folds) == 4
-    assert len(list((run / "preprocessed").glob("*.json"))) == 4
-    # a second demo reuses the dataset and skips what is done
-    assert main(["demo", "-o", str(tmp_path / "demo"), "--cases", "4"]) == 0
+    for step in ("autoseg plan", "autoseg preprocess", "autoseg train 0", "autoseg predict", "autoseg evaluate"):
+        assert f"$ {step}" in out, step
+    dice = float(re.search(r"mean Dice on the 4 held-out cases: ([0-9.]+)", out).group(1))
+    assert dice > 0.8, out[-3000:]
+    metrics = json.loads((out_dir / "predictions" / "metrics.json").read_text())
+    assert metrics["n_cases"] == 4 and abs(metrics["mean"]["dice"] - dice) < 1e-3
+    # a second demo reuses everything that is done
+    assert main(["demo", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
     out = capsys.readouterr().out
-    assert "wrote a synthetic dataset" not in out and "skipped 4 already done" in out
+    assert "wrote a synthetic dataset" not in out and "already trained" in out and "skipped 4 already done" in out

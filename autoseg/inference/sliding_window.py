@@ -60,11 +60,15 @@ def _tiles(shape: list[int], patch: list[int], step: float) -> Iterator[tuple[sl
 @torch.no_grad()
 def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: float, mirror_axes: list[int],
                    sigma_scale: float, device: torch.device, tiles_per_batch: int = 1,
-                   amp: bool = False) -> torch.Tensor:
+                   amp: bool = False, accumulate_on: torch.device | None = None) -> torch.Tensor:
     """Gaussian-weighted, mirrored logits ``(K, *spatial)`` (float32, on the CPU) of ``image`` ``(C, *spatial)``.
 
-    A volume smaller than the patch is zero-padded symmetrically and the result cropped back.
+    The network runs on ``device``; the weighted sums live on ``accumulate_on`` (default ``device``), in
+    float16 on a GPU (half the memory of the largest buffer, K x the volume) and float32 on the CPU. A volume
+    smaller than the patch is zero-padded symmetrically and the result cropped back.
     """
+    acc_device = accumulate_on or device
+    acc_dtype = torch.float16 if acc_device.type == "cuda" else torch.float32
     spatial = list(image.shape[1:])
     padded = [max(s, p) for s, p in zip(spatial, patch)]
     lo = [(p - s) // 2 for s, p in zip(spatial, padded)]
@@ -72,9 +76,9 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
         full = image.new_zeros((image.shape[0], *padded))
         full[(slice(None), *(slice(a, a + s) for a, s in zip(lo, spatial)))] = image
         image = full
-    weights = gaussian_weights(patch, sigma_scale).to(device)
+    weights = gaussian_weights(patch, sigma_scale).to(acc_device)
     acc: torch.Tensor | None = None
-    norm = torch.zeros(padded, dtype=torch.float32, device=device)
+    norm = torch.zeros(padded, dtype=torch.float32, device=acc_device)
     flips = mirror_combinations(mirror_axes)
     boxes = list(_tiles(padded, patch, step))
     for i in range(0, len(boxes), tiles_per_batch):
@@ -90,13 +94,12 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
             y = torch.flip(y, dims) if dims else y
             out = y if out is None else out + y
         assert out is not None
-        out = out / len(flips)
+        out = (out / len(flips)).to(acc_device)
         if acc is None:
-            acc = torch.zeros((out.shape[1], *padded), dtype=torch.float32, device=device)
+            acc = torch.zeros((out.shape[1], *padded), dtype=acc_dtype, device=acc_device)
         for b, o in zip(group, out):
-            acc[(slice(None), *b)] += o * weights
+            acc[(slice(None), *b)] += (o * weights).to(acc_dtype)
             norm[b] += weights
     assert acc is not None
-    acc /= norm
     crop = (slice(None), *(slice(a, a + s) for a, s in zip(lo, spatial)))
-    return acc[crop].cpu()
+    return (acc[crop].float() / norm[crop[1:]]).cpu()

@@ -1,9 +1,9 @@
-"""A fold's own validation: predict its validation cases from the preprocessed arrays with the full
-sliding-window path, take them back to the original geometry, and score them against the original labels."""
+"""A fold's own validation: predict its validation cases from the preprocessed arrays with the same
+sliding-window path as ``autoseg predict``, take them back to the original geometry, and score them against
+the original labels with ``autoseg evaluate``'s metrics."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +12,9 @@ from torch import nn
 from tqdm import tqdm
 
 from autoseg.dataset import load_dataset
-from autoseg.evaluation.metrics import confusion, dice, nanmean
+from autoseg.evaluation.evaluate import METRICS, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
-from autoseg.inference.sliding_window import predict_logits
+from autoseg.inference.predictor import Predictor
 from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
@@ -22,39 +22,41 @@ from autoseg.preprocessing.storage import read_case_arrays, read_properties
 from autoseg.preprocessing.transform import probabilities_to_original
 from autoseg.typedjson import write_json_atomic
 
-__all__ = ["validate_fold", "VALIDATION_DIR"]
+__all__ = ["validate_fold", "reference_labels", "VALIDATION_DIR"]
 
 VALIDATION_DIR = "validation"
 
 
+def reference_labels(run_dir: Path) -> dict[str, Path]:
+    """Label file of every case of the run's dataset."""
+    return {c.case_id: c.label for c in load_dataset(load_fingerprint(run_dir / FINGERPRINT_FILE).dataset_dir).cases}
+
+
 def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module,
                   patch: list[int], device: torch.device, progress: bool = True) -> dict:
-    """Predict ``case_ids``, write their label maps and ``metrics.json`` to ``fold_dir/validation``; returns
-    the metrics (per case and class Dice, per-class means, and the mean over foreground classes)."""
+    """Predict ``case_ids`` (mirroring on, as ``predict``), write their label maps and ``metrics.json`` to
+    ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg
+    evaluate``, per-class mean Dice by class name, and the mean over foreground classes."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
-    labels_by_case = {c.case_id: c.label for c in load_dataset(load_fingerprint(run_dir / FINGERPRINT_FILE)
-                                                                 .dataset_dir).cases}
+    refs = reference_labels(run_dir)
     folder = run_dir / PREPROCESSED_DIR
     classes = sorted(plans.labels)[1:]
-    net.eval()
-    per_case: dict[str, dict[str, float | None]] = {}
+    predictor = Predictor(plans, [(net, patch)], device, tta=True)
+    cases: dict[str, dict[str, dict[str, float]]] = {}
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
-        data = torch.from_numpy(np.asarray(read_case_arrays(folder, cid)[0][:]))
-        logits = predict_logits(net, data, patch, plans.inference.tile_step, plans.inference.mirror_axes,
-                                plans.inference.gaussian_sigma_scale, device, amp=plans.amp)
-        probs = torch.softmax(logits, 0).numpy()
-        seg = probabilities_to_original(probs, props, plans.resampling).argmax(0).astype(np.uint8)
+        probs = predictor.predict_preprocessed(np.asarray(read_case_arrays(folder, cid)[0][:]))
+        seg = probabilities_to_original(probs, props, plans.resampling).argmax(0)
+        seg = np.asarray(sorted(plans.labels))[seg].astype(np.uint8 if max(plans.labels) < 256 else np.uint16)
         write_image(seg, props.geometry, out_dir / f"{cid}.nii.gz")
-        ref = read_image(labels_by_case[cid])[0][0]
-        scores = [dice(*confusion(seg, ref, c)) for c in classes]
-        per_case[cid] = {plans.labels[c]: (None if math.isnan(s) else s) for c, s in zip(classes, scores)}
-    means = {}
-    for c in classes:
-        vals = [v[plans.labels[c]] for v in per_case.values()]
-        means[plans.labels[c]] = nanmean([math.nan if x is None else x for x in vals])
-    metrics = {"metric": "Dice", "cases": per_case, "mean_per_class": means,
-               "mean_foreground_dice": nanmean(list(means.values()))}
+        ref = read_image(refs[cid])[0][0]
+        cases[cid] = {}
+        for c in classes:
+            s = score_case(cid, seg, ref, c, props.geometry.spacing_zyx)
+            cases[cid][plans.labels[c]] = {m: getattr(s, m) for m in METRICS}
+    means = {plans.labels[c]: float(np.mean([v[plans.labels[c]]["dice"] for v in cases.values()])) for c in classes}
+    metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases, "mean_per_class": means,
+               "mean_foreground_dice": float(np.mean(list(means.values())))}
     write_json_atomic(metrics, out_dir / "metrics.json")
     return metrics

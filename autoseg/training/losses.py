@@ -38,6 +38,8 @@ class DiceCELoss(nn.Module):
             plain mean.
     """
 
+    weights: torch.Tensor
+
     def __init__(self, class_weights: list[float], batch_dice: bool):
         super().__init__()
         self.register_buffer("weights", torch.tensor(class_weights, dtype=torch.float32), persistent=False)

@@ -317,8 +317,12 @@ class Trainer:
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip_norm)
                 opt.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"{run.name} step {state.step}: the loss is {value}; training diverged. Lower "
+                                 f"the stage's learning_rate in {self.run_dir / PLANS_FILE} and train with --restart")
             state.step += 1
-            state.epoch_loss_sum += float(loss.detach())
+            state.epoch_loss_sum += value
             state.epoch_loss_count += 1
             bar.update()
             stop = self._should_stop()

@@ -161,3 +161,14 @@ def test_ddp_gloo_keeps_replicas_identical(tiny_run, tmp_path):
     plans = load_plans(tiny_run / "plans.json")
     init = build_network(plans.network, 1, 3).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)
+
+
+def test_gpus_option_launches_torchrun(tiny_run):
+    """``--gpus 2`` re-runs the command under torchrun; with ``--device cpu`` the two processes use gloo."""
+    cmd = [sys.executable, "-m", "autoseg", "train", "0", "--run", str(tiny_run), "--stage", "zoom-in", "--epochs",
+           "1", "--iterations-per-epoch", "2", "--gpus", "2", "--device", "cpu", "-j", "0", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    assert (tiny_run / "fold_0" / "checkpoint_final.pt").is_file()

@@ -1,0 +1,190 @@
+"""``autoseg predict`` over a folder: find the cases, read the next one and write the last one in background
+threads while the network works on the current one, report failures by name and keep going.
+
+Input naming: nnU-Net's ``<case>_0000.nii.gz, _0001, ...`` (one file per channel) or MSD's ``<case>.nii.gz``
+(one file, 4D for several channels). Outputs: ``<case>`` + the input's ending, a label map on the input's
+exact grid; with probabilities also ``<case>.npz`` (``probabilities`` float16 ``(K, z, y, x)`` + geometry).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autoseg.atomic import atomic_path
+from autoseg.inference.predictor import Prediction, Predictor
+from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
+from autoseg.verify import geometry_mismatch
+
+__all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities"]
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+@dataclass(frozen=True)
+class ScanCase:
+    """One scan to predict: its files (one per channel, or one 4D file) and the output's ending."""
+
+    case_id: str
+    files: tuple[Path, ...]
+    ending: str
+
+
+@dataclass
+class FolderReport:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]]:
+    """The cases in ``folder`` and one problem line per file that cannot form a case.
+
+    Files named ``<case>_NNNN`` are channels of ``<case>`` when the run has several channels or when a
+    ``_0000`` file exists; anything else is a single-file case.
+    """
+    groups: dict[str, dict[int, Path]] = {}
+    singles: dict[str, Path] = {}
+    endings: dict[str, str] = {}
+    for f in sorted(folder.iterdir()):
+        stem = strip_suffix(f.name)
+        if stem is None or f.name.startswith(".") or not f.is_file():
+            continue
+        m = _CHANNEL.match(stem)
+        if m:
+            groups.setdefault(m["case"], {})[int(m["ch"])] = f
+            endings[m["case"]] = f.name[len(stem):]
+        else:
+            singles[stem] = f
+            endings[stem] = f.name[len(stem):]
+    cases, problems = [], []
+    for cid, chans in groups.items():
+        if 0 not in chans and n_channels == 1:  # e.g. "scan_2024": not a channel suffix
+            for ch, f in chans.items():
+                singles[f"{cid}_{ch:04d}"] = f
+            continue
+        if sorted(chans) != list(range(n_channels)):
+            problems.append(f"case {cid}: channel files {[f'_{c:04d}' for c in sorted(chans)]}; the run expects "
+                            f"{[f'_{c:04d}' for c in range(n_channels)]}")
+            continue
+        cases.append(ScanCase(cid, tuple(chans[c] for c in range(n_channels)), endings[cid]))
+    for cid, f in singles.items():
+        cases.append(ScanCase(cid, (f,), f.name[len(cid):]))
+    return sorted(cases, key=lambda c: c.case_id), problems
+
+
+def _read(case: ScanCase, n_channels: int) -> tuple[np.ndarray, Geometry]:
+    """The case's image ``(C, z, y, x)`` and geometry; channels must share the geometry."""
+    arrays, geos = [], []
+    for f in case.files:
+        try:
+            a, g = read_image(f)
+        except ImageReadError as e:
+            raise ValueError(f"{f}: {e}") from None
+        arrays.append(a)
+        geos.append(g)
+    for f, g in zip(case.files[1:], geos[1:]):
+        msg = geometry_mismatch(g, geos[0])
+        if msg:
+            raise ValueError(f"{f}: {msg} than {case.files[0].name}")
+    image = np.concatenate(arrays).astype(np.float32, copy=False)
+    if image.shape[0] != n_channels:
+        raise ValueError(f"{case.files[0]}: {image.shape[0]} channel(s); the run expects {n_channels}")
+    return image, geos[0]
+
+
+def save_probabilities(probs: np.ndarray, values: list[int], geometry: Geometry, path: Path) -> None:
+    """``probabilities`` float16 ``(K, z, y, x)``, the label ``values`` of its K channels and the geometry,
+    compressed, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, probabilities=probs.astype(np.float16), labels=np.array(values),
+                            spacing=np.array(geometry.spacing), origin=np.array(geometry.origin),
+                            direction=np.array(geometry.direction))
+
+
+def load_probabilities(path: Path) -> tuple[np.ndarray, list[int], Geometry]:
+    """Read what :func:`save_probabilities` wrote.
+
+    Raises:
+        ValueError: not such a file.
+    """
+    try:
+        with np.load(path) as z:
+            probs = z["probabilities"].astype(np.float32)
+            values = [int(v) for v in z["labels"]]
+            geo = Geometry(tuple(z["spacing"].tolist()), tuple(z["origin"].tolist()),  # type: ignore[arg-type]
+                           tuple(z["direction"].tolist()), tuple(probs.shape[1:]))  # type: ignore[arg-type]
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a probabilities file written by autoseg predict ({e})") from None
+    return probs, values, geo
+
+
+def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geometry, out_dir: Path) -> None:
+    if pred.probabilities is not None:
+        save_probabilities(pred.probabilities, values, geometry, out_dir / f"{case.case_id}.npz")
+    write_image(pred.labels, geometry, out_dir / f"{case.case_id}{case.ending}")  # last: marks the case done
+
+
+def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite: bool = False,
+                   probabilities: bool = False, progress: bool = True) -> FolderReport:
+    """Predict every case of ``in_dir`` into ``out_dir``; a failing case is recorded and the others go on.
+
+    Raises:
+        ValueError: ``in_dir`` is missing or holds no images.
+    """
+    if not in_dir.is_dir():
+        raise ValueError(f"{in_dir}: not a folder")
+    n_ch = len(predictor.plans.channel_names)
+    cases, problems = find_scans(in_dir, n_ch)
+    if not cases and not problems:
+        raise ValueError(f"{in_dir}: no images (.nii.gz, .nii, .nrrd, .mha) found")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = FolderReport()
+    for line in problems:
+        report.failed[line.split(":")[0].removeprefix("case ")] = line
+    todo = []
+    for c in cases:
+        done = (out_dir / f"{c.case_id}{c.ending}").is_file() and (
+            not probabilities or (out_dir / f"{c.case_id}.npz").is_file())
+        (report.skipped.append(c.case_id) if done and not overwrite else todo.append(c))
+    values = sorted(predictor.plans.labels)
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending: list[tuple[ScanCase, Future]] = []
+        for case, image in tqdm(_prefetch(reader, todo, n_ch), total=len(todo), unit="case", desc="predict",
+                                disable=not progress):
+            try:
+                img, geo = image.result()
+                pred = predictor.predict(img, geometry=geo, probabilities=probabilities)
+            except (ValueError, RuntimeError) as e:
+                report.failed[case.case_id] = f"case {case.case_id}: {e}"
+                continue
+            pending.append((case, writer.submit(_write, case, pred, values, geo, out_dir)))
+            _settle(pending, report, keep=1)  # at most one finished prediction waits for its write
+        _settle(pending, report, keep=0)
+    return report
+
+
+def _settle(pending: list[tuple[ScanCase, Future]], report: FolderReport, keep: int) -> None:
+    while len(pending) > keep:
+        case, fut = pending.pop(0)
+        try:
+            fut.result()
+            report.written.append(case.case_id)
+        except (OSError, ValueError, RuntimeError) as e:
+            report.failed[case.case_id] = f"case {case.case_id}: writing failed: {e}"
+
+
+def _prefetch(pool: ThreadPoolExecutor, cases: list[ScanCase], n_ch: int) -> Iterator[tuple[ScanCase, Future]]:
+    """Yield each case with its read already started, and start reading the next (one image ahead)."""
+    upcoming = pool.submit(_read, cases[0], n_ch) if cases else None
+    for i, case in enumerate(cases):
+        current = upcoming
+        upcoming = pool.submit(_read, cases[i + 1], n_ch) if i + 1 < len(cases) else None
+        assert current is not None
+        yield case, current
