@@ -1,5 +1,6 @@
-"""``autoseg predict`` over a folder: find the cases, read the next one and write the last one in background
-threads while the network works on the current one, report failures by name and keep going.
+"""``autoseg predict`` over a folder: find the cases; while the network works on one case, a reader thread
+reads and preprocesses the next and a writer thread takes the previous back to its grid and writes it;
+failures are reported by name and the other cases go on.
 
 Input naming: nnU-Net's ``<case>_0000.nii.gz, _0001, ...`` (one file per channel) or MSD's ``<case>.nii.gz``
 (one file, 4D for several channels). Outputs: ``<case>`` + the input's ending, a label map on the input's
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from autoseg.atomic import atomic_path
 from autoseg.inference.predictor import Prediction, Predictor
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
+from autoseg.preprocessing.transform import CaseProperties
 from autoseg.verify import geometry_mismatch
 
 __all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities"]
@@ -125,6 +127,13 @@ def load_probabilities(path: Path) -> tuple[np.ndarray, list[int], Geometry]:
     return probs, values, geo
 
 
+def _finish_and_write(predictor: Predictor, case: ScanCase, probs: np.ndarray, props: CaseProperties,
+                      probabilities: bool, out_dir: Path) -> None:
+    """Back to the scan's grid, arg-max, post-processing, then the files (in the writer thread)."""
+    _write(case, predictor.finish(probs, props, probabilities), sorted(predictor.plans.labels), props.geometry,
+           out_dir)
+
+
 def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geometry, out_dir: Path) -> None:
     if pred.probabilities is not None:
         save_probabilities(pred.probabilities, values, geometry, out_dir / f"{case.case_id}.npz")
@@ -153,18 +162,18 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
         done = (out_dir / f"{c.case_id}{c.ending}").is_file() and (
             not probabilities or (out_dir / f"{c.case_id}.npz").is_file())
         (report.skipped.append(c.case_id) if done and not overwrite else todo.append(c))
-    values = sorted(predictor.plans.labels)
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: list[tuple[ScanCase, Future]] = []
-        for case, image in tqdm(_prefetch(reader, todo, n_ch), total=len(todo), unit="case", desc="predict",
-                                disable=not progress):
+        for case, ready in tqdm(_prefetch(reader, predictor, todo, n_ch), total=len(todo), unit="case",
+                                desc="predict", disable=not progress):
             try:
-                img, geo = image.result()
-                pred = predictor.predict(img, geometry=geo, probabilities=probabilities)
+                data, props = ready.result()
+                probs = predictor.predict_preprocessed(data)
             except (ValueError, RuntimeError) as e:
                 report.failed[case.case_id] = f"case {case.case_id}: {e}"
                 continue
-            pending.append((case, writer.submit(_write, case, pred, values, geo, out_dir)))
+            pending.append((case, writer.submit(_finish_and_write, predictor, case, probs, props, probabilities,
+                                                out_dir)))
             _settle(pending, report, keep=1)  # at most one finished prediction waits for its write
         _settle(pending, report, keep=0)
     return report
@@ -180,11 +189,17 @@ def _settle(pending: list[tuple[ScanCase, Future]], report: FolderReport, keep: 
             report.failed[case.case_id] = f"case {case.case_id}: writing failed: {e}"
 
 
-def _prefetch(pool: ThreadPoolExecutor, cases: list[ScanCase], n_ch: int) -> Iterator[tuple[ScanCase, Future]]:
-    """Yield each case with its read already started, and start reading the next (one image ahead)."""
-    upcoming = pool.submit(_read, cases[0], n_ch) if cases else None
+def _read_and_preprocess(predictor: Predictor, case: ScanCase, n_ch: int) -> tuple[np.ndarray, CaseProperties]:
+    image, geometry = _read(case, n_ch)
+    return predictor.preprocess(image, geometry=geometry)
+
+
+def _prefetch(pool: ThreadPoolExecutor, predictor: Predictor, cases: list[ScanCase],
+              n_ch: int) -> Iterator[tuple[ScanCase, Future]]:
+    """Yield each case with its reading and preprocessing started, and start the next one (one case ahead)."""
+    upcoming = pool.submit(_read_and_preprocess, predictor, cases[0], n_ch) if cases else None
     for i, case in enumerate(cases):
         current = upcoming
-        upcoming = pool.submit(_read, cases[i + 1], n_ch) if i + 1 < len(cases) else None
+        upcoming = pool.submit(_read_and_preprocess, predictor, cases[i + 1], n_ch) if i + 1 < len(cases) else None
         assert current is not None
         yield case, current

@@ -24,7 +24,7 @@ from autoseg.inference.postprocessing import Postprocessing, apply_postprocessin
 from autoseg.io import Geometry
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
-from autoseg.preprocessing.transform import forward, probabilities_to_original
+from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_original
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.config import CONFIG_FILE
 
@@ -122,6 +122,12 @@ class Predictor:
         Raises:
             ValueError: wrong number of channels, not 3D, non-finite values, or no spacing.
         """
+        data, props = self.preprocess(image, spacing, geometry)
+        return self.finish(self.predict_preprocessed(data), props, probabilities)
+
+    def preprocess(self, image: np.ndarray, spacing: tuple[float, float, float] | None = None,
+                   geometry: Geometry | None = None) -> tuple[np.ndarray, CaseProperties]:
+        """Check the scan and preprocess it as planned (first step of :meth:`predict`)."""
         image = np.asarray(image)
         if image.ndim == 3:
             image = image[None]
@@ -137,7 +143,10 @@ class Predictor:
             geometry = Geometry(tuple(float(s) for s in spacing[::-1]), (0.0, 0.0, 0.0),  # type: ignore[arg-type]
                                 (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), tuple(image.shape[1:]))
         data, _, _, props = forward(image.astype(np.float32, copy=False), None, geometry, self.plans)
-        probs = self.predict_preprocessed(data)
+        return data, props
+
+    def finish(self, probs: np.ndarray, props: CaseProperties, probabilities: bool = False) -> Prediction:
+        """Probabilities at the plan's spacing back to the scan's grid, arg-max, post-processing (last step)."""
         full = probabilities_to_original(probs, props, self.plans.resampling)
         labels = np.asarray(sorted(self.plans.labels))[full.argmax(0)]
         labels = apply_postprocessing(labels.astype(np.uint8 if max(self.plans.labels) < 256 else np.uint16),

@@ -19,7 +19,6 @@ from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.preprocessing.storage import read_case_arrays, read_properties
-from autoseg.preprocessing.transform import probabilities_to_original
 from autoseg.typedjson import write_json_atomic
 
 __all__ = ["validate_fold", "reference_labels", "VALIDATION_DIR"]
@@ -47,8 +46,7 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
         probs = predictor.predict_preprocessed(np.asarray(read_case_arrays(folder, cid)[0][:]))
-        seg = probabilities_to_original(probs, props, plans.resampling).argmax(0)
-        seg = np.asarray(sorted(plans.labels))[seg].astype(np.uint8 if max(plans.labels) < 256 else np.uint16)
+        seg = predictor.finish(probs, props).labels
         write_image(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         ref = read_image(refs[cid])[0][0]
         cases[cid] = {}
