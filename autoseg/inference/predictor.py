@@ -24,7 +24,7 @@ from autoseg.inference.postprocessing import Postprocessing, apply_postprocessin
 from autoseg.io import Geometry
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
-from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_original
+from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.config import CONFIG_FILE
 
@@ -146,12 +146,17 @@ class Predictor:
         return data, props
 
     def finish(self, probs: np.ndarray, props: CaseProperties, probabilities: bool = False) -> Prediction:
-        """Probabilities at the plan's spacing back to the scan's grid, arg-max, post-processing (last step)."""
-        full = probabilities_to_original(probs, props, self.plans.resampling)
-        labels = np.asarray(sorted(self.plans.labels))[full.argmax(0)]
-        labels = apply_postprocessing(labels.astype(np.uint8 if max(self.plans.labels) < 256 else np.uint16),
-                                      self.postprocessing)
-        return Prediction(labels, full if probabilities else None)
+        """Probabilities at the plan's spacing back to the scan's grid, arg-max, post-processing (last step).
+        Without ``probabilities`` the arg-max runs class by class, so a large scan never holds all its class
+        probabilities at full resolution."""
+        values = sorted(self.plans.labels)
+        full = None
+        if probabilities:
+            full = probabilities_to_original(probs, props, self.plans.resampling)
+            labels = np.asarray(values, dtype=np.uint8 if max(values) < 256 else np.uint16)[full.argmax(0)]
+        else:
+            labels = probabilities_to_labels(probs, props, self.plans.resampling, values)
+        return Prediction(apply_postprocessing(labels, self.postprocessing), full)
 
     def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:
         """Class probabilities ``(K, ...)`` of a preprocessed case, averaged over the networks."""

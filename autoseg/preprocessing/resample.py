@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["out_of_plane_axis", "resize_volume", "resample_image", "resample_labels", "resample_probabilities"]
+__all__ = ["out_of_plane_axis", "resize_volume", "resample_image", "resample_labels", "resample_probabilities",
+           "resample_argmax"]
 
 
 def out_of_plane_axis(spacing: list[float], target: list[float], threshold: float) -> int | None:
@@ -77,3 +78,22 @@ def resample_probabilities(probs: np.ndarray, shape: tuple[int, ...], axis: int 
     total = out.sum(0, keepdims=True)
     total[total == 0] = 1
     return out / total
+
+
+def resample_argmax(probs: np.ndarray, shape: tuple[int, ...], axis: int | None, axis_order: int,
+                    values: list[int]) -> np.ndarray:
+    """The label map :func:`resample_probabilities` followed by an arg-max would give, computed one class at a
+    time with a running arg-max: memory stays at two float volumes of ``shape`` however many classes there
+    are. ``values[k]`` is the label of channel ``k``; ties go to the lower channel, as with ``argmax``."""
+    dtype = np.uint8 if max(values) < 256 else np.uint16
+    if probs.shape[1:] == tuple(shape):
+        return np.asarray(values, dtype=dtype)[probs.argmax(0)]
+    best = np.full(tuple(shape), -1.0, dtype=np.float32)
+    out = np.zeros(tuple(shape), dtype=dtype)
+    for v, p in zip(values, probs):
+        score = resize_volume(p.astype(np.float32, copy=False), shape, 1, axis, axis_order)
+        win = score > best
+        out[win] = v
+        best[win] = score[win]
+        del score, win
+    return out

@@ -18,9 +18,16 @@ from autoseg.io import Geometry
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import Plans, ResamplingPlan
 from autoseg.preprocessing.normalise import normalise
-from autoseg.preprocessing.resample import out_of_plane_axis, resample_image, resample_labels, resample_probabilities
+from autoseg.preprocessing.resample import (
+    out_of_plane_axis,
+    resample_argmax,
+    resample_image,
+    resample_labels,
+    resample_probabilities,
+)
 
-__all__ = ["CaseProperties", "forward", "class_locations", "labels_to_original", "probabilities_to_original"]
+__all__ = ["CaseProperties", "forward", "class_locations", "labels_to_original", "probabilities_to_original",
+           "probabilities_to_labels"]
 
 
 @dataclass
@@ -126,4 +133,18 @@ def probabilities_to_original(probs: np.ndarray, props: CaseProperties, r: Resam
     out = np.zeros((probs.shape[0], *props.geometry.shape), dtype=np.float32)
     out[0] = 1
     out[(slice(None), *(slice(a, b) for a, b in props.bbox))] = cropped
+    return out
+
+
+def probabilities_to_labels(probs: np.ndarray, props: CaseProperties, r: ResamplingPlan,
+                            values: list[int]) -> np.ndarray:
+    """The label map of :func:`probabilities_to_original` + arg-max, without holding the probabilities on the
+    original grid (two float volumes of the crop box instead of K of the whole scan + an int64 arg-max)."""
+    if list(probs.shape[1:]) != props.shape_after_resampling:
+        raise ValueError(f"{props.case_id}: probabilities have shape {list(probs.shape[1:])}, expected "
+                         f"{props.shape_after_resampling}")
+    cropped = resample_argmax(probs, tuple(props.shape_after_crop), props.out_of_plane_axis, r.out_of_plane_order,
+                              values)
+    out = np.full(props.geometry.shape, values[0], dtype=cropped.dtype)
+    out[tuple(slice(a, b) for a, b in props.bbox)] = cropped
     return out

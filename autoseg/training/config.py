@@ -4,7 +4,7 @@ uses it unchanged."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +67,9 @@ class TrainConfig:
     measured_step_seconds: list[float]
     device: str
     world_size: int
+    #: with a time budget: per stage, the real seconds of its check epoch, from which the epochs of it and the
+    #: later stages were corrected
+    budget_checks: dict[str, float] = field(default_factory=dict)
 
 
 def fold_cases(plans: Plans, fold: str) -> tuple[list[str], list[str]]:

@@ -47,6 +47,9 @@ __all__ = ["Trainer", "TrainingInterrupted", "Runtime", "fold_dir_name", "data_w
 BUDGET_SAFETY_SECONDS = 20.0
 #: measured step times are multiplied by this to allow for data waits and timing noise
 BUDGET_STEP_MARGIN = 1.06
+#: with a time budget, each stage's epochs (and the later stages') are corrected from the real duration of
+#: this epoch of it (the first one also pays for starting the data workers)
+BUDGET_CHECK_EPOCH = 2
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -106,6 +109,7 @@ class Trainer:
         self.plans: Plans = load_plans(self.run_dir / PLANS_FILE)
         self.folder = self.run_dir / PREPROCESSED_DIR
         self._stop_signal: int | None = None
+        self._fresh = True  # False once a checkpoint was resumed: its budget no longer describes this process
         self.network: nn.Module | None = None
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -142,10 +146,7 @@ class Trainer:
         time budget, from a short measurement of this machine's step time."""
         assert self.overrides.time_budget_minutes is not None
         cfg.measured_step_seconds = [self._measure_step(r) for r in cfg.stages]
-        v = self.plans.training.validation_iterations
-        epoch_s = [r.iterations_per_epoch * t * BUDGET_STEP_MARGIN + v * t / 3 for r, t in
-                   zip(cfg.stages, cfg.measured_step_seconds)]
-        final_validation = len(cfg.val_cases) * self._case_prediction_seconds(cfg)
+        epoch_s, final_validation = self._budget_estimates(cfg)
         spent = time.perf_counter() - self.t_start
         left = self.overrides.time_budget_minutes * 60 - spent - final_validation - BUDGET_SAFETY_SECONDS
         for r, e in zip(cfg.stages, budget_epochs(cfg.stages, epoch_s, left)):
@@ -154,6 +155,47 @@ class Trainer:
                  + ", ".join(f"{r.name} {t:.3f} s/step" for r, t in zip(cfg.stages, cfg.measured_step_seconds))
                  + f"; final validation ~{final_validation:.0f} s -> epochs "
                  + ", ".join(f"{r.name} {r.epochs}" for r in cfg.stages))
+
+    def _budget_estimates(self, cfg: TrainConfig) -> tuple[list[float], float]:
+        """Estimated seconds of one epoch of each stage (steps and pseudo-Dice) and of the final validation,
+        from the measured step times."""
+        v = self.plans.training.validation_iterations
+        epoch_s = [r.iterations_per_epoch * t * BUDGET_STEP_MARGIN + v * t / 3 for r, t in
+                   zip(cfg.stages, cfg.measured_step_seconds)]
+        return epoch_s, len(cfg.val_cases) * self._case_prediction_seconds(cfg)
+
+    def _refit_budget(self, cfg: TrainConfig, si: int, epoch_seconds: float, epochs_done: int) -> bool:
+        """Correct the epochs of stage ``si`` and the later ones from the real duration of one epoch of it
+        (data loading, pseudo-Dice and checkpoints included), which a short measurement of bare steps under-
+        or overestimates, more so on a loaded machine. Recorded in ``config.json``; returns whether the
+        stage's length changed. The learning-rate schedules follow the new lengths from the next step on."""
+        assert self.overrides.time_budget_minutes is not None
+        estimate, final_validation = self._budget_estimates(cfg)
+        ratio = epoch_seconds / estimate[si]
+        spent = time.perf_counter() - self.t_start
+        left = (self.overrides.time_budget_minutes * 60 - spent - final_validation * ratio - BUDGET_SAFETY_SECONDS
+                + epochs_done * epoch_seconds)
+        rest = cfg.stages[si:]
+        try:
+            epochs = budget_epochs(rest, [e * ratio for e in estimate[si:]], left)
+        except ValueError:
+            epochs = [1] * len(rest)
+        epochs[0] = max(epochs[0], epochs_done)
+        if self.rt.world_size > 1:  # every rank must run the same schedule
+            import torch.distributed as dist
+
+            agreed = torch.tensor(epochs)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            epochs = [int(e) for e in agreed]
+        before = rest[0].epochs
+        for r, e in zip(rest, epochs):
+            r.epochs = e
+        cfg.budget_checks[rest[0].name] = round(epoch_seconds, 3)
+        if self.rt.main:
+            save_config(cfg, self.fold_dir / CONFIG_FILE)
+            self.say(f"time budget  an epoch of {rest[0].name} took {epoch_seconds:.1f} s (estimated "
+                     f"{estimate[si]:.1f} s) -> epochs " + ", ".join(f"{r.name} {r.epochs}" for r in cfg.stages))
+        return rest[0].epochs != before
 
     def _measure_step(self, run: StageRun, warmup: int = 2, timed: int = 3) -> float:
         """Seconds of one optimiser step of ``run`` on this device (a throw-away network, random data)."""
@@ -242,6 +284,7 @@ class Trainer:
         state, ckpt = TrainState(), None
         if latest.is_file():
             ckpt = load_checkpoint(latest, self.rt.device)
+            self._fresh = False
             net.load_state_dict(ckpt["network"])
             state = ckpt["state"]
             torch.set_rng_state(ckpt["torch_rng"])
@@ -293,6 +336,8 @@ class Trainer:
         bar = None
         net.train()
         t_mark = time.perf_counter()
+        check_budget = (self.overrides.time_budget_minutes is not None and self._fresh
+                        and run.name not in cfg.budget_checks and run.epochs > BUDGET_CHECK_EPOCH)
         while state.step < run.total_steps:
             if bar is None:
                 bar = tqdm(total=iters, initial=state.step % iters, leave=False, unit="step",
@@ -331,6 +376,11 @@ class Trainer:
                 bar = None
                 state.epoch_seconds += time.perf_counter() - t_mark
                 self._end_epoch(cfg, si, net, val_ds, loss_fn, opt, scaler, state)
+                if check_budget and state.step == BUDGET_CHECK_EPOCH * iters:
+                    if self._refit_budget(cfg, si, time.perf_counter() - t_mark, BUDGET_CHECK_EPOCH):
+                        del loader  # the stage's length changed: batches from here to its new end
+                        loader = make_loader(train_ds, state.step, run.total_steps, self.rt.workers,
+                                             self.rt.device.type == "cuda")
                 t_mark = time.perf_counter()
             if stop:
                 state.epoch_seconds += time.perf_counter() - t_mark

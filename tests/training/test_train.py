@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,24 @@ def test_time_budget_sets_epochs_from_a_measurement(tiny_run):
     cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
     assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
     assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
+
+
+def test_time_budget_corrects_a_wrong_measurement_after_two_epochs(tiny_run, monkeypatch):
+    """A step measurement 100x too optimistic would plan thousands of epochs; the real duration of the
+    second epoch corrects every stage to fit the budget, and config.json records it."""
+    monkeypatch.setattr(Trainer, "_measure_step", lambda self, run, warmup=2, timed=3: 1e-4)
+    lines: list[str] = []
+    Trainer(tiny_run, "0", Overrides("both", None, 5, 0.5), cpu(), say=lines.append).fit()
+    cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
+    assert "zoom_in" in cfg["budget_checks"] and cfg["budget_checks"]["zoom_in"] > 0
+    planned = int(re.search(r"measured .* -> epochs zoom_in (\d+)", "\n".join(lines)).group(1))
+    logged = (tiny_run / "fold_0" / "training_log.txt").read_text().splitlines()
+    trained = [sum(x.startswith(s) for x in logged) for s in ("zoom_in", "zoom_out")]
+    assert trained == [cfg["stages"][0]["epochs"], cfg["stages"][1]["epochs"]]
+    assert planned > 10 * trained[0] and trained[1] >= 1
+    assert any("an epoch of zoom_in took" in x for x in lines)
+    # the corrected zoom-in stage fits the 30 s at the epoch time it measured (or is cut to the 2 epochs done)
+    assert trained[0] == 2 or trained[0] * cfg["budget_checks"]["zoom_in"] <= 30
 
 
 def test_cli_errors_are_one_line(tiny_run, capsys):
