@@ -31,11 +31,12 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict | None = None, stdout=subprocess.DEVNULL) -> tuple[float, int, int]:
-    """Run ``cmd`` (stdout to ``stdout``); return wall seconds, peak tree RSS (bytes, sampled every 50 ms) and
-    the exit code."""
+def run_measured(cmd: list[str], env: dict | None = None, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL) -> tuple[float, int, int]:
+    """Run ``cmd`` (stdout to ``stdout``, stderr to ``stderr``); return wall seconds, peak tree RSS (bytes,
+    sampled every 50 ms) and the exit code."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss_bytes(proc.pid))

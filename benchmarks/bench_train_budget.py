@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def run_schedule(run: Path, schedule: str, minutes: float) -> dict:
     with open(log, "w") as f:
         wall, peak, code = run_measured([sys.executable, "-m", "autoseg", "train", "0", "--run", str(copy), "--stage",
                                          schedule, "--time-budget", str(minutes), "--restart", "--no-progress"],
-                                        stdout=f)
+                                        stdout=f, stderr=subprocess.STDOUT)
     if code:
         raise SystemExit(f"{schedule}: autoseg train exited {code}; see {log}")
     fold = copy / "fold_0"
