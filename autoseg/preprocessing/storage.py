@@ -84,11 +84,17 @@ def read_properties(folder: Path, case_id: str) -> CaseProperties:
 
 def read_case_arrays(folder: Path, case_id: str):
     """Open the stored arrays of a case without decompressing them: ``(data, seg)`` blosc2 arrays that
-    decompress only the chunks a slice touches."""
+    decompress only the chunks a slice touches.
+
+    Decompression is single-threaded: c-blosc2's thread pool does not survive ``fork``, and the trainer reads
+    cases in the main process before it forks data-loading workers, whose first read then waits forever on the
+    inherited pool (a reproducible hang with the default two threads). Workers give the parallelism instead.
+    """
     import blosc2
 
-    return (blosc2.open(str(folder / f"{case_id}_data.b2nd"), mmap_mode="r"),
-            blosc2.open(str(folder / f"{case_id}_seg.b2nd"), mmap_mode="r"))
+    dparams = {"nthreads": 1}
+    return (blosc2.open(str(folder / f"{case_id}_data.b2nd"), mmap_mode="r", dparams=dparams),
+            blosc2.open(str(folder / f"{case_id}_seg.b2nd"), mmap_mode="r", dparams=dparams))
 
 
 def case_is_complete(folder: Path, case_id: str, source_key: str) -> bool:

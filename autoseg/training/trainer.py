@@ -238,6 +238,12 @@ class Trainer:
 
     # --- signals ------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _: Any) -> None:
+        """First signal: stop at the next step and write ``latest``. A second one stops at once (for a trainer
+        stuck waiting on a data worker), keeping the last ``latest`` written."""
+        if self._stop_signal is not None:
+            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once without writing a new "
+                                      "checkpoint; run the same command again to continue from the last "
+                                      "checkpoint_latest.pt", 128 + int(signum))
         self._stop_signal = signum
 
     def _should_stop(self) -> bool:

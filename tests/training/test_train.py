@@ -17,7 +17,7 @@ import torch
 from autoseg.cli import main
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.config import Overrides, StageRun, budget_epochs
-from autoseg.training.trainer import Runtime, Trainer
+from autoseg.training.trainer import Runtime, Trainer, TrainingInterrupted
 
 
 def cpu(workers: int = 0) -> Runtime:
@@ -80,6 +80,16 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     # the same batches and learning rates: the resumed weights equal the uninterrupted ones
     for k in b["network"]:
         torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_second_signal_stops_at_once():
+    trainer = Trainer.__new__(Trainer)  # the handler needs no more than its flag
+    trainer._stop_signal = None
+    trainer._on_signal(signal.SIGTERM, None)
+    assert trainer._stop_signal == signal.SIGTERM
+    with pytest.raises(TrainingInterrupted) as raised:
+        trainer._on_signal(signal.SIGINT, None)
+    assert raised.value.code == 128 + signal.SIGINT and "SIGINT again" in str(raised.value)
 
 
 def test_changed_overrides_need_restart(tiny_run):
