@@ -68,7 +68,7 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     latest = tiny_run / "fold_0" / "checkpoint_latest.pt"
     assert latest.is_file() and not (tiny_run / "fold_0" / "checkpoint_final.pt").exists()
     stopped_at = load_checkpoint(latest)["state"]
-    assert 0 < stopped_at.step < 3 * 8 or stopped_at.stage > 0
+    assert 0 < stopped_at.step <= 3 * 8 or stopped_at.stage > 0  # 24: after the zoom-in stage's last step
 
     resumed = subprocess.run(_train_cmd(tiny_run), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -78,6 +78,39 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
     assert a["state"]["stage"] == b["state"]["stage"] == 2
     # the same batches and learning rates: the resumed weights equal the uninterrupted ones
+    for k in b["network"]:
+        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop_after, stage, step", [(24, 0, 24), (28, 1, 4)])
+def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run, tmp_path, monkeypatch, stop_after,
+                                                                        stage, step):
+    """Where the signal lands is up to the scheduler in the subprocess test; here it lands on chosen steps: the
+    zoom-in stage's last step (saved before the stage counter moves on) and inside the zoom-out stage."""
+    import shutil
+
+    overrides = Overrides("both", 3, 8, None)
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_run, reference)
+    Trainer(reference, "0", overrides, cpu()).fit()
+    steps = {"n": 0}
+    should_stop = Trainer._should_stop
+
+    def signal_on_chosen_step(self: Trainer) -> bool:
+        steps["n"] += 1
+        if steps["n"] == stop_after:
+            self._on_signal(signal.SIGTERM, None)
+        return should_stop(self)
+
+    monkeypatch.setattr(Trainer, "_should_stop", signal_on_chosen_step)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(tiny_run, "0", overrides, cpu()).fit()
+    stopped = load_checkpoint(tiny_run / "fold_0" / "checkpoint_latest.pt")["state"]
+    assert (stopped.stage, stopped.step) == (stage, step)
+    Trainer(tiny_run, "0", overrides, cpu()).fit()
+    a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
     for k in b["network"]:
         torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
 
