@@ -130,8 +130,8 @@ def budget_epochs(runs: list[StageRun], epoch_seconds: list[float], seconds: flo
         n -= 1
     if n < 1:
         need = sum(epoch_seconds) / 60
-        raise ValueError(f"the time budget leaves {seconds / 60:.1f} min for training, less than one epoch of each "
-                         f"stage ({need:.1f} min measured); give more time or fewer --iterations-per-epoch")
+        raise ValueError(f"the time budget leaves {max(seconds, 0) / 60:.1f} min for training, less than one epoch "
+                         f"of each stage ({need:.1f} min measured); give more time or fewer --iterations-per-epoch")
     return [max(1, round(n * q)) for q in ratios]
 
 

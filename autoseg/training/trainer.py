@@ -149,8 +149,14 @@ class Trainer:
         epoch_s, final_validation = self._budget_estimates(cfg)
         spent = time.perf_counter() - self.t_start
         left = self.overrides.time_budget_minutes * 60 - spent - final_validation - BUDGET_SAFETY_SECONDS
-        for r, e in zip(cfg.stages, budget_epochs(cfg.stages, epoch_s, left)):
-            r.epochs = e
+        try:
+            epochs = budget_epochs(cfg.stages, epoch_s, left)
+        except ValueError as too_short:
+            raise ValueError(f"--time-budget {self.overrides.time_budget_minutes:g}: {spent:.0f} s went to measuring "
+                             f"steps, ~{final_validation:.0f} s are kept for the final validation and "
+                             f"{BUDGET_SAFETY_SECONDS:g} s spare; {too_short}") from None
+        for r, n in zip(cfg.stages, epochs):
+            r.epochs = n
         self.say(f"time budget  {self.overrides.time_budget_minutes:g} min: measured "
                  + ", ".join(f"{r.name} {t:.3f} s/step" for r, t in zip(cfg.stages, cfg.measured_step_seconds))
                  + f"; final validation ~{final_validation:.0f} s -> epochs "

@@ -143,6 +143,12 @@ def test_single_stage_zoom_out_uses_the_zoom_in_rate(tiny_run):
     assert run["name"] == "zoom_out" and run["init_from"] is None and run["learning_rate"] == 0.01
 
 
+def test_a_budget_too_short_for_one_epoch_is_refused_with_the_reason(tiny_run):
+    with pytest.raises(ValueError, match=r"--time-budget 0.1: .* s went to measuring steps.*less than one epoch"):
+        Trainer(tiny_run, "0", Overrides("both", None, None, 0.1), cpu()).fit()
+    assert not (tiny_run / "fold_0" / "config.json").exists()
+
+
 def test_budget_epochs_keep_the_ratio_and_fit():
     runs = [StageRun("zoom_in", [8] * 3, 2, 80, 50, "sgd", 0.01, 0.99, 3e-5, "poly", None),
             StageRun("zoom_out", [8] * 3, 2, 10, 50, "sgd", 0.001, 0.99, 3e-5, "poly", "zoom_in")]
