@@ -313,7 +313,8 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     pp = r["postprocessing"]
     kept = pp["largest_component_classes"]
     print(f"postprocess  largest component for classes {kept or 'none'} (Dice before -> after: "
-          + ", ".join(f"{k} {pp['dice_before'][k]:.4f} -> {pp['dice_after'][k]:.4f}" for k in pp["dice_before"]) + ")")
+          + ", ".join(f"{k} {pp['dice_before'][k]:.4f} -> {pp['dice_after'][k]:.4f} "
+                      f"({pp['dice_after'][k] - pp['dice_before'][k]:+.5f})" for k in pp["dice_before"]) + ")")
     print(f"wrote        {args.run / CROSSVAL_FILE} and {args.run / 'postprocessing.json'}")
     return 0
 

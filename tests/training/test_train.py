@@ -25,9 +25,7 @@ def cpu(workers: int = 0) -> Runtime:
 
 
 def test_tiny_dataset_learns(tiny_run, capsys):
-    t0 = time.perf_counter()
-    metrics = Trainer(tiny_run, "0", Overrides("both", 8, 25, None), cpu(1)).fit()
-    took = time.perf_counter() - t0
+    metrics = Trainer(tiny_run, "0", Overrides("both", 8, 25, None), cpu(1)).fit()  # ~12 s here
     fold = tiny_run / "fold_0"
     for name in ("checkpoint_final.pt", "checkpoint_best.pt", "config.json", "plans.json", "progress.png",
                  "training_log.txt", "validation/metrics.json"):
@@ -40,7 +38,6 @@ def test_tiny_dataset_learns(tiny_run, capsys):
     assert state.history["mean_dice"][-1] > 0.6, state.history["mean_dice"]  # chance is ~0.05 per class
     assert metrics is not None and metrics["mean_foreground_dice"] > 0.6, metrics
     assert set(metrics["cases"]) == set(json.loads((fold / "config.json").read_text())["val_cases"])
-    assert took < 60, took
 
 
 def _train_cmd(run: Path) -> list[str]:
