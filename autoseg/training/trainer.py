@@ -244,12 +244,15 @@ class Trainer:
 
     # --- signals ------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, _: Any) -> None:
-        """First signal: stop at the next step and write ``latest``. A second one stops at once (for a trainer
-        stuck waiting on a data worker), keeping the last ``latest`` written."""
+        """First signal: stop after the current step and write ``latest``. A second one ends the process at
+        once (for a trainer stuck waiting on a data worker), keeping the last ``latest`` written. It exits
+        rather than raising: an exception raised in a signal handler can land in a garbage-collector callback,
+        where Python prints it and carries on."""
         if self._stop_signal is not None:
-            raise TrainingInterrupted(f"{signal.Signals(signum).name} again: stopped at once without writing a new "
-                                      "checkpoint; run the same command again to continue from the last "
-                                      "checkpoint_latest.pt", 128 + int(signum))
+            os.write(2, f"interrupted: {signal.Signals(signum).name} again: stopped at once without writing a new "
+                        "checkpoint; run the same command again to continue from the last checkpoint_latest.pt "
+                        "(from the start if there is none)\n".encode())
+            os._exit(128 + int(signum))
         self._stop_signal = signum
 
     def _should_stop(self) -> bool:
