@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["TMP_PREFIX", "atomic_path"]
+__all__ = ["TMP_PREFIX", "atomic_path", "remove_temporaries"]
 
 #: temporary files start with this; the name keeps the final file's ending, which some writers need
 TMP_PREFIX = ".tmp-"
@@ -32,3 +32,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete files left under temporary names in ``folder`` by a run that was killed; returns how many."""
+    n = 0
+    for p in folder.glob(f"{TMP_PREFIX}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.atomic import TMP_PREFIX, atomic_path
+from autoseg.atomic import TMP_PREFIX, atomic_path, remove_temporaries
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
@@ -106,12 +106,3 @@ def case_is_complete(folder: Path, case_id: str, source_key: str) -> bool:
         return read_properties(folder, case_id).source_key == source_key
     except (SchemaError, TypeError, ValueError):
         return False
-
-
-def remove_temporaries(folder: Path) -> int:
-    """Delete files left under temporary names by an interrupted run; returns how many."""
-    n = 0
-    for p in folder.glob(f"{TMP_PREFIX}*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n

@@ -8,6 +8,7 @@ Exactness: batch ``i`` of a stage depends only on ``(seed, stage, i, rank)`` and
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.atomic import remove_temporaries
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
@@ -252,6 +254,8 @@ class Trainer:
             os.write(2, f"interrupted: {signal.Signals(signum).name} again: stopped at once without writing a new "
                         "checkpoint; run the same command again to continue from the last checkpoint_latest.pt "
                         "(from the start if there is none)\n".encode())
+            for worker in multiprocessing.active_children():  # they ignore SIGTERM, and one may be stuck in C
+                worker.kill()
             os._exit(128 + int(signum))
         self._stop_signal = signum
 
@@ -296,6 +300,8 @@ class Trainer:
 
     def _train(self, cfg: TrainConfig, net: nn.Module) -> None:
         latest = self.fold_dir / "checkpoint_latest.pt"
+        if self.rt.main:
+            remove_temporaries(self.fold_dir)  # a checkpoint half-written when the process was killed
         state, ckpt = TrainState(), None
         if latest.is_file():
             ckpt = load_checkpoint(latest, self.rt.device)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from autoseg.preprocessing.storage import chunking, read_case_arrays, write_b2nd
 
@@ -42,12 +43,16 @@ def test_round_trip_and_chunking(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got_data[0, 3:9, 10:50, 7:8], data[0, 3:9, 10:50, 7:8])
 
 
-def test_forked_worker_reads_after_parent_read(tmp_path: Path) -> None:
-    """Regression: with c-blosc2's default two decompression threads, a read in the parent followed by a read
-    in a forked child (how DataLoader workers start after the trainer reads validation patches) hung the
-    child forever."""
+def test_forked_worker_reads_after_parent_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: with c-blosc2's default decompression threads (one per core), a read in the parent
+    followed by a read in a forked child (how DataLoader workers start after the trainer reads validation
+    patches) hung the child forever."""
+    import blosc2
+
+    monkeypatch.setattr(blosc2, "nthreads", 2)  # the default on a 2-core machine, whatever this one has
     data, _ = _store(tmp_path)
-    parent_data, _ = read_case_arrays(tmp_path, "case")
+    parent_data, parent_seg = read_case_arrays(tmp_path, "case")
+    assert parent_data.schunk.dparams.nthreads == parent_seg.schunk.dparams.nthreads == 1
     expected = _digest(parent_data[0, :40, :100, :100])
     assert expected == _digest(data[0, :40, :100, :100])
     ctx = multiprocessing.get_context("fork")

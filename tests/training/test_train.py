@@ -41,7 +41,7 @@ def test_tiny_dataset_learns(tiny_run, capsys):
 
 
 def _train_cmd(run: Path) -> list[str]:
-    return [sys.executable, "-m", "autoseg", "train", "0", "--run", str(run), "--epochs", "3",
+    return [sys.executable, "-m", "autoseg", "train", "0", "--run", str(run), "--epochs", "6",
             "--iterations-per-epoch", "8", "-j", "0", "--no-progress"]
 
 
@@ -65,14 +65,14 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     latest = tiny_run / "fold_0" / "checkpoint_latest.pt"
     assert latest.is_file() and not (tiny_run / "fold_0" / "checkpoint_final.pt").exists()
     stopped_at = load_checkpoint(latest)["state"]
-    assert 0 < stopped_at.step <= 3 * 8 or stopped_at.stage > 0  # 24: after the zoom-in stage's last step
+    assert 0 < stopped_at.step <= 6 * 8 or stopped_at.stage > 0  # 48: after the zoom-in stage's last step
 
     resumed = subprocess.run(_train_cmd(tiny_run), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
     b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
+    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 6 + 1
     assert a["state"]["stage"] == b["state"]["stage"] == 2
     # the same batches and learning rates: the resumed weights equal the uninterrupted ones
     for k in b["network"]:
@@ -104,7 +104,10 @@ def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run,
         Trainer(tiny_run, "0", overrides, cpu()).fit()
     stopped = load_checkpoint(tiny_run / "fold_0" / "checkpoint_latest.pt")["state"]
     assert (stopped.stage, stopped.step) == (stage, step)
+    half_written = tiny_run / "fold_0" / ".tmp-0123abcd-checkpoint_latest.pt"  # as a kill mid-save leaves it
+    half_written.write_bytes(b"\0" * 10)
     Trainer(tiny_run, "0", overrides, cpu()).fit()
+    assert not half_written.exists()
     a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
     b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
     assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
@@ -120,7 +123,15 @@ def test_second_signal_stops_at_once(monkeypatch, capfd):
     def exit_now(code: int) -> None:
         raise SystemExit(code)
 
+    class Worker:
+        killed = False
+
+        def kill(self) -> None:
+            self.killed = True
+
+    workers = [Worker(), Worker()]
     monkeypatch.setattr(trainer_module.os, "_exit", exit_now)
+    monkeypatch.setattr(trainer_module.multiprocessing, "active_children", lambda: workers)
     trainer = Trainer.__new__(Trainer)  # the handler needs no more than its flag
     trainer._stop_signal = None
     trainer._on_signal(signal.SIGTERM, None)
@@ -128,6 +139,7 @@ def test_second_signal_stops_at_once(monkeypatch, capfd):
     with pytest.raises(SystemExit) as ended:
         trainer._on_signal(signal.SIGINT, None)
     assert ended.value.code == 128 + signal.SIGINT
+    assert all(w.killed for w in workers)  # data workers ignore SIGTERM and may be stuck: killed, not orphaned
     assert "SIGINT again: stopped at once" in capfd.readouterr().err
 
 
