@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from autoseg import defaults
+from autoseg.atomic import remove_temporaries
 from autoseg.dataset import CaseFiles, DatasetError, files_stamp, load_dataset
 from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, load_fingerprint
 from autoseg.parallel import choose_workers, run_over_cases
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import PLANS_FILE, Plans, load_plans
-from autoseg.preprocessing.storage import CASE_FILES, case_is_complete, remove_temporaries, write_case
+from autoseg.preprocessing.storage import CASE_FILES, case_is_complete, write_case
 from autoseg.preprocessing.transform import forward
 from autoseg.typedjson import SchemaError, to_jsonable
 from autoseg.verify import read_case

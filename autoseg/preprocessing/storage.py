@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.atomic import TMP_PREFIX, atomic_path, remove_temporaries
+from autoseg.atomic import atomic_path
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["write_case", "write_b2nd", "read_case_arrays", "read_properties", "read_class_locations",
-           "case_is_complete", "chunking", "remove_temporaries", "TMP_PREFIX", "CASE_FILES"]
+           "case_is_complete", "chunking", "CASE_FILES"]
 
 #: the files of one case; the JSON is written last
 CASE_FILES = ("_data.b2nd", "_seg.b2nd", "_locations.npy", ".json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,10 +46,18 @@ def _train_cmd(run: Path) -> list[str]:
             "--iterations-per-epoch", "8", "-j", "0", "--no-progress"]
 
 
+def _assert_same_final_checkpoint(resumed: Path, reference: Path, epochs: int) -> None:
+    """The same batches and learning rates: the resumed run's final weights equal the uninterrupted run's."""
+    a = torch.load(resumed / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
+    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == epochs
+    assert a["state"]["stage"] == b["state"]["stage"] == 2
+    for k in b["network"]:
+        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+
+
 def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     reference = tmp_path / "reference"
-    import shutil
-
     shutil.copytree(tiny_run, reference)
     assert subprocess.run(_train_cmd(reference), capture_output=True).returncode == 0
 
@@ -70,13 +79,7 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     resumed = subprocess.run(_train_cmd(tiny_run), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 6 + 1
-    assert a["state"]["stage"] == b["state"]["stage"] == 2
-    # the same batches and learning rates: the resumed weights equal the uninterrupted ones
-    for k in b["network"]:
-        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+    _assert_same_final_checkpoint(tiny_run, reference, epochs=6 + 1)
 
 
 @pytest.mark.parametrize("stop_after, stage, step", [(24, 0, 24), (28, 1, 4)])
@@ -84,8 +87,6 @@ def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run,
                                                                         stage, step):
     """Where the signal lands is up to the scheduler in the subprocess test; here it lands on chosen steps: the
     zoom-in stage's last step (saved before the stage counter moves on) and inside the zoom-out stage."""
-    import shutil
-
     overrides = Overrides("both", 3, 8, None)
     reference = tmp_path / "reference"
     shutil.copytree(tiny_run, reference)
@@ -108,11 +109,7 @@ def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run,
     half_written.write_bytes(b"\0" * 10)
     Trainer(tiny_run, "0", overrides, cpu()).fit()
     assert not half_written.exists()
-    a = torch.load(tiny_run / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    b = torch.load(reference / "fold_0" / "checkpoint_final.pt", weights_only=True)
-    assert len(a["state"]["history"]["train_loss"]) == len(b["state"]["history"]["train_loss"]) == 3 + 1
-    for k in b["network"]:
-        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-4, atol=1e-5)
+    _assert_same_final_checkpoint(tiny_run, reference, epochs=3 + 1)
 
 
 def test_second_signal_stops_at_once(monkeypatch, capfd):
