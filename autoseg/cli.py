@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-j", "--workers", type=int, default=None, metavar="N",
                    help="data-loading worker processes (default: all cores but one on GPU, half the cores on CPU; "
                    "0 loads in the training process)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN/cuBLAS kernels and no cuDNN autotuning: on a GPU a resumed run then "
+                   "ends with exactly the weights of an uninterrupted one (slower; see docs/training.md). On the "
+                   "CPU training is deterministic anyway")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (they are off anyway without a TTY)")
 
     pr = sub.add_parser("predict", help="segment a folder of scans with a trained run",
@@ -262,8 +266,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(args.gpus)
-    from autoseg.training.config import Overrides
-    from autoseg.training.trainer import Trainer, distributed_runtime
+    from autoseg.runconfig import Overrides
+    from autoseg.training.runtime import RankFailed, distributed_runtime
+    from autoseg.workflows.fold import train_fold
 
     if args.epochs is not None and args.epochs < 1 or args.iterations_per_epoch is not None and \
             args.iterations_per_epoch < 1 or args.time_budget is not None and args.time_budget <= 0:
@@ -272,9 +277,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ValueError("--time-budget sets the epochs; give either it or --epochs")
     progress = not args.no_progress and sys.stderr.isatty()
     rt = distributed_runtime(args.device, args.workers, progress)
-    overrides = Overrides(args.stage, args.epochs, args.iterations_per_epoch, args.time_budget)
-    Trainer(args.run, args.fold, overrides, rt, args.restart).fit()
+    overrides = Overrides(args.stage, args.epochs, args.iterations_per_epoch, args.time_budget, args.deterministic)
+    try:
+        train_fold(args.run, args.fold, overrides, rt, args.restart, say=print if rt.main else _silent)
+    except KeyboardInterrupt:
+        if rt.main:
+            raise
+        return 130  # rank 0 says it for every rank
+    except RankFailed as e:  # every rank raises the same line: rank 0 prints it
+        if rt.main:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        if not rt.distributed:
+            raise
+        print(f"error: rank {rt.rank} of {rt.world_size}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        rt.close()
     return 0
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -303,7 +328,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
-    from autoseg.evaluation.crossval import CROSSVAL_FILE, summarize_run
+    from autoseg.workflows.crossval import CROSSVAL_FILE, summarize_run
 
     r = summarize_run(args.run)
     for fold, dice in r["dice_per_fold"].items():
@@ -329,15 +354,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _launch_torchrun(gpus: int) -> int:
-    """Re-run this command under ``torch.distributed.run`` with one process per GPU."""
-    import subprocess
+    """Re-run this command in ``gpus`` processes with PyTorch's elastic launcher (what ``torchrun --standalone``
+    runs), so that a failure ends with our one line per rank rather than the launcher's traceback."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and (i == 0 or sys.argv[i] != "--gpus")]
     argv = [a for a in argv if not a.startswith("--gpus=")]
-    # "--" ends torchrun's own options: without it, its parser takes our --run for an abbreviation of --run-path
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
-           "autoseg", "--", *argv]
-    return subprocess.call(cmd)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure log repeats ours
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=gpus, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "autoseg", *argv)
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        code = max(codes) if codes else 1
+        if code not in (1, 130, 128 + 15):  # 1 and the interruptions were explained by the ranks themselves
+            print(f"error: {len(e.failures)} of {gpus} training processes ended with exit code(s) {codes}",
+                  file=sys.stderr)
+        return code if 0 < code < 256 else 1
+    return 0
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict, "ensemble": _cmd_ensemble,

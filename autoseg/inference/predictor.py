@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.checkpoint import load_checkpoint
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.io import Geometry
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
-from autoseg.training.checkpoint import load_checkpoint
-from autoseg.training.config import CONFIG_FILE
+from autoseg.runconfig import CONFIG_FILE
 
 __all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device"]
 

@@ -7,15 +7,15 @@ combination of the mirror axes and the flipped-back logits are averaged.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["gaussian_weights", "tile_starts", "predict_logits", "mirror_combinations"]
+from autoseg.tiling import mirror_combinations, tile_boxes
+
+__all__ = ["gaussian_weights", "predict_logits"]
 
 
 @lru_cache(maxsize=8)
@@ -33,28 +33,6 @@ def _gaussian(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
 def gaussian_weights(patch: list[int], sigma_scale: float) -> torch.Tensor:
     """Importance of each voxel of a tile: a Gaussian with sigma ``sigma_scale`` x edge, peak 1, no zeros."""
     return torch.from_numpy(_gaussian(tuple(patch), float(sigma_scale)))
-
-
-def tile_starts(shape: list[int], patch: list[int], step: float) -> list[list[int]]:
-    """Start of every tile per axis: evenly spread, at most ``step`` x patch apart, first at 0 and last
-    flush with the end. ``shape`` must be at least ``patch`` on every axis."""
-    out = []
-    for s, p in zip(shape, patch):
-        if s < p:
-            raise ValueError(f"volume edge {s} is smaller than the patch edge {p}; pad first")
-        n = int(np.ceil((s - p) / (p * step))) + 1
-        out.append([int(round(x)) for x in np.linspace(0, s - p, n)] if n > 1 else [0])
-    return out
-
-
-def mirror_combinations(axes: list[int]) -> list[tuple[int, ...]]:
-    """Every subset of the spatial ``axes`` (0..2), the empty one first."""
-    return [c for r in range(len(axes) + 1) for c in itertools.combinations(sorted(axes), r)]
-
-
-def _tiles(shape: list[int], patch: list[int], step: float) -> Iterator[tuple[slice, ...]]:
-    for start in itertools.product(*tile_starts(shape, patch, step)):
-        yield tuple(slice(a, a + p) for a, p in zip(start, patch))
 
 
 @torch.no_grad()
@@ -80,7 +58,7 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
     acc: torch.Tensor | None = None
     norm = torch.zeros(padded, dtype=torch.float32, device=acc_device)
     flips = mirror_combinations(mirror_axes)
-    boxes = list(_tiles(padded, patch, step))
+    boxes = tile_boxes(padded, patch, step)
     for i in range(0, len(boxes), tiles_per_batch):
         group = boxes[i:i + tiles_per_batch]
         x = torch.stack([image[(slice(None), *b)] for b in group]).to(device, non_blocking=True)

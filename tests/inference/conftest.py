@@ -9,8 +9,9 @@ import torch
 
 from autoseg.cli import main
 from autoseg.demo import make_synthetic_dataset
-from autoseg.training.config import Overrides
-from autoseg.training.trainer import Runtime, Trainer
+from autoseg.runconfig import Overrides
+from autoseg.training.runtime import Runtime
+from autoseg.workflows.fold import train_fold
 
 
 @pytest.fixture(scope="session")
@@ -22,5 +23,5 @@ def trained_run(tmp_path_factory) -> Path:
     assert main(["preprocess", str(run), "--no-progress"]) == 0
     rt = Runtime(torch.device("cpu"), workers=0, progress=False)
     for fold in ("0", "1"):
-        Trainer(run, fold, Overrides("both", 2, 5, None), rt, say=lambda s: None).fit()
+        train_fold(run, fold, Overrides("both", 2, 5, None), rt, say=lambda s: None)
     return run

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.inference.sliding_window import gaussian_weights, mirror_combinations, predict_logits, tile_starts
+from autoseg.inference.sliding_window import gaussian_weights, predict_logits
 from autoseg.networks.resunet import ResidualUNet
+from autoseg.tiling import mirror_combinations, tile_starts
 
 CPU = torch.device("cpu")
 

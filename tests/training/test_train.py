@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main
-from autoseg.training.checkpoint import load_checkpoint
-from autoseg.training.config import Overrides, StageRun, budget_epochs
-from autoseg.training.trainer import Runtime, Trainer, TrainingInterrupted
+from autoseg.runconfig import Overrides, StageRun
+from autoseg.training.budget import budget_epochs
+from autoseg.training.interrupt import StopRequest, TrainingInterrupted
+from autoseg.training.runtime import Runtime
+from autoseg.training.trainer import Trainer
+from autoseg.workflows.fold import train_fold
 
 
 def cpu(workers: int = 0) -> Runtime:
@@ -26,7 +30,7 @@ def cpu(workers: int = 0) -> Runtime:
 
 
 def test_tiny_dataset_learns(tiny_run, capsys):
-    metrics = Trainer(tiny_run, "0", Overrides("both", 8, 25, None), cpu(1)).fit()  # ~12 s here
+    metrics = train_fold(tiny_run, "0", Overrides("both", 8, 25, None), cpu(1))  # ~12 s here
     fold = tiny_run / "fold_0"
     for name in ("checkpoint_final.pt", "checkpoint_best.pt", "config.json", "plans.json", "progress.png",
                  "training_log.txt", "validation/metrics.json"):
@@ -82,40 +86,64 @@ def test_sigterm_then_resume_takes_the_same_steps(tiny_run, tmp_path):
     _assert_same_final_checkpoint(tiny_run, reference, epochs=6 + 1)
 
 
-@pytest.mark.parametrize("stop_after, stage, step", [(24, 0, 24), (28, 1, 4)])
-def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run, tmp_path, monkeypatch, stop_after,
+@pytest.mark.parametrize("stop_before, stage, step", [(24, 0, 23), (25, 1, 0), (29, 1, 4)])
+def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run, tmp_path, monkeypatch, stop_before,
                                                                         stage, step):
-    """Where the signal lands is up to the scheduler in the subprocess test; here it lands on chosen steps: the
-    zoom-in stage's last step (saved before the stage counter moves on) and inside the zoom-out stage."""
+    """Where the signal lands is up to the scheduler in the subprocess test; here it lands before chosen steps
+    (1-based): the zoom-in stage's last step, the zoom-out stage's first (after the stage boundary's
+    checkpoint) and one inside the zoom-out stage."""
     overrides = Overrides("both", 3, 8, None)
     reference = tmp_path / "reference"
     shutil.copytree(tiny_run, reference)
     Trainer(reference, "0", overrides, cpu()).fit()
-    steps = {"n": 0}
-    should_stop = Trainer._should_stop
+    calls = {"n": 0}
+    agree = Trainer._agree_to_stop
 
-    def signal_on_chosen_step(self: Trainer) -> bool:
-        steps["n"] += 1
-        if steps["n"] == stop_after:
-            self._on_signal(signal.SIGTERM, None)
-        return should_stop(self)
+    def signal_before_chosen_step(self: Trainer, batch: dict | None, where: str) -> bool:
+        calls["n"] += 1
+        if calls["n"] == stop_before:
+            self.stop.handle(signal.SIGTERM, None)
+        return agree(self, batch, where)
 
-    monkeypatch.setattr(Trainer, "_should_stop", signal_on_chosen_step)
+    monkeypatch.setattr(Trainer, "_agree_to_stop", signal_before_chosen_step)
     with pytest.raises(TrainingInterrupted):
         Trainer(tiny_run, "0", overrides, cpu()).fit()
     stopped = load_checkpoint(tiny_run / "fold_0" / "checkpoint_latest.pt")["state"]
     assert (stopped.stage, stopped.step) == (stage, step)
     half_written = tiny_run / "fold_0" / ".tmp-0123abcd-checkpoint_latest.pt"  # as a kill mid-save leaves it
     half_written.write_bytes(b"\0" * 10)
+    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
     Trainer(tiny_run, "0", overrides, cpu()).fit()
     assert not half_written.exists()
     _assert_same_final_checkpoint(tiny_run, reference, epochs=3 + 1)
 
 
+def test_a_signal_during_the_last_step_finishes_training_and_skips_validation(tiny_run, monkeypatch):
+    agree = Trainer._agree_to_stop
+    calls = {"n": 0}
+
+    def signal_during_last_step(self: Trainer, batch: dict | None, where: str) -> bool:
+        calls["n"] += 1
+        answer = agree(self, batch, where)
+        if calls["n"] == 2 * 4:  # the last of 2 epochs x 4 steps: the signal arrives while it runs
+            self.stop.handle(signal.SIGINT, None)
+        return answer
+
+    monkeypatch.setattr(Trainer, "_agree_to_stop", signal_during_last_step)
+    with pytest.raises(TrainingInterrupted, match="training finished .* not validated") as stopped:
+        train_fold(tiny_run, "0", Overrides("zoom-in", 2, 4, None), cpu(), say=lambda s: None)
+    assert stopped.value.code == 128 + signal.SIGINT
+    assert (tiny_run / "fold_0" / "checkpoint_final.pt").is_file()
+    assert not (tiny_run / "fold_0" / "validation").exists()
+    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
+    metrics = train_fold(tiny_run, "0", Overrides("zoom-in", 2, 4, None), cpu(), say=lambda s: None)
+    assert metrics is not None and (tiny_run / "fold_0" / "validation" / "metrics.json").is_file()
+
+
 def test_second_signal_stops_at_once(monkeypatch, capfd):
     """Two real signals cannot be timed against a step reliably (the first alone may already have stopped
     the run), so the handler is driven directly; ``os._exit`` is what ends the process."""
-    import autoseg.training.trainer as trainer_module
+    import autoseg.training.interrupt as interrupt
 
     def exit_now(code: int) -> None:
         raise SystemExit(code)
@@ -127,17 +155,33 @@ def test_second_signal_stops_at_once(monkeypatch, capfd):
             self.killed = True
 
     workers = [Worker(), Worker()]
-    monkeypatch.setattr(trainer_module.os, "_exit", exit_now)
-    monkeypatch.setattr(trainer_module.multiprocessing, "active_children", lambda: workers)
-    trainer = Trainer.__new__(Trainer)  # the handler needs no more than its flag
-    trainer._stop_signal = None
-    trainer._on_signal(signal.SIGTERM, None)
-    assert trainer._stop_signal == signal.SIGTERM
+    monkeypatch.setattr(interrupt.os, "_exit", exit_now)
+    monkeypatch.setattr(interrupt.multiprocessing, "active_children", lambda: workers)
+    stop = StopRequest()
+    stop.handle(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM
     with pytest.raises(SystemExit) as ended:
-        trainer._on_signal(signal.SIGINT, None)
+        stop.handle(signal.SIGINT, None)
     assert ended.value.code == 128 + signal.SIGINT
     assert all(w.killed for w in workers)  # data workers ignore SIGTERM and may be stuck: killed, not orphaned
     assert "SIGINT again: stopped at once" in capfd.readouterr().err
+
+
+def test_a_rank_waiting_for_dead_ranks_gives_up_after_the_grace(monkeypatch, capfd):
+    import autoseg.training.interrupt as interrupt
+
+    exits: list[int] = []
+    monkeypatch.setattr(interrupt.os, "_exit", exits.append)
+    stop = StopRequest(grace_seconds=0.05)
+    stop.handle(signal.SIGTERM, None)
+    time.sleep(0.5)
+    assert exits == [128 + signal.SIGTERM]
+    assert "did not answer within 0.05 s" in capfd.readouterr().err
+    finished = StopRequest(grace_seconds=0.05)  # a stop that completes in time cancels the watchdog
+    finished.handle(signal.SIGTERM, None)
+    finished.done()
+    time.sleep(0.3)
+    assert exits == [128 + signal.SIGTERM]
 
 
 def test_changed_overrides_need_restart(tiny_run):
@@ -184,7 +228,7 @@ def test_time_budget_sets_epochs_from_a_measurement(tiny_run):
 def test_time_budget_corrects_a_wrong_measurement_after_two_epochs(tiny_run, monkeypatch):
     """A step measurement 100x too optimistic would plan thousands of epochs; the real duration of the
     second epoch corrects every stage to fit the budget, and config.json records it."""
-    monkeypatch.setattr(Trainer, "_measure_step", lambda self, run, warmup=2, timed=3: 1e-4)
+    monkeypatch.setattr(Trainer, "_measure_step", lambda self, stage, cfg: 1e-4)
     lines: list[str] = []
     Trainer(tiny_run, "0", Overrides("both", None, 5, 0.5), cpu(), say=lines.append).fit()
     cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
@@ -209,19 +253,17 @@ def test_cli_errors_are_one_line(tiny_run, capsys):
 
 
 def _ddp_worker(rank: int, run: str, out: str, port: int) -> None:
-    from autoseg.training.trainer import distributed_runtime
+    from autoseg.training.runtime import distributed_runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
     rt = distributed_runtime("cpu", 0, False)
-    trainer = Trainer(Path(run), "0", Overrides("zoom-in", 1, 3, None), rt, say=lambda s: None)
-    trainer.fit()
-    assert trainer.network is not None
-    torch.save(trainer.network.state_dict(), Path(out) / f"rank{rank}.pt")
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    try:
+        net = Trainer(Path(run), "0", Overrides("zoom-in", 1, 3, None), rt, say=lambda s: None).fit()
+        torch.save(net.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        rt.close()
 
 
 def test_ddp_gloo_keeps_replicas_identical(tiny_run, tmp_path):
@@ -232,16 +274,18 @@ def test_ddp_gloo_keeps_replicas_identical(tiny_run, tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(str(tiny_run), str(tmp_path), port), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    untrained = load_checkpoint(tiny_run / "fold_0" / "checkpoint_final.pt")["network"]
-    assert any(not torch.equal(a[k], untrained[k]) or True for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    final = load_checkpoint(tiny_run / "fold_0" / "checkpoint_final.pt")["network"]
+    for k in a:  # rank 0 wrote the replicas' weights
+        assert torch.equal(a[k], final[k]), k
     # and training moved the weights away from their initial values
     torch.manual_seed(2024)
     from autoseg.networks import build_network
     from autoseg.plans import load_plans
 
     plans = load_plans(tiny_run / "plans.json")
+    assert plans.training.seed == 2024
     init = build_network(plans.network, 1, 3).state_dict()
     assert any(not torch.equal(a[k], init[k]) for k in a)
 
@@ -255,3 +299,18 @@ def test_gpus_option_launches_torchrun(tiny_run):
     cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
     assert cfg["world_size"] == 2
     assert (tiny_run / "fold_0" / "checkpoint_final.pt").is_file()
+
+
+def test_a_failing_batch_ends_every_rank_with_one_line(tiny_run):
+    """Two processes (``--gpus 2`` on the CPU, gloo): a case that cannot be read fails on whichever rank draws
+    it; both ranks learn it in the same step, rank 0 prints one line naming the failing rank and the case,
+    every process exits (no hang in a collective) and the launcher adds no traceback."""
+    for f in (tiny_run / "preprocessed").glob("*_data.b2nd"):
+        f.write_bytes(b"not blosc2")
+    cmd = [sys.executable, "-m", "autoseg", "train", "0", "--run", str(tiny_run), "--stage", "zoom-in", "--epochs",
+           "1", "--iterations-per-epoch", "2", "--gpus", "2", "--device", "cpu", "-j", "0", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and re.match(r"error: rank [01] of 2 failed: case case_\d+: ", errors[0]), out.stderr
+    assert not (tiny_run / "fold_0" / "checkpoint_final.pt").exists()

@@ -1,7 +1,8 @@
 """Checkpoints: tensors and plain values only, written atomically, loaded with ``weights_only=True``.
 
 Nothing in a checkpoint executes code on load (nnU-Net's pickled checkpoints broke with PyTorch 2.6's
-``weights_only`` default). The plan and the run configuration sit beside them as JSON.
+``weights_only`` default). The plan and the run configuration sit beside them as JSON. A shared artefact:
+training writes them, prediction reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from autoseg.atomic import atomic_path
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "CHECKPOINTS"]
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "restore_rng", "CHECKPOINTS"]
 
 #: checkpoint names: ``latest`` (periodic and on interruption), ``best`` (EMA pseudo-Dice), ``final``
 CHECKPOINTS = ("latest", "best", "final")
@@ -24,8 +25,8 @@ CHECKPOINTS = ("latest", "best", "final")
 class TrainState:
     """Where training stands: stage index, optimiser steps done in it, and the epoch log so far.
 
-    ``epoch_loss_sum``/``epoch_loss_count`` carry a partly done epoch across an interruption.
-    ``history`` has one list per logged quantity, one entry per finished epoch (both stages).
+    ``epoch_*`` carry a partly done epoch across an interruption. ``history`` has one list per logged
+    quantity, one entry per finished epoch (both stages).
     """
 
     stage: int = 0
@@ -36,6 +37,8 @@ class TrainState:
     epoch_loss_count: int = 0
     epoch_data_wait: float = 0.0
     epoch_seconds: float = 0.0
+    #: optimiser steps skipped in this epoch because the gradients were not finite (AMP overflow)
+    epoch_skipped: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def log(self, **values: float) -> None:
@@ -43,30 +46,51 @@ class TrainState:
             self.history.setdefault(k, []).append(float(v))
 
 
+def _cuda_rng_states() -> list[torch.Tensor]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(torch.cuda.get_rng_state_all())
+    return []
+
+
 def save_checkpoint(path: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scaler: Any, state: TrainState) -> None:
-    """Write weights, optimiser and grad-scaler state, the :class:`TrainState` and torch's RNG state."""
+    """Write weights, optimiser and grad-scaler state, the :class:`TrainState` and the RNG states of torch
+    (CPU, and every CUDA device that was used)."""
     payload = {
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
         "state": asdict(state),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": _cuda_rng_states(),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint's contents; ``state`` as a :class:`TrainState`.
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint's contents; ``state`` as a :class:`TrainState`. The network's tensors are moved to
+    ``device``; everything else (optimiser state, RNG states) stays on the CPU: ``load_state_dict`` of an
+    optimiser moves its state to its parameters' device, and torch's RNG setters want CPU byte tensors.
 
     Raises:
         ValueError: unreadable or not an autoseg checkpoint (names the file).
     """
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         payload["state"] = TrainState(**payload["state"])
+        payload.setdefault("cuda_rng", [])
     except Exception as e:  # torch raises many types for corrupt files
         raise ValueError(f"{path}: not a readable autoseg checkpoint ({type(e).__name__}: {e}); delete it or "
                          "train with --restart") from None
+    payload["network"] = {k: v.to(device) for k, v in payload["network"].items()}
     return payload
+
+
+def restore_rng(payload: dict) -> None:
+    """Set torch's CPU RNG, and the CUDA RNGs where this process has as many devices as were saved, to a
+    checkpoint's states (CPU byte tensors whatever device they were loaded to)."""
+    torch.set_rng_state(payload["torch_rng"].to("cpu", torch.uint8))
+    cuda = payload.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() >= len(cuda):
+        torch.cuda.set_rng_state_all([t.to("cpu", torch.uint8) for t in cuda])

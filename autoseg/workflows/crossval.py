@@ -25,7 +25,7 @@ def summarize_run(run_dir: Path) -> dict:
         ValueError: no fold has validation results.
     """
     from autoseg.inference.postprocessing import decide_postprocessing, save_postprocessing
-    from autoseg.inference.validate import VALIDATION_DIR, reference_labels
+    from autoseg.workflows.validate import VALIDATION_DIR, reference_labels
 
     plans = load_plans(run_dir / PLANS_FILE)
     folds = sorted(p for p in run_dir.glob("fold_*") if (p / VALIDATION_DIR / "metrics.json").is_file()

@@ -1,0 +1,135 @@
+"""One optimiser step: forward under autocast, backward (through the GradScaler under AMP), gradient
+clipping, and what to do when the numbers go wrong.
+
+A step whose gradients are not finite is skipped: under AMP the ``GradScaler`` skips it and lowers its scale
+(an fp16 overflow of the scaled gradients is routine there, the loss itself being finite); in fp32 the
+optimiser is not stepped. The decision uses the gradients after DDP's all-reduce, which every rank holds
+identically, so all ranks skip together. Training stops (:class:`NonFiniteGuard`) only after
+``MAX_NON_FINITE_IN_A_ROW`` steps in a row whose loss was not finite on some rank, or when the weights are no
+longer finite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from autoseg.training.schedules import set_learning_rate
+
+__all__ = ["Stepper", "StepResult", "TrainingDiverged", "OutOfMemory", "MAX_NON_FINITE_IN_A_ROW", "NonFiniteGuard",
+           "is_out_of_memory", "weights_finite", "out_of_memory_message"]
+
+#: steps in a row with a non-finite loss (on any rank) after which training is declared diverged
+MAX_NON_FINITE_IN_A_ROW = 10
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights stayed non-finite; the message says what to change."""
+
+
+class OutOfMemory(ValueError):
+    """The device ran out of memory; the message says what ran out and what to do."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's failure to allocate."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def weights_finite(net: nn.Module) -> bool:
+    """Whether every parameter is finite (one reduction per parameter, one host sync)."""
+    flags = [torch.isfinite(p).all() for p in net.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+@dataclass
+class StepResult:
+    loss: float
+    skipped: bool
+
+
+class Stepper:
+    """Runs optimiser steps of one stage.
+
+    Args:
+        model: the network as called (wrapped in DDP when distributed).
+        net: the bare network (its parameters are clipped and checked).
+        loss_scale: multiplies the loss before backward; DDP averages gradients over ranks, so a rank with
+            ``b`` of the global ``B`` samples scales by ``b * world_size / B`` to weigh every sample the same.
+        amp: float16 autocast and a GradScaler (CUDA only).
+    """
+
+    def __init__(self, model: nn.Module, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, amp: bool, grad_clip: float, loss_scale: float = 1.0):
+        self.model, self.net, self.loss_fn, self.opt = model, net, loss_fn, optimizer
+        self.device, self.amp, self.grad_clip, self.loss_scale = device, amp, grad_clip, loss_scale
+        self.scaler = torch.amp.GradScaler(device.type) if amp else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, where: str) -> StepResult:
+        """One optimiser step on batch ``(x, y)`` at learning rate ``lr``.
+
+        Args:
+            where: stage and step, for messages.
+        """
+        set_learning_rate(self.opt, lr)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            loss = self.loss_fn(self.model(x), y)
+        scaled = loss * self.loss_scale if self.loss_scale != 1.0 else loss
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            scaled.backward()
+        norm = nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skips the update itself when the gradients overflowed
+            self.scaler.update()
+        elif finite:
+            self.opt.step()
+        return StepResult(float(loss.detach()), not finite)
+
+    def check_weights(self, where: str) -> None:
+        """Raises:
+        TrainingDiverged: a weight is NaN or infinite."""
+        if not weights_finite(self.net):
+            raise TrainingDiverged(f"{where}: the network's weights are no longer finite; training diverged. Lower "
+                                   "the stage's learning_rate in plans.json, then train with --restart")
+
+
+class NonFiniteGuard:
+    """Counts steps in a row whose loss was not finite (on any rank: the trainer passes the agreed flag)."""
+
+    def __init__(self, limit: int = MAX_NON_FINITE_IN_A_ROW):
+        self.limit, self.in_a_row = limit, 0
+
+    def observe(self, non_finite: bool, where: str) -> None:
+        """Raises:
+        TrainingDiverged: the ``limit``-th non-finite loss in a row."""
+        self.in_a_row = self.in_a_row + 1 if non_finite else 0
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(f"{where}: the loss was not finite in {self.limit} steps in a row; training "
+                                   "diverged. Lower the stage's learning_rate in plans.json, then train with "
+                                   "--restart")
+
+
+def out_of_memory_message(device: torch.device, what: str, patch: list[int], batch: int,
+                          estimated_gib: float | None) -> str:
+    """One line: what ran out of memory and what to do about it."""
+    est = f"; the plan estimated {estimated_gib:.2f} GiB per step" if estimated_gib else ""
+    free = ""
+    if device.type == "cuda":
+        free_b, total_b = torch.cuda.mem_get_info(device)
+        free = f" ({free_b / 2**30:.1f} of {total_b / 2**30:.1f} GiB free now)"
+    shape = "x".join(map(str, patch))
+    if device.type == "cuda":
+        advice = ("free the GPU of other processes and run the same command again, or plan for less memory "
+                  "(autoseg plan DATASET --gpu-memory GB, a smaller GB) and train with --restart")
+    else:
+        advice = ("close other programs or use fewer data workers (-j) and run the same command again, or plan "
+                  "again on this machine and train with --restart")
+    return f"{device} out of memory{free} in {what} (patch {shape}, batch {batch} per process{est}): {advice}"
+

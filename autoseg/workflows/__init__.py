@@ -1,0 +1,1 @@
+"""What composes pipeline steps: train-then-validate a fold, gather a cross-validation."""

@@ -1,0 +1,345 @@
+"""Prove autoseg's CUDA paths on a GPU machine in a few minutes: one row per check, PASS/FAIL/skipped and the
+measured figure; exit code 1 if any check fails.
+
+Usage: python benchmarks/gpu_check.py [--device auto|cuda|cpu] [--gpus N] [--hippocampus DIR] [--keep DIR]
+
+Checks: device detection and the plan's memory budget; a short two-stage training (AMP on CUDA) with the
+peak allocated memory against the plan's estimate; SIGTERM in the middle of a stage, rerun, and final weights
+equal to an uninterrupted run (``--deterministic``); two-process DDP (NCCL on 2 GPUs, gloo on the CPU) with
+replicas identical and the same stop on SIGTERM; prediction on the GPU against the same network on the CPU
+over a volume several tiles large; training and prediction throughput of the Hippocampus plan (figures only).
+With ``--device cpu`` (what CI runs, to keep this script from rotting) the CUDA-only rows say "skipped: no
+CUDA". Data: a generated dataset (larger on a GPU), and ``--hippocampus`` (default
+``../shared/data/MSD_Task04_Hippocampus``) for the throughput rows when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.checkpoint import load_checkpoint
+from autoseg.cli import main as autoseg_main
+from autoseg.demo import make_synthetic_dataset
+from autoseg.device import detect_device
+from autoseg.inference.predictor import Predictor
+from autoseg.networks import build_network
+from autoseg.plans import load_plans
+from autoseg.runconfig import Overrides
+from autoseg.training.budget import measure_step_seconds
+from autoseg.training.config import stage_runs
+from autoseg.training.interrupt import TrainingInterrupted
+from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.runtime import Runtime, configure_backends, distributed_runtime
+from autoseg.training.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+#: the peak allocated memory of training must be within this share of the plan's estimate
+MEMORY_TOLERANCE = 0.25
+#: share of voxels whose label must agree between GPU and CPU prediction
+AGREEMENT = 0.999
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # PASS, FAIL or "skipped: ..."
+    figure: str
+
+
+def quiet(fn: Callable[[], object]) -> object:
+    """Run ``fn`` with its stdout swallowed (autoseg's commands print summaries)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+def cli(*args: str) -> None:
+    code = quiet(lambda: autoseg_main(list(args)))
+    if code != 0:
+        raise RuntimeError(f"autoseg {' '.join(args)} exited {code}")
+
+
+def prepare_run(root: Path, device: str, shape: tuple[int, int, int], cases: int) -> Path:
+    data = make_synthetic_dataset(root / "data", n_cases=cases, shape=shape, spacing_xyz=(1.0, 1.0, 1.0))
+    run = root / "run"
+    cli("plan", str(data), "-o", str(run), "--device", device, "--folds", "3", "--no-progress")
+    cli("preprocess", str(run), "--no-progress")
+    return run
+
+
+def check_device(device: torch.device) -> Row:
+    info = detect_device(device="cuda" if device.type == "cuda" else "cpu")
+    ok = info.kind == device.type and info.budget_gib > 0
+    mem = f"{info.gpu_memory_gib:.1f} GiB GPU" if info.gpu_memory_gib else f"{info.ram_gib:.1f} GiB RAM"
+    return Row("device and memory budget", "PASS" if ok else "FAIL",
+               f"{info.kind}: {info.name}, {mem}, plan budget {info.budget_gib:.1f} GiB")
+
+
+def check_training(run: Path, device: torch.device, iterations: int) -> tuple[Row, Row]:
+    """Two stages, 2 + 1 epochs (AMP when the plan says so on CUDA); peak allocated memory vs the estimate."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    rt = Runtime(device, workers=2, progress=False)
+    t0 = time.perf_counter()
+    trainer = Trainer(run, "0", Overrides("both", 2, iterations, None), rt, say=lambda s: None)
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    state = load_checkpoint(run / "fold_0" / "checkpoint_final.pt")["state"]
+    losses = state.history["train_loss"]
+    ok = state.stage == 2 and all(np.isfinite(losses)) and len(losses) == 3
+    amp = "AMP" if trainer.amp else "fp32"
+    train_row = Row(f"two-stage training ({amp})", "PASS" if ok else "FAIL",
+                    f"{len(losses)} epochs x {iterations} steps in {seconds:.0f} s, last loss {losses[-1]:.3f}, "
+                    f"skipped steps {int(sum(state.history.get('skipped_steps', [0])))}")
+    if device.type != "cuda":
+        return train_row, Row("peak GPU memory vs plan", "skipped: no CUDA", "")
+    peak = torch.cuda.max_memory_allocated(device) - base
+    plans = load_plans(run / "plans.json")
+    estimate = max(s.estimated_memory_gib for s in plans.stages) * 2**30
+    ratio = peak / estimate
+    ok = abs(ratio - 1) <= MEMORY_TOLERANCE
+    return train_row, Row("peak GPU memory vs plan", "PASS" if ok else "FAIL",
+                          f"{peak / 2**30:.2f} GiB measured / {estimate / 2**30:.2f} GiB planned = {ratio:.2f} "
+                          f"(target 1 +- {MEMORY_TOLERANCE:g})")
+
+
+def _train_cmd(run: Path, device: str, epochs: int, iterations: int) -> list[str]:
+    return [sys.executable, "-m", "autoseg", "train", "0", "--run", str(run), "--epochs", str(epochs),
+            "--iterations-per-epoch", str(iterations), "--device", device, "--deterministic", "-j", "1",
+            "--no-progress"]
+
+
+def check_resume(run: Path, root: Path, device: str, iterations: int) -> Row:
+    """SIGTERM after the first epoch line, rerun, and compare with an uninterrupted run."""
+    reference, stopped = root / "reference", root / "stopped"
+    for d in (reference, stopped):
+        shutil.copytree(run, d)
+        shutil.rmtree(d / "fold_0", ignore_errors=True)
+    if subprocess.run(_train_cmd(reference, device, 3, iterations), capture_output=True).returncode != 0:
+        return Row("SIGTERM, resume = uninterrupted", "FAIL", "the uninterrupted run failed")
+    proc = subprocess.Popen(_train_cmd(stopped, device, 3, iterations), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log, deadline = stopped / "fold_0" / "training_log.txt", time.time() + 300
+    while not (log.is_file() and log.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    where = load_checkpoint(stopped / "fold_0" / "checkpoint_latest.pt")["state"] \
+        if (stopped / "fold_0" / "checkpoint_latest.pt").is_file() else None
+    resumed = subprocess.run(_train_cmd(stopped, device, 3, iterations), capture_output=True, text=True)
+    if proc.returncode != 128 + signal.SIGTERM or where is None or resumed.returncode != 0:
+        last = (err + resumed.stderr).strip().splitlines()
+        return Row("SIGTERM, resume = uninterrupted", "FAIL", f"exit {proc.returncode}: {last[-1] if last else ''}")
+    a = load_checkpoint(reference / "fold_0" / "checkpoint_final.pt")["network"]
+    b = load_checkpoint(stopped / "fold_0" / "checkpoint_final.pt")["network"]
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return Row("SIGTERM, resume = uninterrupted", "PASS" if diff <= 1e-5 else "FAIL",
+               f"stopped at stage {where.stage} step {where.step}; max weight difference {diff:.2e}")
+
+
+def _ddp_worker(rank: int, run: str, out: str, port: int, device: str, stop_at: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    rt = distributed_runtime(device, 0, False)
+    trainer = Trainer(Path(run), "0", Overrides("zoom-in", 2, 6, None), rt, say=lambda s: None)
+    if stop_at and rank == 1:  # one rank alone is signalled: both must stop on the same step
+        agree = trainer._agree_to_stop
+        calls = {"n": 0}
+
+        def signal_rank_1(batch: dict | None, where: str) -> bool:
+            calls["n"] += 1
+            if calls["n"] == stop_at:
+                trainer.stop.handle(signal.SIGTERM, None)
+            return agree(batch, where)
+
+        trainer._agree_to_stop = signal_rank_1  # type: ignore[method-assign]
+    try:
+        net = trainer.fit()
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+    except TrainingInterrupted as e:
+        Path(out, f"rank{rank}.stopped").write_text(str(e))
+    finally:
+        rt.close()
+
+
+def _spawn(run: Path, out: Path, device: str, stop_at: int) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.spawn(_ddp_worker, args=(str(run), str(out), port, device, stop_at), nprocs=2,
+                                      join=False)
+    deadline = time.time() + 600
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise RuntimeError("the DDP ranks hung")
+
+
+def check_ddp(run: Path, root: Path, device: torch.device, gpus: int) -> Row:
+    name = "DDP 2 processes (NCCL)" if device.type == "cuda" else "DDP 2 processes (gloo, CPU)"
+    if device.type == "cuda" and min(gpus, torch.cuda.device_count()) < 2:
+        return Row(name, f"skipped: {torch.cuda.device_count()} GPU", "")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    full, stopped = root / "ddp_full", root / "ddp_stop"
+    for d in (full, stopped):
+        shutil.copytree(run, d)
+        shutil.rmtree(d / "fold_0", ignore_errors=True)
+    t0 = time.perf_counter()
+    _spawn(full, full, kind, 0)
+    seconds = time.perf_counter() - t0
+    a, b = (torch.load(full / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    _spawn(stopped, stopped, kind, 8)
+    messages = [(stopped / f"rank{r}.stopped").read_text() if (stopped / f"rank{r}.stopped").is_file() else ""
+                for r in (0, 1)]
+    latest = stopped / "fold_0" / "checkpoint_latest.pt"
+    step = load_checkpoint(latest)["state"].step if latest.is_file() else -1
+    same_stop = messages[0] != "" and messages[0] == messages[1] and step == 7
+    ok = same and same_stop
+    return Row(name, "PASS" if ok else "FAIL",
+               f"replicas identical: {same} ({seconds:.0f} s); SIGTERM to rank 1 only: both stopped at step {step} "
+               f"({'same' if same_stop else 'DIFFERENT'} message)")
+
+
+def check_prediction(run: Path, device: torch.device) -> Row:
+    """The trained fold-0 network on the GPU (AMP as planned) and on the CPU, over a volume of several tiles."""
+    if device.type != "cuda":
+        return Row("prediction GPU vs CPU", "skipped: no CUDA", "")
+    plans = load_plans(run / "plans.json")
+    patch = list(plans.stages[-1].patch_size)
+    state = load_checkpoint(run / "fold_0" / "checkpoint_final.pt")["network"]
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 1, (len(plans.channel_names), *[int(p * 2.5) for p in patch])).astype(np.float32)
+    probs = []
+    for dev in (device, torch.device("cpu")):
+        net = build_network(plans.network, len(plans.channel_names), len(plans.labels))
+        net.load_state_dict(state)
+        probs.append(Predictor(plans, [(net, patch)], dev).predict_preprocessed(volume))
+    agree = float((probs[0].argmax(0) == probs[1].argmax(0)).mean())
+    diff = float(np.abs(probs[0] - probs[1]).max())
+    return Row("prediction GPU vs CPU", "PASS" if agree >= AGREEMENT else "FAIL",
+               f"{'x'.join(map(str, volume.shape[1:]))} volume: labels agree on {agree:.5%} of voxels, max "
+               f"probability difference {diff:.2e}")
+
+
+def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, device: torch.device,
+                     steps: int) -> list[Row]:
+    """Steps per second of each stage (random data, the plan's patch and batch; also deterministic) and
+    seconds to predict a median-shaped case with mirroring."""
+    run = fallback
+    label = "generated plan"
+    if hippocampus is not None:
+        run = root / "hippocampus"
+        cli("plan", str(hippocampus), "-o", str(run), "--device", device.type, "--no-progress")
+        label = "Hippocampus plan"
+    plans = load_plans(run / "plans.json")
+    k, c = len(plans.labels), len(plans.channel_names)
+    amp = plans.amp and device.type == "cuda"
+    rows = []
+    for deterministic in (False, True):
+        configure_backends(device, deterministic)
+        rates = []
+        for st in plans.stages:
+            net = build_network(plans.network, c, k)
+            loss = DeepSupervisionLoss(DiceCELoss(plans.training.dice_class_weights, plans.training.batch_dice),
+                                       plans.training.deep_supervision_weights)
+            run_st = next(r for r in stage_runs(plans, Overrides("both", None, None, None)) if r.name == st.name)
+            sec = measure_step_seconds(net, loss, run_st, st.batch_size, c, k, device, amp, warmup=2, timed=steps)
+            rates.append(f"{st.name} {1 / sec:.1f} steps/s ({'x'.join(map(str, st.patch_size))}, batch "
+                         f"{st.batch_size})")
+        mode = "deterministic" if deterministic else "cudnn.benchmark" if device.type == "cuda" else "default"
+        rows.append(Row(f"training throughput, {mode}", "PASS", f"{label}: " + "; ".join(rates)))
+    configure_backends(device, False)
+    torch.use_deterministic_algorithms(False)
+    net = build_network(plans.network, c, k)
+    volume = np.random.default_rng(0).normal(0, 1, (c, *plans.median_shape_after_resampling)).astype(np.float32)
+    predictor = Predictor(plans, [(net, list(plans.stages[-1].patch_size))], device)
+    predictor.predict_preprocessed(volume)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(3):
+        predictor.predict_preprocessed(volume)
+    per_case = (time.perf_counter() - t0) / 3
+    rows.append(Row("prediction throughput", "PASS",
+                    f"{label}: {per_case:.2f} s per median case "
+                    f"({'x'.join(map(str, plans.median_shape_after_resampling))}, mirroring, one fold)"))
+    return rows
+
+
+def _safe(name: str, fn: Callable[[], Row | tuple[Row, ...] | list[Row]]) -> list[Row]:
+    try:
+        out = fn()
+    except Exception as e:  # a check that crashes is a failed row, and the others still run
+        return [Row(name, "FAIL", f"{type(e).__name__}: {e}".splitlines()[0][:200])]
+    return [out] if isinstance(out, Row) else list(out)
+
+
+def print_table(rows: list[Row]) -> None:
+    w1 = max(len(r.check) for r in rows)
+    w2 = max(len(r.status) for r in rows)
+    print(f"{'check':<{w1}}  {'result':<{w2}}  figure")
+    for r in rows:
+        print(f"{r.check:<{w1}}  {r.status:<{w2}}  {r.figure}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="device to check (default: CUDA when visible, else the CPU)")
+    ap.add_argument("--gpus", type=int, default=2, help="GPUs for the DDP row (default 2; 1 skips it)")
+    ap.add_argument("--hippocampus", type=Path, default=REPO.parent / "shared" / "data" / "MSD_Task04_Hippocampus",
+                    help="Hippocampus dataset for the throughput rows (skipped to a generated plan if absent)")
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="work in DIR and keep it (default: a temporary folder, removed at the end)")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible to PyTorch", file=sys.stderr)
+        return 1
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    root = Path(args.keep or tempfile.mkdtemp(prefix="autoseg-gpu-check-"))
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    gpu = device.type == "cuda"
+    shape, cases, iterations = ((48, 96, 96), 8, 20) if gpu else ((20, 24, 22), 6, 4)
+    rows = _safe("device and memory budget", lambda: check_device(device))
+    try:
+        run = prepare_run(root / "generated", device.type, shape, cases)
+    except Exception as e:
+        rows.append(Row("plan + preprocess a generated dataset", "FAIL", str(e)))
+        print_table(rows)
+        return 1
+    rows += _safe("two-stage training", lambda: check_training(run, device, iterations))
+    rows += _safe("SIGTERM, resume = uninterrupted", lambda: check_resume(run, root, device.type, iterations))
+    rows += _safe("DDP 2 processes", lambda: check_ddp(run, root, device, args.gpus))
+    rows += _safe("prediction GPU vs CPU", lambda: check_prediction(run, device))
+    hippo = args.hippocampus if args.hippocampus.is_dir() else None
+    rows += _safe("throughput", lambda: check_throughput(hippo, run, root, device, 10 if gpu else 2))
+    print_table(rows)
+    print(f"\n{sum(r.status == 'PASS' for r in rows)} passed, {sum(r.status == 'FAIL' for r in rows)} failed, "
+          f"{sum(r.status.startswith('skipped') for r in rows)} skipped in {time.perf_counter() - t0:.0f} s "
+          f"(torch {torch.__version__}, {device})")
+    if args.keep is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
