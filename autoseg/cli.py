@@ -303,13 +303,18 @@ def _silent(_: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from autoseg.inference.folder import predict_folder
+    from autoseg.inference.folder import DeviceFailedError, predict_folder
     from autoseg.inference.predictor import Predictor
 
     t0 = time.perf_counter()
     predictor = Predictor.from_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta, args.step)
-    r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
-                       not args.no_progress and sys.stderr.isatty())
+    try:
+        r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
+                           not args.no_progress and sys.stderr.isatty())
+    except DeviceFailedError as e:  # the run stopped: the cases that failed before it are still worth a line
+        for line in e.report.failed.values():
+            print(f"error: {line}", file=sys.stderr)
+        raise
     for line in r.failed.values():
         print(f"error: {line}", file=sys.stderr)
     n = len(r.written)

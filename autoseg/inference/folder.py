@@ -1,6 +1,7 @@
 """``autoseg predict`` over a folder: find the cases; while the network works on one case, a reader thread
 reads and preprocesses the next and a writer thread takes the previous back to its grid and writes it;
-failures are reported by name and the other cases go on.
+failures are reported by name and the other cases go on, except a sticky GPU error (the CUDA context is
+broken, every later case would fail the same way), which stops the run after the finished cases are written.
 
 Input naming: nnU-Net's ``<case>_0000.nii.gz, _0001, ...`` (one file per channel) or MSD's ``<case>.nii.gz``
 (one file, 4D for several channels). Outputs: ``<case>`` + the input's ending, a label map on the input's
@@ -16,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from autoseg.atomic import atomic_path
-from autoseg.inference.predictor import Prediction, Predictor
+from autoseg.inference.predictor import Prediction, Predictor, first_line, is_out_of_memory
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
+from autoseg.parallel import CaseError
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.verify import geometry_mismatch
 
-__all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities"]
+__all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities",
+           "DeviceFailedError", "is_sticky_device_error"]
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
@@ -40,9 +44,36 @@ class ScanCase:
 
 @dataclass
 class FolderReport:
+    """Case ids written in this run, skipped as already done, and failed (with a one-line reason)."""
+
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+
+
+class DeviceFailedError(CaseError):
+    """The GPU failed on a case with a sticky error and the run stopped (see :func:`is_sticky_device_error`).
+
+    Attributes:
+        report: what had been written, skipped and failed before the stop; every written file is complete.
+    """
+
+    def __init__(self, case_id: str, detail: str, report: FolderReport):
+        super().__init__(case_id, detail)
+        self.report = report
+
+
+def is_sticky_device_error(exc: BaseException) -> bool:
+    """True for a GPU error after which the CUDA context is unusable, so that every later case would fail
+    the same way: a device-side assert, an illegal memory access, a lost device. PyTorch raises these as
+    ``torch.AcceleratorError`` (recent versions) or as a ``RuntimeError`` whose message contains
+    ``CUDA error``. Running out of memory is not sticky (the memory is back once the tensors are freed)."""
+    if is_out_of_memory(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
 def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]]:
@@ -144,8 +175,12 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
                    probabilities: bool = False, progress: bool = True) -> FolderReport:
     """Predict every case of ``in_dir`` into ``out_dir``; a failing case is recorded and the others go on.
 
+    A sticky GPU error (:func:`is_sticky_device_error`) stops the run instead: the case before it is still
+    written, nothing is written for the failing case, later cases are not attempted.
+
     Raises:
         ValueError: ``in_dir`` is missing or holds no images.
+        DeviceFailedError: a sticky GPU error; its message names the case, what was written, and says to rerun.
     """
     if not in_dir.is_dir():
         raise ValueError(f"{in_dir}: not a folder")
@@ -162,21 +197,45 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
         done = (out_dir / f"{c.case_id}{c.ending}").is_file() and (
             not probabilities or (out_dir / f"{c.case_id}.npz").is_file())
         (report.skipped.append(c.case_id) if done and not overwrite else todo.append(c))
+    stopped: tuple[str, str, int] | None = None  # case, error and cases not attempted after a sticky device error
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: list[tuple[ScanCase, Future]] = []
-        for case, ready in tqdm(_prefetch(reader, predictor, todo, n_ch), total=len(todo), unit="case",
-                                desc="predict", disable=not progress):
+        cases_ready = tqdm(_prefetch(reader, predictor, todo, n_ch), total=len(todo), unit="case", desc="predict",
+                           disable=not progress)
+        for i, (case, ready) in enumerate(cases_ready):
             try:
                 data, props = ready.result()
                 probs = predictor.predict_preprocessed(data)
-            except (ValueError, RuntimeError) as e:
-                report.failed[case.case_id] = f"case {case.case_id}: {e}"
+            except (ValueError, RuntimeError, MemoryError) as e:
+                if is_sticky_device_error(e):
+                    stopped = (case.case_id, first_line(e), len(todo) - i - 1)
+                    break
+                report.failed[case.case_id] = f"case {case.case_id}: {_describe(e)}"
                 continue
             pending.append((case, writer.submit(_finish_and_write, predictor, case, probs, props, probabilities,
                                                 out_dir)))
             _settle(pending, report, keep=1)  # at most one finished prediction waits for its write
-        _settle(pending, report, keep=0)
+        _settle(pending, report, keep=0)  # also after a stop: the previous case's prediction is complete
+    if stopped is not None:
+        raise _device_failed(*stopped, report)
     return report
+
+
+def _device_failed(case_id: str, error: str, n_left: int, report: FolderReport) -> DeviceFailedError:
+    """The error that stops the run on a sticky device error on ``case_id``, ``n_left`` cases not attempted."""
+    earlier = f"; failed before it: {', '.join(report.failed)}" if report.failed else ""
+    return DeviceFailedError(case_id, (
+        f"the GPU failed ({error}) and stays unusable in this process, so the run stopped: {len(report.written)} "
+        f"case(s) written in this run, {len(report.skipped)} done before, {n_left} not attempted{earlier}. Run the "
+        f"same command again to continue (finished cases are skipped); if case {case_id} fails again, predict it "
+        "with --device cpu"), report)
+
+
+def _describe(exc: BaseException) -> str:
+    """A per-case error as one line (an empty ``MemoryError`` says what it is)."""
+    if isinstance(exc, MemoryError):
+        return "out of memory (RAM)" + (f": {first_line(exc)}" if str(exc).strip() else "")
+    return str(exc)
 
 
 def _settle(pending: list[tuple[ScanCase, Future]], report: FolderReport, keep: int) -> None:
@@ -185,8 +244,8 @@ def _settle(pending: list[tuple[ScanCase, Future]], report: FolderReport, keep: 
         try:
             fut.result()
             report.written.append(case.case_id)
-        except (OSError, ValueError, RuntimeError) as e:
-            report.failed[case.case_id] = f"case {case.case_id}: writing failed: {e}"
+        except (OSError, ValueError, RuntimeError, MemoryError) as e:
+            report.failed[case.case_id] = f"case {case.case_id}: writing failed: {_describe(e)}"
 
 
 def _read_and_preprocess(predictor: Predictor, case: ScanCase, n_ch: int) -> tuple[np.ndarray, CaseProperties]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +23,62 @@ from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
+from autoseg.inference.sliding_window import (
+    choose_sums_device,
+    choose_tiles_per_batch,
+    cuda_free_bytes,
+    padded_shape,
+    predict_logits,
+    sums_bytes,
+)
 from autoseg.io import Geometry
 from autoseg.networks import build_network
+from autoseg.planning.memory import step_cost
 from autoseg.plans import PLANS_FILE, Plans, load_plans
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
 from autoseg.runconfig import CONFIG_FILE
+from autoseg.tiling import tile_boxes
 
-__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device"]
+__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError",
+           "is_out_of_memory", "first_line"]
 
 log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+
+
+class PredictionMemoryError(RuntimeError):
+    """A volume could not be predicted within the memory there is, after every fallback; the message is one
+    line: what ran out, the volume, the patch, the device and what to do."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for running out of memory: ``torch.OutOfMemoryError`` (CUDA), a CUDA ``out of memory`` error,
+    PyTorch's CPU allocator failing (``DefaultCPUAllocator: can't allocate memory``) or ``MemoryError``."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    """Out of GPU memory (not RAM): what the GPU fallbacks of :meth:`Predictor._logits` react to."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA" in str(exc) and "out of memory" in str(exc))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (PyTorch's CUDA errors add lines of debugging advice), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the first axis in place (``logits`` becomes the probabilities): no second K x volume."""
+    logits -= logits.amax(0)
+    logits.exp_()
+    logits /= logits.sum(0)
+    return logits
 
 
 @dataclass
@@ -159,34 +207,97 @@ class Predictor:
         return Prediction(apply_postprocessing(labels, self.postprocessing), full)
 
     def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(K, ...)`` of a preprocessed case, averaged over the networks."""
+        """Class probabilities ``(K, ...)`` of a preprocessed case, averaged over the networks.
+
+        Raises:
+            PredictionMemoryError: out of memory after every fallback of :meth:`_logits`.
+        """
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total: torch.Tensor | None = None
         for net, patch in self.networks:
-            p = torch.softmax(self._logits(net, x, patch), 0)
-            total = p if total is None else total + p
+            message = None
+            try:
+                p = _softmax_(self._logits(net, x, patch))
+                total = p if total is None else total.add_(p)
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                if log.isEnabledFor(logging.DEBUG):  # as text: a kept record would pin the frames and their tensors
+                    log.debug("out of memory:\n%s", "".join(traceback.format_exception(e)))
+                message = self._memory_message(e, list(x.shape), patch)
+            if message is not None:  # raised here, not in the except block: the traceback would pin the tensors
+                total = None
+                raise PredictionMemoryError(message)
         assert total is not None
-        return (total / len(self.networks)).numpy()
+        return total.div_(len(self.networks)).numpy()
+
+    def _memory_message(self, exc: BaseException, shape: list[int], patch: list[int]) -> str:
+        """One line: what ran out, for which volume, patch and device, and what to do."""
+        k = len(self.plans.labels)
+        need = sums_bytes(k, shape[0], padded_shape(shape[1:], patch)) / 2**30
+        where = f"{self.device}" if self.device.type == "cpu" else (
+            f"{self.device} (sums in RAM and the network on the CPU were tried too)")
+        volume = (f"a {'x'.join(map(str, shape[1:]))} volume (after preprocessing, {shape[0]} channel(s), {k} "
+                  f"classes) with patch {'x'.join(map(str, patch))} on {where}")
+        if isinstance(exc, torch.OutOfMemoryError):
+            return (f"out of GPU memory predicting {volume} ({first_line(exc)}); free the GPU of other processes "
+                    f"or predict with --device cpu")
+        folds = " or with fewer folds (--folds 0)" if len(self.networks) > 1 else ""
+        return (f"out of memory (RAM) predicting {volume}: its sums and input alone take {need:.1f} GiB; free "
+                f"RAM (other programs, fewer runs at once), predict on a machine with more RAM{folds}")
+
+    def _gpu_layout(self, x: torch.Tensor, patch: list[int]) -> tuple[torch.device, int]:
+        """Where the sums live and how many tiles go through the network at once, decided from the GPU's
+        free memory before any tile runs (:func:`choose_sums_device`, :func:`choose_tiles_per_batch`).
+
+        One tile's forward memory is estimated by the training memory model's ``activation_bytes``: what a
+        training step keeps for backward, which bounds what a forward pass without gradients holds at once.
+        """
+        k, c = len(self.plans.labels), x.shape[0]
+        padded = padded_shape(list(x.shape[1:]), patch)
+        free = cuda_free_bytes(self.device)
+        need = sums_bytes(k, c, padded)
+        on_gpu = choose_sums_device(need, free) == "cuda"
+        per_tile = step_cost(self.plans.network, patch, 1, c, k, self.plans.amp).activation_bytes
+        n_tiles = len(tile_boxes(padded, patch, self.step))
+        batch = choose_tiles_per_batch(per_tile, free - need if on_gpu else free, n_tiles, "cuda")
+        log.debug("GPU: %.2f GiB free; sums %.2f GiB in %s; %d tile(s) of %d per batch (%.2f GiB each)",
+                  free / 2**30, need / 2**30, "GPU memory" if on_gpu else "RAM", batch, n_tiles, per_tile / 2**30)
+        return (self.device if on_gpu else CPU), batch
 
     def _logits(self, net: nn.Module, x: torch.Tensor, patch: list[int]) -> torch.Tensor:
-        """Sliding-window logits; on a GPU out of memory, retried with the sums kept in RAM, then on the CPU."""
-        from autoseg.inference.sliding_window import predict_logits
+        """Sliding-window logits ``(K, *spatial)``, float32 on the CPU.
 
+        On a GPU, the fallback chain is: sums in GPU memory -> sums in RAM -> the network on the CPU. The first
+        rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
+        first rung tried batches tiles; after an out-of-memory error the next rung runs one tile at a time. The
+        cache is emptied after leaving the ``except`` block: inside it, the exception's traceback still holds
+        the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing.
+
+        Raises:
+            RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
+        """
         args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
         if self.device.type != "cuda":
             return predict_logits(net, *args, self.device)
-        try:
-            return predict_logits(net, *args, self.device, amp=self.plans.amp)
-        except torch.cuda.OutOfMemoryError:
+        sums_on, batch = self._gpu_layout(x, patch)
+        shape = "x".join(map(str, x.shape[1:]))
+        if sums_on.type == "cpu":
+            log.info("keeping the sums of the %s volume in RAM: they do not fit the free GPU memory", shape)
+        rungs = ([self.device] if sums_on.type == "cuda" else []) + [CPU]
+        for i, acc_on in enumerate(rungs):
+            try:
+                return predict_logits(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
+            except RuntimeError as e:
+                if not _gpu_out_of_memory(e):
+                    raise
+                failure = first_line(e)
             torch.cuda.empty_cache()
-        log.warning("GPU out of memory for a %s volume: keeping the sums in RAM", "x".join(map(str, x.shape[1:])))
+            log.warning("GPU out of memory for the %s volume with the sums in %s (%s): %s", shape,
+                        "GPU memory" if acc_on.type == "cuda" else "RAM", failure,
+                        "keeping the sums in RAM" if i + 1 < len(rungs) else "predicting it on the CPU")
+        net.to(CPU)
         try:
-            return predict_logits(net, *args, self.device, amp=self.plans.amp, accumulate_on=torch.device("cpu"))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-        log.warning("GPU out of memory again: predicting this volume on the CPU")
-        net.to("cpu")
-        try:
-            return predict_logits(net, *args, torch.device("cpu"))
+            return predict_logits(net, *args, CPU)
         finally:
             net.to(self.device)

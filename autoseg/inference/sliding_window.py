@@ -3,11 +3,17 @@
 Logits of the tiles are weighted by a Gaussian centred on the tile (edges of a tile see less context), summed
 and divided by the summed weights; with mirroring, each tile is also predicted flipped along every
 combination of the mirror axes and the flipped-back logits are averaged.
+
+The sums are float32 on every device: the Gaussian's corner weights (about 4e-11 with sigma 1/8) are below
+float16's smallest subnormal, so float16 sums would drop them while the float32 normaliser kept them. Where
+the sums live (GPU or RAM) and how many tiles go through the network at once are decided up front from the
+free memory by the pure functions below; :class:`autoseg.inference.predictor.Predictor` applies them.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from math import prod
 
 import numpy as np
 import torch
@@ -15,7 +21,20 @@ from torch import nn
 
 from autoseg.tiling import mirror_combinations, tile_boxes
 
-__all__ = ["gaussian_weights", "predict_logits"]
+__all__ = ["gaussian_weights", "predict_logits", "padded_shape", "sums_bytes", "choose_sums_device",
+           "choose_tiles_per_batch", "cuda_free_bytes", "division_chunk", "divide_sums", "SUMS_SHARE",
+           "BATCH_SHARE", "MAX_TILES_PER_BATCH", "DIVISION_CHUNK_BYTES"]
+
+#: share of the GPU's free memory the sums (and the input) may take; the rest is for the network's forward
+SUMS_SHARE = 0.6
+#: share of the GPU memory left after the sums that a batch of tiles may plan to use
+BATCH_SHARE = 0.8
+#: most tiles per network call on a GPU: beyond a few, a larger batch no longer speeds a GPU up
+MAX_TILES_PER_BATCH = 8
+#: largest chunk (bytes) of the sums divided and copied at a time at the end (extra memory of the division)
+DIVISION_CHUNK_BYTES = 64 * 2**20
+
+_FLOAT32 = 4  # bytes
 
 
 @lru_cache(maxsize=8)
@@ -35,25 +54,124 @@ def gaussian_weights(patch: list[int], sigma_scale: float) -> torch.Tensor:
     return torch.from_numpy(_gaussian(tuple(patch), float(sigma_scale)))
 
 
+def padded_shape(spatial: list[int], patch: list[int]) -> list[int]:
+    """The volume's shape after zero-padding every edge shorter than the patch up to the patch's edge."""
+    return [max(s, p) for s, p in zip(spatial, patch)]
+
+
+def sums_bytes(n_classes: int, in_channels: int, padded: list[int]) -> int:
+    """Bytes of what sliding-window prediction keeps for a whole volume on the device of its sums: the
+    K weighted logit sums, the summed weights and the input, all float32, on the ``padded`` shape."""
+    return (n_classes + 1 + in_channels) * prod(padded) * _FLOAT32
+
+
+def choose_sums_device(needed_bytes: int, free_bytes: int, share: float = SUMS_SHARE) -> str:
+    """``"cuda"`` when ``needed_bytes`` (:func:`sums_bytes`) fit ``share`` of the GPU's ``free_bytes``, else
+    ``"cpu"`` (the sums in RAM; each batch of tile logits is copied there, the network stays on the GPU)."""
+    return "cuda" if needed_bytes <= share * free_bytes else "cpu"
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on the GPU ``device``: the driver's free memory plus what
+    PyTorch's caching allocator holds but does not use."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, device_type: str,
+                           cap: int = MAX_TILES_PER_BATCH, share: float = BATCH_SHARE) -> int:
+    """How many tiles go through the network in one call.
+
+    On a GPU: as many as ``share`` of ``free_bytes`` holds at ``bytes_per_tile`` each (the memory of one
+    tile's forward pass), at least 1, at most ``cap`` and ``n_tiles``. On the CPU always 1: a convolution's
+    work grows linearly with the batch, so a batch saves no work (one thread, 8 tiles of 64^3: 10.0 s one at a
+    time and four at a time) while the activation memory grows with it (peak 430 -> 840 MiB); RAM is what a
+    CPU run of a large scan runs out of. Measurements: ``docs/predicting.md``.
+
+    Args:
+        bytes_per_tile: memory of one tile's forward pass (bytes), an upper bound.
+        free_bytes: memory free for the forward passes (bytes), after the sums.
+        n_tiles: tiles of the volume.
+        device_type: ``"cuda"`` or ``"cpu"``.
+
+    Raises:
+        ValueError: ``bytes_per_tile`` or ``n_tiles`` not positive.
+    """
+    if bytes_per_tile <= 0 or n_tiles <= 0:
+        raise ValueError(f"bytes_per_tile {bytes_per_tile} and n_tiles {n_tiles} must be positive")
+    if device_type != "cuda":
+        return 1
+    return max(1, min(cap, n_tiles, int(share * max(free_bytes, 0)) // bytes_per_tile))
+
+
+def division_chunk(n_classes: int, plane_voxels: int, budget_bytes: int = DIVISION_CHUNK_BYTES) -> int:
+    """Slices along the first spatial axis per chunk of the final division: as many as keep the chunk's
+    K float32 planes of ``plane_voxels`` voxels within ``budget_bytes``, at least 1."""
+    return max(1, budget_bytes // (n_classes * plane_voxels * _FLOAT32))
+
+
+def divide_sums(acc: torch.Tensor, norm: torch.Tensor, crop: tuple[slice, ...], chunk: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """``acc[crop] / norm[crop[1:]]`` as float32 on the CPU, with at most one chunk of extra memory.
+
+    The division runs in place in ``acc``, ``chunk`` slices of the first spatial axis at a time, and each
+    divided chunk is copied into ``out`` right away; on a GPU that bounds the extra device memory by one
+    chunk, where ``acc[crop].float() / norm[...]`` would allocate a second K x volume tensor.
+
+    Args:
+        acc: weighted logit sums ``(K, *padded)``, float32, any device; overwritten.
+        norm: summed weights ``(*padded)``, float32, on ``acc``'s device.
+        crop: ``(slice(None), z, y, x)``: the region to return.
+        chunk: slices of the first spatial axis per step (>= 1).
+        out: CPU float32 tensor of the cropped shape to fill. Default: a new one, except for sums already on
+            the CPU, which are divided in place and returned as a view of ``acc`` (no second copy in RAM).
+
+    Raises:
+        ValueError: ``chunk`` below 1 or ``out`` of the wrong shape.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk {chunk}: expected at least one slice")
+    region = acc[crop]
+    weights = norm[crop[1:]]
+    if out is None:
+        out = region if acc.device.type == "cpu" else torch.empty(region.shape, dtype=torch.float32)
+    elif out.shape != region.shape:
+        raise ValueError(f"out of shape {list(out.shape)}; the cropped sums are {list(region.shape)}")
+    for z in range(0, region.shape[1], chunk):
+        part = region[:, z:z + chunk]
+        part.div_(weights[z:z + chunk])
+        if out is not region:
+            out[:, z:z + chunk].copy_(part)
+    return out
+
+
 @torch.no_grad()
 def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: float, mirror_axes: list[int],
                    sigma_scale: float, device: torch.device, tiles_per_batch: int = 1,
-                   amp: bool = False, accumulate_on: torch.device | None = None) -> torch.Tensor:
+                   amp: bool = False, accumulate_on: torch.device | None = None,
+                   chunk: int | None = None) -> torch.Tensor:
     """Gaussian-weighted, mirrored logits ``(K, *spatial)`` (float32, on the CPU) of ``image`` ``(C, *spatial)``.
 
-    The network runs on ``device``; the weighted sums live on ``accumulate_on`` (default ``device``), in
-    float16 on a GPU (half the memory of the largest buffer, K x the volume) and float32 on the CPU. A volume
-    smaller than the patch is zero-padded symmetrically and the result cropped back.
+    The network runs on ``device``, ``tiles_per_batch`` tiles per call. The weighted sums, the summed weights
+    and the (padded) input live on ``accumulate_on`` (default ``device``), all float32 whatever the device,
+    so a GPU sums exactly as the CPU does. A volume smaller than the patch is zero-padded symmetrically and
+    the result cropped back. The result is divided ``chunk`` slices at a time (:func:`divide_sums`; default
+    :func:`division_chunk`); sums kept on the CPU are divided in place and returned without a copy.
+
+    Raises:
+        ValueError: ``tiles_per_batch`` below 1.
     """
+    if tiles_per_batch < 1:
+        raise ValueError(f"tiles_per_batch {tiles_per_batch}: expected at least 1")
     acc_device = accumulate_on or device
-    acc_dtype = torch.float16 if acc_device.type == "cuda" else torch.float32
     spatial = list(image.shape[1:])
-    padded = [max(s, p) for s, p in zip(spatial, patch)]
+    padded = padded_shape(spatial, patch)
     lo = [(p - s) // 2 for s, p in zip(spatial, padded)]
     if padded != spatial:
         full = image.new_zeros((image.shape[0], *padded))
         full[(slice(None), *(slice(a, a + s) for a, s in zip(lo, spatial)))] = image
         image = full
+    image = image.to(acc_device)
     weights = gaussian_weights(patch, sigma_scale).to(acc_device)
     acc: torch.Tensor | None = None
     norm = torch.zeros(padded, dtype=torch.float32, device=acc_device)
@@ -70,14 +188,16 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
                 y = net(xi)
             y = y.float()
             y = torch.flip(y, dims) if dims else y
-            out = y if out is None else out + y
+            out = y if out is None else out.add_(y)
         assert out is not None
-        out = (out / len(flips)).to(acc_device)
+        out = out.div_(len(flips)).to(acc_device)
         if acc is None:
-            acc = torch.zeros((out.shape[1], *padded), dtype=acc_dtype, device=acc_device)
+            acc = torch.zeros((out.shape[1], *padded), dtype=torch.float32, device=acc_device)
         for b, o in zip(group, out):
-            acc[(slice(None), *b)] += (o * weights).to(acc_dtype)
+            acc[(slice(None), *b)].addcmul_(o, weights)
             norm[b] += weights
     assert acc is not None
     crop = (slice(None), *(slice(a, a + s) for a, s in zip(lo, spatial)))
-    return (acc[crop].float() / norm[crop[1:]]).cpu()
+    if chunk is None:
+        chunk = division_chunk(acc.shape[0], prod(spatial[1:]))
+    return divide_sums(acc, norm, crop, chunk)

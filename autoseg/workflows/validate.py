@@ -14,7 +14,7 @@ from tqdm import tqdm
 from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
-from autoseg.inference.predictor import Predictor
+from autoseg.inference.predictor import PredictionMemoryError, Predictor
 from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
@@ -45,7 +45,11 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     cases: dict[str, dict[str, dict[str, float]]] = {}
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
-        probs = predictor.predict_preprocessed(np.asarray(read_case_arrays(folder, cid)[0][:]))
+        try:
+            probs = predictor.predict_preprocessed(np.asarray(read_case_arrays(folder, cid)[0][:]))
+        except PredictionMemoryError as e:  # one line from the CLI, like every error a user can act on
+            raise ValueError(f"validation of case {cid}: {e}; the trained checkpoint_final.pt is kept: run the same "
+                             "command again (with --device cpu if the GPU is too small) to validate") from None
         seg = predictor.finish(probs, props).labels
         write_image(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         ref = read_image(refs[cid])[0][0]

@@ -1,14 +1,24 @@
-"""``autoseg predict`` / ``Predictor`` / ``autoseg ensemble``: geometry, failures, reruns, averaging."""
+"""``autoseg predict`` / ``Predictor`` / ``autoseg ensemble``: geometry, failures, reruns, averaging, and the
+GPU paths that a CPU can observe: the memory fallbacks, out-of-memory messages, sticky device errors."""
 
 from __future__ import annotations
 
+import re
+import sys
+
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from autoseg.cli import main
-from autoseg.inference.folder import find_scans, load_probabilities
-from autoseg.inference.predictor import Predictor
+from autoseg.inference import predictor as predictor_module
+from autoseg.inference.folder import find_scans, is_sticky_device_error, load_probabilities
+from autoseg.inference.predictor import PredictionMemoryError, Predictor
+from autoseg.inference.sliding_window import choose_tiles_per_batch, sums_bytes
 from autoseg.io import read_image
+from autoseg.planning.memory import step_cost
+from autoseg.plans import PLANS_FILE, load_plans
 
 from ..builders import DIRECTION, ORIGIN, write
 
@@ -114,3 +124,171 @@ def test_find_scans_naming(tmp_path):
     assert any("case c" in p for p in problems) and any("case scan" in p for p in problems)
     cases, problems = find_scans(tmp_path, 1)
     assert {c.case_id for c in cases} >= {"b", "scan_2024"} and not any("scan" in p for p in problems)
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)")
+GPU_OOM = "CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of 8.00 GiB\nmore advice"
+STICKY = ("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported at some "
+          "other API call, so the stacktrace below might be incorrect.")
+
+
+class _HeldOnCpu(nn.Module):
+    """Stands in for a network on a GPU: a CPU build of PyTorch cannot move one there, so ``to`` only records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: list[str] = []
+
+    def to(self, *args, **kwargs):  # type: ignore[override]
+        self.moves.append(str(args[0]))
+        return self
+
+
+def fake_gpu(monkeypatch, run, free_bytes, error_on):
+    """A Predictor that takes itself to be on a GPU with ``free_bytes`` free; its sliding window only records
+    (network device, tiles per batch, sums device) and raises ``error_on(device type)`` when that is not None;
+    ``torch.cuda.empty_cache`` records whether an exception was being handled when it was called."""
+    plans = load_plans(run / PLANS_FILE)
+    net = _HeldOnCpu()
+    p = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), tta=False)
+    p.device = torch.device("cuda")
+    calls: list[tuple] = []
+    handling: list = []
+
+    def predict_logits(net, x, patch, step, mirror_axes, sigma_scale, device, tiles_per_batch=1, amp=False,
+                       accumulate_on=None):
+        calls.append((device.type, tiles_per_batch, accumulate_on.type if accumulate_on is not None else None))
+        error = error_on(device.type)
+        if error is not None:
+            raise error
+        return torch.zeros(len(plans.labels), *x.shape[1:])
+
+    monkeypatch.setattr(predictor_module, "predict_logits", predict_logits)
+    monkeypatch.setattr(predictor_module, "cuda_free_bytes", lambda device: free_bytes)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: handling.append(sys.exc_info()[0]))
+    return p, net, calls, handling
+
+
+def test_gpu_fallbacks_in_order_with_the_cache_emptied_outside_except(trained_run, monkeypatch):
+    p, net, calls, handling = fake_gpu(monkeypatch, trained_run, 10**12,
+                                       lambda dev: torch.OutOfMemoryError(GPU_OOM) if dev == "cuda" else None)
+    probs = p.predict_preprocessed(np.zeros((1, 16, 16, 16), np.float32))  # patch 8, step 0.5: 27 tiles
+    np.testing.assert_allclose(probs, 1 / 3)  # softmax of zero logits over 3 classes
+    # sums on the GPU with 8 tiles a batch (the cap) -> sums in RAM one tile at a time -> the network on the CPU
+    assert calls == [("cuda", 8, "cuda"), ("cuda", 1, "cpu"), ("cpu", 1, None)]
+    assert handling == [None, None]  # emptied twice, never while the exception (and its frames) was alive
+    assert net.moves[-2:] == ["cpu", "cuda"]  # to the CPU for the last rung and back
+
+
+def test_sums_too_large_for_the_gpu_start_in_ram(trained_run, monkeypatch):
+    plans = load_plans(trained_run / PLANS_FILE)
+    need = sums_bytes(3, 1, [64, 64, 64])
+    assert need == 5 * 64**3 * 4
+    per_tile = step_cost(plans.network, [8, 8, 8], 1, 1, 3, plans.amp).activation_bytes
+    free = need + 3 * per_tile  # the sums need more than 60 % of it; 80 % of it holds several tiles
+    batch = choose_tiles_per_batch(per_tile, free, 15**3, "cuda")
+    assert batch > 1
+    p, _, calls, handling = fake_gpu(monkeypatch, trained_run, free, lambda dev: None)
+    p.predict_preprocessed(np.zeros((1, 64, 64, 64), np.float32))
+    assert calls == [("cuda", batch, "cpu")] and handling == []
+
+
+def test_out_of_memory_after_every_fallback_is_one_line(trained_run, monkeypatch):
+    p, _, calls, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.OutOfMemoryError(GPU_OOM)
+                              if dev == "cuda" else RuntimeError(CPU_OOM))
+    with pytest.raises(PredictionMemoryError) as err:
+        p.predict_preprocessed(np.zeros((1, 16, 20, 12), np.float32))
+    msg = str(err.value)
+    assert len(calls) == 3 and "\n" not in msg
+    assert msg.startswith("out of memory (RAM) predicting a 16x20x12 volume (after preprocessing, 1 channel(s), 3 "
+                          "classes) with patch 8x8x8 on cuda (sums in RAM and the network on the CPU were tried too)")
+    assert "free RAM" in msg and "--folds" not in msg  # one network: fewer folds would not help
+
+
+def test_gpu_out_of_memory_that_escapes_says_so(trained_run, monkeypatch):
+    p, _, _, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.OutOfMemoryError(GPU_OOM))
+    with pytest.raises(PredictionMemoryError, match=r"^out of GPU memory predicting a 8x8x8 volume .* on cuda .*"
+                       r"\(CUDA out of memory\. Tried to allocate 1\.00 GiB\. GPU 0 has a total capacity of 8\.00 "
+                       r"GiB\); free the GPU of other processes or predict with --device cpu$"):
+        p.predict_preprocessed(np.zeros((1, 8, 8, 8), np.float32))
+
+
+def test_out_of_ram_names_the_case_in_one_line(trained_run, tmp_path, monkeypatch, capsys):
+    def out_of_ram(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(predictor_module, "predict_logits", out_of_ram)
+    src = scans(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(src), "-o", str(out), "--run", str(trained_run), "--folds", "0",
+                 "--no-tta"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        assert re.match(rf"error: case scan_{i}: out of memory \(RAM\) predicting a \d+x\d+x\d+ volume \(after "
+                        r"preprocessing, 1 channel\(s\), 3 classes\) with patch \d+x\d+x\d+ on cpu: its sums and "
+                        r"input alone take \d+\.\d GiB; free RAM", line), line
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_is_sticky_device_error():
+    sticky = [RuntimeError(STICKY), RuntimeError("CUDA error: an illegal memory access was encountered"),
+              torch.AcceleratorError("CUDA error: unspecified launch failure")]
+    not_sticky = [torch.OutOfMemoryError(GPU_OOM), RuntimeError("CUDA error: out of memory"), RuntimeError(CPU_OOM),
+                  RuntimeError("Given groups=1, weight of size [16, 1, 3, 3, 3]"), ValueError("CUDA error"),
+                  MemoryError()]
+    assert [is_sticky_device_error(e) for e in sticky] == [True] * 3
+    assert [is_sticky_device_error(e) for e in not_sticky] == [False] * 6
+
+
+def _fail_second_call(monkeypatch, error: Exception) -> list[int]:
+    """Make the 2nd ``predict_preprocessed`` call raise ``error``; returns the list of calls made."""
+    calls: list[int] = []
+    real = Predictor.predict_preprocessed
+
+    def flaky(self, data):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            raise error
+        return real(self, data)
+
+    monkeypatch.setattr(Predictor, "predict_preprocessed", flaky)
+    return calls
+
+
+def test_sticky_device_error_stops_the_run_and_a_rerun_continues(trained_run, tmp_path, monkeypatch, capsys):
+    src = scans(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    cmd = ["predict", "-i", str(src), "-o", str(out), "--run", str(trained_run), "--folds", "0", "--no-tta"]
+    calls = _fail_second_call(monkeypatch, RuntimeError(STICKY))
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert calls == [1, 2]  # scan_2 and scan_3 never reached the network
+    assert sorted(p.name for p in out.iterdir()) == ["scan_0.nii.gz"]  # nothing half-written
+    assert "Traceback" not in err and "asynchronously" not in err
+    assert err.strip() == (
+        "error: case scan_1: the GPU failed (CUDA error: device-side assert triggered) and stays unusable in this "
+        "process, so the run stopped: 1 case(s) written in this run, 0 done before, 2 not attempted. Run the same "
+        "command again to continue (finished cases are skipped); if case scan_1 fails again, predict it with "
+        "--device cpu")
+    monkeypatch.undo()
+    assert main(cmd) == 0
+    rerun = capsys.readouterr().out
+    assert "predicted 3 case(s)" in rerun and "skipped 1 already done" in rerun
+    assert sorted(p.name for p in out.iterdir()) == [f"scan_{i}.nii.gz" for i in range(4)]
+
+
+def test_ordinary_case_error_fails_only_that_case(trained_run, tmp_path, monkeypatch, capsys):
+    src = scans(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    calls = _fail_second_call(monkeypatch, ValueError("scan_1_0000.nii.gz: not a NIfTI file"))
+    assert main(["predict", "-i", str(src), "-o", str(out), "--run", str(trained_run), "--folds", "0",
+                 "--no-tta"]) == 1
+    captured = capsys.readouterr()
+    assert calls == [1, 2, 3, 4]
+    assert captured.err.strip() == "error: case scan_1: scan_1_0000.nii.gz: not a NIfTI file"
+    assert "predicted 3 case(s)" in captured.out and "1 failed" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["scan_0.nii.gz", "scan_2.nii.gz", "scan_3.nii.gz"]

@@ -1,4 +1,5 @@
-"""Sliding-window prediction: tiling, Gaussian weights, mirroring, and agreement with a whole-volume pass."""
+"""Sliding-window prediction: Gaussian weights, mirroring, agreement with a whole-volume pass, tile batches,
+the chunked final division, and the memory decisions (where the sums live, how many tiles per batch)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from autoseg.inference.sliding_window import gaussian_weights, predict_logits
+from autoseg.inference.sliding_window import (
+    choose_sums_device,
+    choose_tiles_per_batch,
+    divide_sums,
+    division_chunk,
+    gaussian_weights,
+    predict_logits,
+    sums_bytes,
+)
 from autoseg.networks.resunet import ResidualUNet
-from autoseg.tiling import mirror_combinations, tile_starts
 
 CPU = torch.device("cpu")
 
@@ -17,17 +25,6 @@ CPU = torch.device("cpu")
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return ResidualUNet(1, 3, [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1]).eval()
-
-
-def test_tile_starts_cover_the_volume_with_the_step():
-    assert tile_starts([10, 16, 8], [8, 8, 8], 0.5) == [[0, 2], [0, 4, 8], [0]]
-    # every start at most step*patch apart, first at 0, last flush with the end
-    for s, p, st in [(100, 24, 0.5), (57, 16, 0.33), (24, 24, 0.5)]:
-        (starts,) = tile_starts([s], [p], st)
-        assert starts[0] == 0 and starts[-1] == s - p
-        assert all(0 < b - a <= np.ceil(p * st) for a, b in zip(starts, starts[1:]))  # rounded to voxels
-    with pytest.raises(ValueError, match="smaller than the patch"):
-        tile_starts([4, 8, 8], [8, 8, 8], 0.5)
 
 
 def test_gaussian_weights():
@@ -54,7 +51,6 @@ def test_mirroring_averages_flipped_predictions():
         outs = [torch.flip(net(torch.flip(x[None], [d + 2 for d in f])), [d + 2 for d in f])[0]
                 for f in [(), (0,), (2,), (0, 2)]]
     torch.testing.assert_close(got, sum(outs) / 4, rtol=1e-5, atol=1e-5)
-    assert mirror_combinations([0, 1, 2]) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
 
 
 class _Constant(nn.Module):
@@ -84,3 +80,79 @@ def test_small_volume_is_padded_and_cropped_back():
     out = predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU)
     assert out.shape == (3, 5, 7, 6)
     assert torch.isfinite(out).all()
+
+
+def test_corner_weights_need_float32_sums():
+    """The Gaussian's corner weight is below float16's smallest subnormal (2^-24): float16 sums would drop
+    it while the float32 normaliser keeps it. A voxel covered only by a tile's corner gets that tile's value."""
+    g = gaussian_weights([8, 8, 8], 1 / 8)
+    assert float(g[0, 0, 0]) < 2.0**-25 and float(g[0, 0, 0].half()) == 0.0
+    x = torch.zeros(1, 12, 12, 12)
+    x[:, 8:, 8:, 8:] = 1.0  # 64 of the last tile's 512 voxels: its mean is 0.125, the first tile's 0
+    got = predict_logits(_Constant(), x, [8, 8, 8], 0.5, [], 1 / 8, CPU)
+    assert got.dtype == torch.float32
+    assert float(got[0, 0, 0, 0]) == 0.0 and float(got[0, -1, -1, -1]) == pytest.approx(0.125, rel=1e-6)
+
+
+def test_batched_tiles_equal_one_tile_at_a_time():
+    net = small_net()
+    x = torch.randn(1, 12, 16, 12)  # patch 8, step 0.5: 2 x 3 x 2 = 12 tiles
+    one = predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU)
+    for batch in (3, 5, 12):  # 5: a last batch of 2
+        torch.testing.assert_close(predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU, tiles_per_batch=batch),
+                                   one, rtol=1e-5, atol=1e-5)
+    chunked = predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU, accumulate_on=CPU, chunk=1)
+    torch.testing.assert_close(chunked, one, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tiles_per_batch 0"):
+        predict_logits(net, x, [8, 8, 8], 0.5, [], 1 / 8, CPU, tiles_per_batch=0)
+
+
+def test_divide_sums_in_chunks_equals_the_plain_division():
+    gen = torch.Generator().manual_seed(0)
+    acc = torch.randn(3, 9, 7, 6, generator=gen)
+    norm = torch.rand(9, 7, 6, generator=gen) + 0.1
+    crop = (slice(None), slice(1, 8), slice(0, 7), slice(2, 5))  # a padded volume cropped back
+    want = acc[crop] / norm[crop[1:]]
+    for chunk in (1, 3, 7, 100):
+        out = torch.full((3, 7, 7, 3), float("nan"))
+        got = divide_sums(acc.clone(), norm, crop, chunk, out=out)
+        assert got is out
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    sums = acc.clone()
+    in_place = divide_sums(sums, norm, crop, 2)  # on the CPU: divided in place, no second copy
+    assert in_place.data_ptr() == sums[crop].data_ptr()
+    torch.testing.assert_close(in_place, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="chunk 0"):
+        divide_sums(acc.clone(), norm, crop, 0)
+    with pytest.raises(ValueError, match="out of shape"):
+        divide_sums(acc.clone(), norm, crop, 1, out=torch.empty(3, 9, 7, 6))
+
+
+def test_division_chunk():
+    assert division_chunk(3, 100 * 100) == 559  # 64 MiB // (3 x 10,000 voxels x 4 bytes = 120,000 bytes)
+    assert division_chunk(3, 100 * 100, budget_bytes=240_000) == 2
+    assert division_chunk(14, 512 * 512) == 4  # 67,108,864 // 14,680,064
+    assert division_chunk(20, 1024 * 1024) == 1  # one slice (80 MiB) is more than the budget: still one slice
+
+
+def test_sums_bytes_and_where_they_live():
+    # 3 classes + the weights + 2 input channels, float32, on 10 x 20 x 30 voxels
+    assert sums_bytes(3, 2, [10, 20, 30]) == 6 * 6000 * 4 == 144_000
+    gib = 2**30
+    assert choose_sums_device(6 * gib, 10 * gib) == "cuda"  # exactly 60 % of the free memory
+    assert choose_sums_device(6 * gib + 1, 10 * gib) == "cpu"
+    assert choose_sums_device(1, 0) == "cpu"
+    assert choose_sums_device(5 * gib, 10 * gib, share=0.4) == "cpu"
+
+
+def test_tiles_per_batch():
+    gib = 2**30
+    assert choose_tiles_per_batch(gib, 10 * gib, 27, "cuda") == 8  # 80 % of 10 GiB holds 8 tiles: the cap
+    assert choose_tiles_per_batch(gib, 3 * gib, 27, "cuda") == 2  # 2.4 GiB
+    assert choose_tiles_per_batch(gib, gib // 2, 27, "cuda") == 1  # not even one: still one
+    assert choose_tiles_per_batch(gib, -gib, 27, "cuda") == 1
+    assert choose_tiles_per_batch(gib, 100 * gib, 3, "cuda") == 3  # never more than the tiles
+    assert choose_tiles_per_batch(gib, 100 * gib, 27, "cuda", cap=16) == 16
+    assert choose_tiles_per_batch(gib, 100 * gib, 27, "cpu") == 1
+    with pytest.raises(ValueError, match="positive"):
+        choose_tiles_per_batch(0, gib, 27, "cuda")
