@@ -145,6 +145,7 @@ class Trainer:
                 diverged or ran out of memory (:class:`~autoseg.training.runtime.RankFailed` on every rank
                 when another rank failed).
         """
+        configure_backends(self.rt.device, self.overrides.deterministic)  # before any kernel runs, the budget's too
         cfg = self.config = self.rt.from_main(self._prepare)
         torch.manual_seed(self.plans.training.seed)
         net = self.network = self._new_network().to(self.rt.device)
@@ -153,7 +154,6 @@ class Trainer:
             net.load_state_dict(load_checkpoint(final, self.rt.device)["network"])
             self.say(f"{self.fold_dir}: already trained (checkpoint_final.pt); add --restart to train again")
             return net
-        configure_backends(self.rt.device, self.overrides.deterministic)
         with self.stop.installed():
             self._train(cfg, net)
         if self.stop.requested:  # the signal came with the last step: training is complete, validation is not
