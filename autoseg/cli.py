@@ -265,7 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args.gpus)
+        return _launch_torchrun(args.gpus, args.argv)
     from autoseg.runconfig import Overrides
     from autoseg.training.runtime import RankFailed, distributed_runtime
     from autoseg.workflows.fold import train_fold
@@ -278,6 +278,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     rt = distributed_runtime(args.device, args.workers, progress)
     overrides = Overrides(args.stage, args.epochs, args.iterations_per_epoch, args.time_budget, args.deterministic)
+    agreed = True  # every rank knows how this ended: leaving the process group cannot wait on a peer
     try:
         train_fold(args.run, args.fold, overrides, rt, args.restart, say=print if rt.main else _silent)
     except KeyboardInterrupt:
@@ -291,10 +292,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         if not rt.distributed:
             raise
+        # this rank alone failed (out of memory in a step, say): its peers may wait inside a collective, so it
+        # leaves without the process group's goodbye, which could wait on them; the launcher stops the others
+        agreed = False
         print(f"error: rank {rt.rank} of {rt.world_size}: {e}", file=sys.stderr)
         return 1
     finally:
-        rt.close()
+        if agreed:
+            rt.close()
     return 0
 
 
@@ -358,21 +363,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch_torchrun(gpus: int) -> int:
-    """Re-run this command in ``gpus`` processes with PyTorch's elastic launcher (what ``torchrun --standalone``
-    runs), so that a failure ends with our one line per rank rather than the launcher's traceback."""
+def _launch_torchrun(gpus: int, argv: list[str]) -> int:
+    """Re-run this command (``argv``, without ``--gpus``) in ``gpus`` processes with PyTorch's elastic launcher
+    (what ``torchrun --standalone`` runs), so that a failure ends with our one line per rank rather than the
+    launcher's traceback."""
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    argv = [a for i, a in enumerate(sys.argv[1:]) if a != "--gpus" and (i == 0 or sys.argv[i] != "--gpus")]
-    argv = [a for a in argv if not a.startswith("--gpus=")]
+    rest = [a for i, a in enumerate(argv) if a != "--gpus" and (i == 0 or argv[i - 1] != "--gpus")]
+    rest = [a for a in rest if not a.startswith("--gpus=")]
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its failure log repeats ours
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=gpus, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
-        elastic_launch(config, sys.executable)("-m", "autoseg", *argv)
+        elastic_launch(config, sys.executable)("-m", "autoseg", *rest)
+    except SignalException as e:  # Ctrl-C or SIGTERM: the ranks were stopped and said where they stopped
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         code = max(codes) if codes else 1
@@ -395,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.typedjson import SchemaError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports it; its thread notice is noise
     try:

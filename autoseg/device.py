@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from autoseg.parallel import available_cores
 
-__all__ = ["DeviceInfo", "detect_device"]
+__all__ = ["DeviceInfo", "detect_device", "is_out_of_memory", "is_gpu_out_of_memory"]
 
 
 @dataclass
@@ -85,3 +85,24 @@ def detect_device(gpu_memory_gib: float | None = None, device: str = "auto") -> 
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; give --gpu-memory GB to plan "
                          "for a GPU elsewhere")
     return DeviceInfo("cpu", _cpu_name(), cores, ram, None, round(ram, 2), "detected")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for running out of memory: CUDA's ``OutOfMemoryError``, a CUDA/cuDNN/cuBLAS ``out of memory`` or
+    allocation failure, PyTorch's CPU allocator failing (``can't allocate memory``) or Python's ``MemoryError``."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):  # torch.cuda's name exists since 1.13
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        m in msg for m in ("out of memory", "can't allocate memory", "STATUS_ALLOC_FAILED"))
+
+
+def is_gpu_out_of_memory(exc: BaseException) -> bool:
+    """Out of GPU memory, as opposed to RAM."""
+    import torch
+
+    msg = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (isinstance(exc, RuntimeError) and (
+        ("CUDA" in msg and "out of memory" in msg) or "STATUS_ALLOC_FAILED" in msg))

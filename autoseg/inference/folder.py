@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from autoseg.atomic import atomic_path
-from autoseg.inference.predictor import Prediction, Predictor, first_line, is_out_of_memory
+from autoseg.device import is_out_of_memory
+from autoseg.inference.predictor import Prediction, Predictor, first_line
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
 from autoseg.parallel import CaseError
 from autoseg.preprocessing.transform import CaseProperties

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
+from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
     choose_sums_device,
@@ -39,8 +40,7 @@ from autoseg.preprocessing.transform import CaseProperties, forward, probabiliti
 from autoseg.runconfig import CONFIG_FILE
 from autoseg.tiling import tile_boxes
 
-__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError",
-           "is_out_of_memory", "first_line"]
+__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError", "first_line"]
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,6 @@ CPU = torch.device("cpu")
 class PredictionMemoryError(RuntimeError):
     """A volume could not be predicted within the memory there is, after every fallback; the message is one
     line: what ran out, the volume, the patch, the device and what to do."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for running out of memory: ``torch.OutOfMemoryError`` (CUDA), a CUDA ``out of memory`` error,
-    PyTorch's CPU allocator failing (``DefaultCPUAllocator: can't allocate memory``) or ``MemoryError``."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def _gpu_out_of_memory(exc: BaseException) -> bool:
-    """Out of GPU memory (not RAM): what the GPU fallbacks of :meth:`Predictor._logits` react to."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "CUDA" in str(exc) and "out of memory" in str(exc))
 
 
 def first_line(exc: BaseException) -> str:
@@ -97,7 +82,9 @@ def resolve_device(choice: str = "auto") -> torch.device:
     """
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible to PyTorch (CPU-only build or no GPU)")
-    return torch.device("cuda" if choice != "cpu" and torch.cuda.is_available() else "cpu")
+    if choice != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # an index: some CUDA queries need one
+    return torch.device("cpu")
 
 
 def trained_folds(run_dir: Path, checkpoint: str) -> list[str]:
@@ -239,7 +226,7 @@ class Predictor:
             f"{self.device} (sums in RAM and the network on the CPU were tried too)")
         volume = (f"a {'x'.join(map(str, shape[1:]))} volume (after preprocessing, {shape[0]} channel(s), {k} "
                   f"classes) with patch {'x'.join(map(str, patch))} on {where}")
-        if isinstance(exc, torch.OutOfMemoryError):
+        if is_gpu_out_of_memory(exc):
             return (f"out of GPU memory predicting {volume} ({first_line(exc)}); free the GPU of other processes "
                     f"or predict with --device cpu")
         folds = " or with fewer folds (--folds 0)" if len(self.networks) > 1 else ""
@@ -289,7 +276,7 @@ class Predictor:
             try:
                 return predict_logits(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
             except RuntimeError as e:
-                if not _gpu_out_of_memory(e):
+                if not is_gpu_out_of_memory(e):
                     raise
                 failure = first_line(e)
             torch.cuda.empty_cache()

@@ -32,6 +32,7 @@ class StopRequest:
 
     def __init__(self, grace_seconds: float | None = None):
         self.signum: int | None = None
+        self.settled = False  # the checkpoint of the stop is written
         self.grace_seconds = grace_seconds
         self._timer: threading.Timer | None = None
 
@@ -52,11 +53,20 @@ class StopRequest:
         if self._timer is not None:
             self._timer.cancel()
 
+    def settle(self) -> None:
+        """The stop's checkpoint is written: the watchdog is off, and a further signal ends the process saying
+        so instead of warning that nothing was saved."""
+        self.done()
+        self.settled = True
+
     def handle(self, signum: int, _: FrameType | None) -> None:
         """First signal: stop after the current step. A second one ends the process at once (for a trainer
         stuck waiting on a data worker or another rank), keeping the last checkpoint written. It exits rather
         than raising: an exception raised in a signal handler can land in a garbage-collector callback, where
         Python prints it and carries on."""
+        if self.signum is not None and self.settled:
+            _exit_now(f"interrupted: {signal.Signals(self.signum).name}: checkpoint_latest.pt written; run the same "
+                      "command again to continue", 128 + int(self.signum))
         if self.signum is not None:
             _exit_now(f"interrupted: {signal.Signals(signum).name} again: stopped at once without writing a new "
                       "checkpoint; run the same command again to continue from the last checkpoint_latest.pt "

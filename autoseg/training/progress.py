@@ -10,10 +10,13 @@ __all__ = ["epoch_line", "append_log", "plot_progress"]
 
 
 def epoch_line(stage: str, epoch: int, epochs: int, h: dict[str, list[float]], dice: list[float]) -> str:
-    """``zoom_in  epoch  3/80  train 0.512  val 0.498  dice 0.81 0.79  ema 0.78  lr 0.00934  12.3 s  data 2%``"""
+    """``zoom_in  epoch  3/80  train 0.512  val 0.498  dice 0.81 0.79  ema 0.78  lr 0.00934  12.3 s  data 2%``,
+    with ``  skipped N`` at the end when N steps of the epoch were skipped for non-finite gradients."""
+    skipped = int(h.get("skipped_steps", [0])[-1])
     return (f"{stage:<8} epoch {epoch:>3}/{epochs:<3} train {h['train_loss'][-1]:.4f}  val {h['val_loss'][-1]:.4f}  "
             f"dice {' '.join(f'{d:.3f}' for d in dice)}  ema {h['ema'][-1]:.3f}  lr {h['lr'][-1]:.2e}  "
-            f"{h['epoch_seconds'][-1]:.1f} s  data {100 * h['data_wait_share'][-1]:.0f}%")
+            f"{h['epoch_seconds'][-1]:.1f} s  data {100 * h['data_wait_share'][-1]:.0f}%"
+            + (f"  skipped {skipped}" if skipped else ""))
 
 
 def append_log(path: Path, line: str) -> None:

@@ -17,11 +17,14 @@ from torch import nn
 
 from autoseg.training.schedules import set_learning_rate
 
-__all__ = ["Stepper", "StepResult", "TrainingDiverged", "OutOfMemory", "MAX_NON_FINITE_IN_A_ROW", "NonFiniteGuard",
-           "is_out_of_memory", "weights_finite", "out_of_memory_message"]
+__all__ = ["Stepper", "StepResult", "TrainingDiverged", "OutOfMemory", "MAX_NON_FINITE_IN_A_ROW",
+           "MAX_SKIPPED_IN_A_ROW", "NonFiniteGuard", "weights_finite", "out_of_memory_message"]
 
 #: steps in a row with a non-finite loss (on any rank) after which training is declared diverged
 MAX_NON_FINITE_IN_A_ROW = 10
+#: skipped steps in a row (non-finite gradients, finite loss) after which training is declared diverged: in
+#: fp32 such gradients are a fault; under AMP the scaler halves its scale at each one, and 2^16 -> 2^-14 takes 30
+MAX_SKIPPED_IN_A_ROW = {False: 10, True: 30}
 
 
 class TrainingDiverged(ValueError):
@@ -30,12 +33,6 @@ class TrainingDiverged(ValueError):
 
 class OutOfMemory(ValueError):
     """The device ran out of memory; the message says what ran out and what to do."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """A CUDA out-of-memory error, or the CPU allocator's failure to allocate."""
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 def weights_finite(net: nn.Module) -> bool:
@@ -66,12 +63,17 @@ class Stepper:
         self.model, self.net, self.loss_fn, self.opt = model, net, loss_fn, optimizer
         self.device, self.amp, self.grad_clip, self.loss_scale = device, amp, grad_clip, loss_scale
         self.scaler = torch.amp.GradScaler(device.type) if amp else None
+        self.skipped_in_a_row = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, where: str) -> StepResult:
         """One optimiser step on batch ``(x, y)`` at learning rate ``lr``.
 
         Args:
             where: stage and step, for messages.
+
+        Raises:
+            TrainingDiverged: the ``MAX_SKIPPED_IN_A_ROW``-th skipped step in a row (every rank decides the same:
+                the gradients are all-reduced).
         """
         set_learning_rate(self.opt, lr)
         self.opt.zero_grad(set_to_none=True)
@@ -90,6 +92,11 @@ class Stepper:
             self.scaler.update()
         elif finite:
             self.opt.step()
+        self.skipped_in_a_row = 0 if finite else self.skipped_in_a_row + 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW[self.amp]:
+            raise TrainingDiverged(f"{where}: {self.skipped_in_a_row} steps in a row had non-finite gradients; "
+                                   "training diverged. Lower the stage's learning_rate in plans.json, then train "
+                                   "with --restart")
         return StepResult(float(loss.detach()), not finite)
 
     def check_weights(self, where: str) -> None:
@@ -116,20 +123,22 @@ class NonFiniteGuard:
                                    "--restart")
 
 
-def out_of_memory_message(device: torch.device, what: str, patch: list[int], batch: int,
+def out_of_memory_message(gpu: bool, device: torch.device, what: str, patch: list[int], batch: int,
                           estimated_gib: float | None) -> str:
-    """One line: what ran out of memory and what to do about it."""
+    """One line: what ran out of memory (the GPU's when ``gpu``, else RAM), where, and what to do about it."""
+    gpu = gpu and device.type == "cuda"
     est = f"; the plan estimated {estimated_gib:.2f} GiB per step" if estimated_gib else ""
     free = ""
-    if device.type == "cuda":
+    if gpu:
         free_b, total_b = torch.cuda.mem_get_info(device)
         free = f" ({free_b / 2**30:.1f} of {total_b / 2**30:.1f} GiB free now)"
     shape = "x".join(map(str, patch))
-    if device.type == "cuda":
+    if gpu:
+        what_ran_out = f"{device} out of memory{free}"
         advice = ("free the GPU of other processes and run the same command again, or plan for less memory "
                   "(autoseg plan DATASET --gpu-memory GB, a smaller GB) and train with --restart")
     else:
+        what_ran_out = "out of memory (RAM)"
         advice = ("close other programs or use fewer data workers (-j) and run the same command again, or plan "
                   "again on this machine and train with --restart")
-    return f"{device} out of memory{free} in {what} (patch {shape}, batch {batch} per process{est}): {advice}"
-
+    return f"{what_ran_out} in {what} (patch {shape}, batch {batch} per process{est}): {advice}"

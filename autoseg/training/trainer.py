@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from autoseg.atomic import remove_temporaries
 from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
+from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
@@ -43,7 +44,7 @@ from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
 from autoseg.training.runtime import Runtime, configure_backends, rank_batch_sizes
 from autoseg.training.schedules import learning_rate, make_optimizer
-from autoseg.training.step import NonFiniteGuard, OutOfMemory, Stepper, is_out_of_memory, out_of_memory_message
+from autoseg.training.step import NonFiniteGuard, OutOfMemory, Stepper, out_of_memory_message
 from autoseg.training.validation import nanmean, pseudo_dice
 
 __all__ = ["Trainer", "TrainingInterrupted", "STOP_GRACE_SECONDS"]
@@ -121,7 +122,10 @@ class Trainer:
         cfg = new_config(self.plans, self.fold, self.overrides, self.rt.device.type, self.rt.world_size)
         minutes = self.overrides.time_budget_minutes
         if minutes is not None:
-            cfg.measured_step_seconds = [self._measure_step(r.name, cfg) for r in cfg.stages]
+            cfg.measured_step_seconds = [
+                self._guard(f"{r.name} step time measurement", r.patch_size,
+                            rank_batch_sizes(r.batch_size, self.rt.world_size)[0], self._measure_step, r.name, cfg)
+                for r in cfg.stages]
             self.say(fit_budget(self.plans, cfg, minutes, time.perf_counter() - self.t_start))
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.run_dir / PLANS_FILE, self.fold_dir / PLANS_FILE)
@@ -295,7 +299,8 @@ class Trainer:
         state.epoch_seconds += time.perf_counter() - t_mark
         if self.rt.main:
             save_checkpoint(self.latest, net, stepper.opt, stepper.scaler, state)
-        self.stop.done()
+        self.stop.settle()  # written: a signal from here on (a launcher stopping the ranks) costs nothing
+        self.rt.barrier()  # no rank exits before rank 0's checkpoint is complete (a launcher stops all on one exit)
         sig = signal.Signals(self.stop.signum or signal.SIGINT)
         raise TrainingInterrupted(f"{sig.name}: stopped at {stage} step {state.step} of {total}; "
                                   "checkpoint_latest.pt written; run the same command again to continue",
@@ -308,11 +313,12 @@ class Trainer:
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
+            gpu = is_gpu_out_of_memory(e)
         # outside the except block: its traceback no longer holds the frames (and tensors) of the failed step
         if self.rt.device.type == "cuda":
             torch.cuda.empty_cache()
         est = next((s.estimated_memory_gib for s in self.plans.stages if list(s.patch_size) == list(patch)), None)
-        raise OutOfMemory(out_of_memory_message(self.rt.device, what, patch, batch, est))
+        raise OutOfMemory(out_of_memory_message(gpu, self.rt.device, what, patch, batch, est))
 
     def _end_epoch(self, cfg: TrainConfig, si: int, net: nn.Module, val_ds: BatchDataset, stepper: Stepper,
                    state: TrainState) -> None:

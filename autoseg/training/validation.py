@@ -22,15 +22,20 @@ def pseudo_dice(net: nn.Module, val_ds: BatchDataset, loss_fn: nn.Module, rt: Ru
     absent from every patch and never predicted), over ``batches`` batches of every rank.
 
     Raises:
-        BatchError: a validation batch could not be built (names the case).
+        BatchError: a validation batch could not be built (names the case); in a single process.
+        RankFailed: the same, on several ranks: every rank raises it, naming the rank that failed.
     """
     net.eval()
     counts = torch.zeros(3, n_foreground, dtype=torch.int64, device=rt.device)
     total = torch.zeros(1, dtype=torch.float64, device=rt.device)
+    error = None
     for i in range(batches):
         batch = val_ds[i]
         if "error" in batch:
-            raise BatchError(f"validation batch: {batch['error']}")
+            error = f"validation batch: {batch['error']}"
+            if not rt.distributed:
+                raise BatchError(error)
+            break
         x = batch["data"].to(rt.device)
         y = batch["seg"].to(rt.device).long()
         with torch.autocast(rt.device.type, enabled=amp):
@@ -38,6 +43,8 @@ def pseudo_dice(net: nn.Module, val_ds: BatchDataset, loss_fn: nn.Module, rt: Ru
         total += loss_fn(out, y).double()
         counts += dice_counts(out.float(), y).to(rt.device)
     net.train()
+    if rt.reduce([float(error is not None)], "max")[0] > 0:  # every rank learns of a failed batch on any rank
+        rt.raise_failure(error)
     counts = rt.reduce_tensor(counts).cpu()
     mean_loss = float(rt.reduce_tensor(total).cpu()) / (batches * rt.world_size)
     tp, fp, fn = counts.double()

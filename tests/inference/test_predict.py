@@ -172,7 +172,7 @@ def fake_gpu(monkeypatch, run, free_bytes, error_on):
 
 def test_gpu_fallbacks_in_order_with_the_cache_emptied_outside_except(trained_run, monkeypatch):
     p, net, calls, handling = fake_gpu(monkeypatch, trained_run, 10**12,
-                                       lambda dev: torch.OutOfMemoryError(GPU_OOM) if dev == "cuda" else None)
+                                       lambda dev: torch.cuda.OutOfMemoryError(GPU_OOM) if dev == "cuda" else None)
     probs = p.predict_preprocessed(np.zeros((1, 16, 16, 16), np.float32))  # patch 8, step 0.5: 27 tiles
     np.testing.assert_allclose(probs, 1 / 3)  # softmax of zero logits over 3 classes
     # sums on the GPU with 8 tiles a batch (the cap) -> sums in RAM one tile at a time -> the network on the CPU
@@ -195,7 +195,7 @@ def test_sums_too_large_for_the_gpu_start_in_ram(trained_run, monkeypatch):
 
 
 def test_out_of_memory_after_every_fallback_is_one_line(trained_run, monkeypatch):
-    p, _, calls, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.OutOfMemoryError(GPU_OOM)
+    p, _, calls, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.cuda.OutOfMemoryError(GPU_OOM)
                               if dev == "cuda" else RuntimeError(CPU_OOM))
     with pytest.raises(PredictionMemoryError) as err:
         p.predict_preprocessed(np.zeros((1, 16, 20, 12), np.float32))
@@ -207,7 +207,7 @@ def test_out_of_memory_after_every_fallback_is_one_line(trained_run, monkeypatch
 
 
 def test_gpu_out_of_memory_that_escapes_says_so(trained_run, monkeypatch):
-    p, _, _, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.OutOfMemoryError(GPU_OOM))
+    p, _, _, _ = fake_gpu(monkeypatch, trained_run, 10**12, lambda dev: torch.cuda.OutOfMemoryError(GPU_OOM))
     with pytest.raises(PredictionMemoryError, match=r"^out of GPU memory predicting a 8x8x8 volume .* on cuda .*"
                        r"\(CUDA out of memory\. Tried to allocate 1\.00 GiB\. GPU 0 has a total capacity of 8\.00 "
                        r"GiB\); free the GPU of other processes or predict with --device cpu$"):
@@ -237,7 +237,8 @@ def test_out_of_ram_names_the_case_in_one_line(trained_run, tmp_path, monkeypatc
 def test_is_sticky_device_error():
     sticky = [RuntimeError(STICKY), RuntimeError("CUDA error: an illegal memory access was encountered"),
               torch.AcceleratorError("CUDA error: unspecified launch failure")]
-    not_sticky = [torch.OutOfMemoryError(GPU_OOM), RuntimeError("CUDA error: out of memory"), RuntimeError(CPU_OOM),
+    not_sticky = [torch.cuda.OutOfMemoryError(GPU_OOM), RuntimeError("CUDA error: out of memory"),
+                  RuntimeError(CPU_OOM),
                   RuntimeError("Given groups=1, weight of size [16, 1, 3, 3, 3]"), ValueError("CUDA error"),
                   MemoryError()]
     assert [is_sticky_device_error(e) for e in sticky] == [True] * 3

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
 from autoseg.training.step import (
     MAX_NON_FINITE_IN_A_ROW,
+    MAX_SKIPPED_IN_A_ROW,
     NonFiniteGuard,
     OutOfMemory,
     Stepper,
     TrainingDiverged,
-    is_out_of_memory,
     out_of_memory_message,
 )
 
@@ -104,11 +105,47 @@ def test_learning_rate_and_loss_scale_reach_the_update():
 
 
 def test_out_of_memory_is_recognised_and_explained():
-    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
-                                         "memory: you tried to allocate 1099511627776 bytes"))
+    gpu_oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes")
+    assert is_out_of_memory(gpu_oom) and is_gpu_out_of_memory(gpu_oom)
+    assert is_out_of_memory(cpu_oom) and not is_gpu_out_of_memory(cpu_oom)
+    assert is_gpu_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_gpu_out_of_memory(RuntimeError("CUDA error: out of memory"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
-    line = out_of_memory_message(torch.device("cpu"), "zoom_out training step", [40, 56, 40], 2, 0.16)
-    assert "cpu out of memory in zoom_out training step (patch 40x56x40, batch 2 per process" in line
+    line = out_of_memory_message(False, torch.device("cpu"), "zoom_out training step", [40, 56, 40], 2, 0.16)
+    assert line.startswith("out of memory (RAM) in zoom_out training step (patch 40x56x40, batch 2 per process")
     assert "0.16 GiB" in line and "\n" not in line
     assert issubclass(OutOfMemory, ValueError)  # the CLI prints ValueErrors as one line
+
+
+def test_a_run_of_skipped_steps_with_finite_losses_stops_training():
+    """Gradients that stay non-finite while the loss is finite never count as non-finite losses; the
+    stepper stops them itself (10 in fp32; under AMP 30, room for the scaler to lower its scale)."""
+    stepper, net = _stepper()
+    net.bias.register_hook(lambda g: torch.full_like(g, float("nan")))  # a finite loss, a NaN gradient
+    for i in range(MAX_SKIPPED_IN_A_ROW[False] - 1):
+        r = stepper.step(*GOOD, 0.1, f"zoom_in step {i}")
+        assert r.skipped and r.loss == r.loss
+    with pytest.raises(TrainingDiverged, match="zoom_in step 9: 10 steps in a row had non-finite gradients"):
+        stepper.step(*GOOD, 0.1, "zoom_in step 9")
+    assert MAX_SKIPPED_IN_A_ROW[True] > MAX_SKIPPED_IN_A_ROW[False]
+
+
+def test_training_step_out_of_memory_is_one_line(tiny_run, monkeypatch, capsys):
+    """A CUDA out-of-memory error (constructed here: no GPU) in a step ends training with the one-line
+    :class:`OutOfMemory` naming the stage, patch and batch; the CLI prints it without a traceback."""
+    from autoseg.cli import main
+    from autoseg.training.step import Stepper as RealStepper
+
+    def out_of_memory(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(RealStepper, "step", out_of_memory)
+    code = main(["train", "0", "--run", str(tiny_run), "--epochs", "1", "--iterations-per-epoch", "2", "-j", "0",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (RAM) in zoom_in training step (patch ")
+    assert "batch 2 per process" in err
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -165,6 +165,13 @@ def test_second_signal_stops_at_once(monkeypatch, capfd):
     assert ended.value.code == 128 + signal.SIGINT
     assert all(w.killed for w in workers)  # data workers ignore SIGTERM and may be stuck: killed, not orphaned
     assert "SIGINT again: stopped at once" in capfd.readouterr().err
+    settled = StopRequest()  # the stop's checkpoint is written: a launcher's later signal says so, not "lost"
+    settled.handle(signal.SIGTERM, None)
+    settled.settle()
+    with pytest.raises(SystemExit) as ended:
+        settled.handle(signal.SIGTERM, None)
+    assert ended.value.code == 128 + signal.SIGTERM
+    assert "SIGTERM: checkpoint_latest.pt written" in capfd.readouterr().err
 
 
 def test_a_rank_waiting_for_dead_ranks_gives_up_after_the_grace(monkeypatch, capfd):
