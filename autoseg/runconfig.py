@@ -33,6 +33,19 @@ class Overrides:
     time_budget_minutes: float | None
     deterministic: bool = False
 
+    def describe(self) -> str:
+        """The options as typed on the command line, e.g. ``--stage both --epochs 8``."""
+        parts = [f"--stage {self.stage}"]
+        if self.epochs is not None:
+            parts.append(f"--epochs {self.epochs}")
+        if self.iterations_per_epoch is not None:
+            parts.append(f"--iterations-per-epoch {self.iterations_per_epoch}")
+        if self.time_budget_minutes is not None:
+            parts.append(f"--time-budget {self.time_budget_minutes:g}")
+        if self.deterministic:
+            parts.append("--deterministic")
+        return " ".join(parts)
+
 
 @dataclass
 class StageRun:

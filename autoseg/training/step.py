@@ -10,16 +10,21 @@ longer finite."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
 from autoseg.training.schedules import set_learning_rate
 
 __all__ = ["Stepper", "StepResult", "TrainingDiverged", "OutOfMemory", "MAX_NON_FINITE_IN_A_ROW",
-           "MAX_SKIPPED_IN_A_ROW", "NonFiniteGuard", "weights_finite", "out_of_memory_message"]
+           "MAX_SKIPPED_IN_A_ROW", "NonFiniteGuard", "weights_finite", "out_of_memory_message",
+           "guard_out_of_memory"]
 
+T = TypeVar("T")
 #: steps in a row with a non-finite loss (on any rank) after which training is declared diverged
 MAX_NON_FINITE_IN_A_ROW = 10
 #: skipped steps in a row (non-finite gradients, finite loss) after which training is declared diverged: in
@@ -142,3 +147,23 @@ def out_of_memory_message(gpu: bool, device: torch.device, what: str, patch: lis
         advice = ("close other programs or use fewer data workers (-j) and run the same command again, or plan "
                   "again on this machine and train with --restart")
     return f"{what_ran_out} in {what} (patch {shape}, batch {batch} per process{est}): {advice}"
+
+
+def guard_out_of_memory(device: torch.device, what: str, patch: list[int], batch: int, estimated_gib: float | None,
+                        work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, with running out of memory turned into :class:`OutOfMemory`, one line saying what ran
+    out, where and what to do.
+
+    Raises:
+        OutOfMemory: ``work`` ran out of GPU memory or RAM.
+    """
+    try:
+        return work(*args)
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        gpu = is_gpu_out_of_memory(e)
+    # outside the except block: its traceback no longer holds the frames (and tensors) of the failed step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise OutOfMemory(out_of_memory_message(gpu, device, what, patch, batch, estimated_gib))

@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from autoseg.atomic import remove_temporaries
 from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
-from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
@@ -44,7 +43,7 @@ from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
 from autoseg.training.runtime import Runtime, configure_backends, rank_batch_sizes
 from autoseg.training.schedules import learning_rate, make_optimizer
-from autoseg.training.step import NonFiniteGuard, OutOfMemory, Stepper, out_of_memory_message
+from autoseg.training.step import NonFiniteGuard, Stepper, guard_out_of_memory
 from autoseg.training.validation import nanmean, pseudo_dice
 
 __all__ = ["Trainer", "TrainingInterrupted", "STOP_GRACE_SECONDS"]
@@ -115,8 +114,8 @@ class Trainer:
         if path.is_file():
             cfg = load_config(path)
             if cfg.overrides != self.overrides:
-                raise ValueError(f"{path}: this fold was started with {_fmt(cfg.overrides)}; now asked for "
-                                 f"{_fmt(self.overrides)}. Run the same command to resume, or add --restart to "
+                raise ValueError(f"{path}: this fold was started with {cfg.overrides.describe()}; now asked for "
+                                 f"{self.overrides.describe()}. Run the same command to resume, or add --restart to "
                                  "start over")
             return cfg
         cfg = new_config(self.plans, self.fold, self.overrides, self.rt.device.type, self.rt.world_size)
@@ -307,18 +306,8 @@ class Trainer:
                                   128 + int(sig))
 
     def _guard(self, what: str, patch: list[int], batch: int, work: Callable[..., T], *args: Any) -> T:
-        """``work(*args)``, with running out of memory turned into one line saying what ran out and what to do."""
-        try:
-            return work(*args)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            gpu = is_gpu_out_of_memory(e)
-        # outside the except block: its traceback no longer holds the frames (and tensors) of the failed step
-        if self.rt.device.type == "cuda":
-            torch.cuda.empty_cache()
         est = next((s.estimated_memory_gib for s in self.plans.stages if list(s.patch_size) == list(patch)), None)
-        raise OutOfMemory(out_of_memory_message(gpu, self.rt.device, what, patch, batch, est))
+        return guard_out_of_memory(self.rt.device, what, patch, batch, est, work, *args)
 
     def _end_epoch(self, cfg: TrainConfig, si: int, net: nn.Module, val_ds: BatchDataset, stepper: Stepper,
                    state: TrainState) -> None:
@@ -366,17 +355,3 @@ class Trainer:
             self.say(f"time budget  an epoch of {rest[0].name} took {epoch_seconds:.1f} s -> epochs "
                      + ", ".join(f"{r.name} {r.epochs}" for r in cfg.stages))
         return rest[0].epochs != before
-
-
-def _fmt(o: Overrides) -> str:
-    parts = [f"--stage {o.stage}"]
-    if o.epochs is not None:
-        parts.append(f"--epochs {o.epochs}")
-    if o.iterations_per_epoch is not None:
-        parts.append(f"--iterations-per-epoch {o.iterations_per_epoch}")
-    if o.time_budget_minutes is not None:
-        parts.append(f"--time-budget {o.time_budget_minutes:g}")
-    if o.deterministic:
-        parts.append("--deterministic")
-    return " ".join(parts)
-
