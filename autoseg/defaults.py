@@ -107,6 +107,10 @@ CPU_VALIDATION_ITERATIONS = 10
 CHECKPOINT_EVERY_EPOCHS = 5
 #: the ``best`` checkpoint follows an exponential moving average of pseudo-Dice (nnU-Net: 0.9)
 EMA_MOMENTUM = 0.9
+#: with a time budget, the final validation mirrors (test-time augmentation, as ``autoseg predict``) only if
+#: that takes at most this share of the budget; otherwise it predicts without mirroring (recorded), which is
+#: 2^(mirror axes) times cheaper
+VALIDATION_TTA_MAX_BUDGET_SHARE = 0.25
 #: seed of patch sampling and augmentation; batch ``i`` depends on (seed, stage, i) only
 TRAINING_SEED = 2024
 

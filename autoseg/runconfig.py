@@ -88,6 +88,12 @@ class TrainConfig:
     #: with a time budget: per stage, the real seconds of its check epoch, from which the epochs of it and the
     #: later stages were corrected
     budget_checks: dict[str, float] = field(default_factory=dict)
+    #: with a time budget: the final validation's seconds, measured on one case and scaled to all (None: the
+    #: estimate from the tile count and the measured step time)
+    measured_validation_seconds: float | None = None
+    #: the final validation mirrors as ``autoseg predict`` does; a time budget turns it off when mirroring
+    #: would take more than ``defaults.VALIDATION_TTA_MAX_BUDGET_SHARE`` of it
+    validation_tta: bool = True
 
 
 def fold_dir_name(fold: str) -> str:

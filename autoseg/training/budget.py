@@ -78,11 +78,14 @@ def case_prediction_seconds(plans: Plans, last: StageRun, step_seconds: float) -
 
 
 def estimates(plans: Plans, cfg: TrainConfig) -> tuple[list[float], float]:
-    """Estimated seconds of one epoch of each stage (steps and pseudo-Dice) and of the final validation,
-    from the measured step times."""
+    """Estimated seconds of one epoch of each stage (steps and pseudo-Dice), from the measured step times, and
+    of the final validation: measured (``cfg.measured_validation_seconds``) when the trainer was given a way to
+    measure it, else estimated from the median case's tile count."""
     v = plans.training.validation_iterations
     epoch_s = [r.iterations_per_epoch * t * BUDGET_STEP_MARGIN + v * t / 3 for r, t in
                zip(cfg.stages, cfg.measured_step_seconds)]
+    if cfg.measured_validation_seconds is not None:
+        return epoch_s, cfg.measured_validation_seconds * BUDGET_STEP_MARGIN
     return epoch_s, len(cfg.val_cases) * case_prediction_seconds(plans, cfg.stages[-1], cfg.measured_step_seconds[-1])
 
 
@@ -99,14 +102,15 @@ def fit_budget(plans: Plans, cfg: TrainConfig, minutes: float, spent: float) -> 
     try:
         epochs = budget_epochs(cfg.stages, epoch_s, left)
     except ValueError as too_short:
-        raise ValueError(f"--time-budget {minutes:g}: {spent:.0f} s went to measuring steps, ~{final_validation:.0f} "
+        raise ValueError(f"--time-budget {minutes:g}: {spent:.0f} s went to measurements, ~{final_validation:.0f} "
                          f"s are kept for the final validation and {BUDGET_SAFETY_SECONDS:g} s spare; {too_short}"
                          ) from None
     for r, n in zip(cfg.stages, epochs):
         r.epochs = n
+    how = "measured on one case" if cfg.measured_validation_seconds is not None else "estimated"
     return (f"time budget  {minutes:g} min: measured "
             + ", ".join(f"{r.name} {t:.3f} s/step" for r, t in zip(cfg.stages, cfg.measured_step_seconds))
-            + f"; final validation ~{final_validation:.0f} s -> epochs " + ", ".join(f"{r.name} {r.epochs}"
+            + f"; final validation ~{final_validation:.0f} s ({how}) -> epochs " + ", ".join(f"{r.name} {r.epochs}"
                                                                                  for r in cfg.stages))
 
 
@@ -117,7 +121,9 @@ def refit_epochs(plans: Plans, cfg: TrainConfig, minutes: float, si: int, epoch_
     overestimates, more so on a loaded machine. Never fewer than the ``epochs_done`` of stage ``si``."""
     estimate, final_validation = estimates(plans, cfg)
     ratio = epoch_seconds / estimate[si]
-    left = minutes * 60 - spent - final_validation * ratio - BUDGET_SAFETY_SECONDS + epochs_done * epoch_seconds
+    if cfg.measured_validation_seconds is None:  # an estimate from step times is off by as much as they are
+        final_validation *= ratio
+    left = minutes * 60 - spent - final_validation - BUDGET_SAFETY_SECONDS + epochs_done * epoch_seconds
     rest = cfg.stages[si:]
     try:
         epochs = budget_epochs(rest, [e * ratio for e in estimate[si:]], left)

@@ -63,13 +63,17 @@ class Trainer:
         runtime: device and ranks (:func:`autoseg.training.runtime.distributed_runtime`).
         restart: delete this fold's checkpoints and start over.
         say: where epoch lines go (the console by default).
+        validation_probe: with a time budget, measures the seconds the final validation will take, given the
+            plan, the fold's configuration and an untrained network on this device (the workflow that
+            validates provides it; without it they are estimated from the tile count).
     """
 
     def __init__(self, run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime, restart: bool = False,
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print,
+                 validation_probe: Callable[[Plans, TrainConfig, nn.Module], float] | None = None):
         self.t_start = time.perf_counter()
         self.run_dir, self.fold, self.overrides, self.rt = Path(run_dir), fold, overrides, runtime
-        self.restart, self.say = restart, say
+        self.restart, self.say, self.validation_probe = restart, say, validation_probe
         self.fold_dir = self.run_dir / fold_dir_name(fold)
         self.plans: Plans = load_plans(self.run_dir / PLANS_FILE)
         self.folder = self.run_dir / PREPROCESSED_DIR
@@ -125,6 +129,11 @@ class Trainer:
                 self._guard(f"{r.name} step time measurement", r.patch_size,
                             rank_batch_sizes(r.batch_size, self.rt.world_size)[0], self._measure_step, r.name, cfg)
                 for r in cfg.stages]
+            if self.validation_probe is not None:
+                last = cfg.stages[-1]
+                net = self._new_network().to(self.rt.device).eval()
+                cfg.measured_validation_seconds = round(self._guard(
+                    "validation time measurement", last.patch_size, 1, self.validation_probe, self.plans, cfg, net), 1)
             self.say(fit_budget(self.plans, cfg, minutes, time.perf_counter() - self.t_start))
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.run_dir / PLANS_FILE, self.fold_dir / PLANS_FILE)

@@ -7,11 +7,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from autoseg.runconfig import Overrides
+from torch import nn
+
+from autoseg.defaults import VALIDATION_TTA_MAX_BUDGET_SHARE
+from autoseg.plans import Plans
+from autoseg.runconfig import Overrides, TrainConfig
 from autoseg.training.progress import append_log
 from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
-from autoseg.workflows.validate import validate_fold
+from autoseg.workflows.validate import validate_fold, validation_cost
 
 __all__ = ["train_fold"]
 
@@ -26,7 +30,17 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
         TrainingInterrupted: after SIGINT/SIGTERM, once ``latest`` is written.
         ValueError: see :meth:`Trainer.fit`.
     """
-    trainer = Trainer(run_dir, fold, overrides, runtime, restart, say)
+    def probe(plans: Plans, cfg: TrainConfig, net: nn.Module) -> float:
+        """Measure the validation; under a budget, mirror only if that fits its share of the budget."""
+        cost = validation_cost(Path(run_dir), plans, cfg.val_cases, net, cfg.stages[-1].patch_size, runtime.device)
+        minutes = cfg.overrides.time_budget_minutes
+        cfg.validation_tta = minutes is None or cost.seconds(True) <= VALIDATION_TTA_MAX_BUDGET_SHARE * minutes * 60
+        if not cfg.validation_tta:
+            say(f"validation  without mirroring: with it, it would take ~{cost.seconds(True):.0f} s, more than "
+                f"{VALIDATION_TTA_MAX_BUDGET_SHARE:.0%} of the time budget (autoseg predict still mirrors)")
+        return cost.seconds(cfg.validation_tta)
+
+    trainer = Trainer(run_dir, fold, overrides, runtime, restart, say, validation_probe=probe)
     net = trainer.fit()
     if not runtime.main:
         return None
@@ -34,10 +48,13 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
     assert cfg is not None
     t0 = time.perf_counter()
     metrics = validate_fold(trainer.run_dir, trainer.fold_dir, trainer.plans, cfg.val_cases, net,
-                            cfg.stages[-1].patch_size, runtime.device, runtime.progress)
+                            cfg.stages[-1].patch_size, runtime.device, runtime.progress, cfg.validation_tta)
     per_class = "  ".join(f"{k} {v:.4f}" for k, v in metrics["mean_per_class"].items())
+    planned = f"; the time budget planned {cfg.measured_validation_seconds:.0f} s" \
+        if cfg.measured_validation_seconds is not None else ""
+    planned += "" if cfg.validation_tta else "; no mirroring"
     line = (f"validation  {len(cfg.val_cases)} cases, Dice {per_class}; mean {metrics['mean_foreground_dice']:.4f}"
-            f" ({time.perf_counter() - t0:.0f} s) -> {trainer.fold_dir / 'validation' / 'metrics.json'}")
+            f" ({time.perf_counter() - t0:.0f} s{planned}) -> {trainer.fold_dir / 'validation' / 'metrics.json'}")
     say(line)
     append_log(trainer.fold_dir / "training_log.txt", line)
     return metrics

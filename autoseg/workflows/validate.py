@@ -4,6 +4,9 @@ the original labels with ``autoseg evaluate``'s metrics."""
 
 from __future__ import annotations
 
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +18,18 @@ from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
 from autoseg.inference.predictor import PredictionMemoryError, Predictor
+from autoseg.inference.sliding_window import padded_shape
 from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.preprocessing.storage import read_case_arrays, read_properties
+from autoseg.tiling import mirror_combinations, tile_boxes
 from autoseg.typedjson import write_json_atomic
 
-__all__ = ["validate_fold", "reference_labels", "VALIDATION_DIR"]
+__all__ = ["validate_fold", "reference_labels", "validation_cost", "ValidationCost", "VALIDATION_DIR"]
 
 VALIDATION_DIR = "validation"
+_clock = time.perf_counter  # what validation_seconds times with (a test replaces it)
 
 
 def reference_labels(run_dir: Path) -> dict[str, Path]:
@@ -32,16 +38,17 @@ def reference_labels(run_dir: Path) -> dict[str, Path]:
 
 
 def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module,
-                  patch: list[int], device: torch.device, progress: bool = True) -> dict:
-    """Predict ``case_ids`` (mirroring on, as ``predict``), write their label maps and ``metrics.json`` to
-    ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg
-    evaluate``, per-class mean Dice by class name, and the mean over foreground classes."""
+                  patch: list[int], device: torch.device, progress: bool = True, tta: bool = True) -> dict:
+    """Predict ``case_ids`` (mirroring as ``predict`` unless not ``tta``), write their label maps and
+    ``metrics.json`` to ``fold_dir/validation``; returns the metrics: per case and class the five metrics of
+    ``autoseg evaluate``, per-class mean Dice by class name, the mean over foreground classes, and whether
+    the predictions were mirrored."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     refs = reference_labels(run_dir)
     folder = run_dir / PREPROCESSED_DIR
     classes = sorted(plans.labels)[1:]
-    predictor = Predictor(plans, [(net, patch)], device, tta=True)
+    predictor = Predictor(plans, [(net, patch)], device, tta=tta)
     cases: dict[str, dict[str, dict[str, float]]] = {}
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
@@ -59,6 +66,70 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
             cases[cid][plans.labels[c]] = {m: getattr(s, m) for m in METRICS}
     means = {plans.labels[c]: float(np.mean([v[plans.labels[c]]["dice"] for v in cases.values()])) for c in classes}
     metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases, "mean_per_class": means,
-               "mean_foreground_dice": float(np.mean(list(means.values())))}
+               "mean_foreground_dice": float(np.mean(list(means.values()))), "mirroring": tta}
     write_json_atomic(metrics, out_dir / "metrics.json")
     return metrics
+
+
+@dataclass
+class ValidationCost:
+    """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored)."""
+
+    tiles: int
+    flips: int
+    forward_seconds: float
+    rest_seconds: float
+
+    def seconds(self, tta: bool) -> float:
+        return self.tiles * (self.flips if tta else 1) * self.forward_seconds + self.rest_seconds
+
+
+def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
+                    device: torch.device) -> ValidationCost:
+    """What :func:`validate_fold` will cost for ``case_ids`` on this machine, measured in ~10 s.
+
+    Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings x the measured
+    seconds of one forward pass of ``net`` (median of 3; its weights do not matter for the time). The rest
+    (back to the scan's grid, written, scored): timed on the case of median size, scaled to the others by
+    their voxel count; it is fed a random probability map and scores the reference against itself, because a
+    trained network's prediction is close to the reference while a random network's noise would make the
+    surface distances slower than they will be. On a GPU that batches tiles this overestimates.
+    """
+    folder = run_dir / PREPROCESSED_DIR
+    props = {c: read_properties(folder, c) for c in case_ids}
+    predictor = Predictor(plans, [(net, patch)], device, tta=True)
+    flips = len(mirror_combinations(predictor.mirror_axes))
+    tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, patch), patch, predictor.step))
+                for p in props.values())
+    forward = _forward_seconds(net, [len(plans.channel_names), *patch], device, plans.amp)
+    sizes = {c: int(np.prod(p.shape_after_resampling)) for c, p in props.items()}
+    probe = sorted(case_ids, key=lambda c: (sizes[c], c))[len(case_ids) // 2]
+    k = len(plans.labels)
+    probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
+    probs = np.moveaxis(probs.astype(np.float32), -1, 0)
+    t0 = _clock()
+    seg = predictor.finish(probs, props[probe]).labels
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image(seg, props[probe].geometry, Path(tmp) / f"{probe}.nii.gz")
+    ref = read_image(reference_labels(run_dir)[probe])[0][0]
+    for c in sorted(plans.labels)[1:]:
+        score_case(probe, ref, ref, c, props[probe].geometry.spacing_zyx)
+    rest = (_clock() - t0) * sum(sizes.values()) / sizes[probe]
+    return ValidationCost(tiles, flips, forward, rest)
+
+
+@torch.no_grad()
+def _forward_seconds(net: nn.Module, shape: list[int], device: torch.device, amp: bool) -> float:
+    """Median seconds of one forward pass of one tile ``(C, *patch)`` (after one warm-up)."""
+    net = net.to(device).eval()
+    x = torch.randn(1, *shape, device=device)
+    times = []
+    for i in range(4):
+        t0 = _clock()
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            times.append(_clock() - t0)
+    return sorted(times)[1]

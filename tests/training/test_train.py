@@ -18,6 +18,7 @@ import torch
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main
 from autoseg.runconfig import Overrides, StageRun
+from autoseg.tiling import tile_boxes
 from autoseg.training.budget import budget_epochs
 from autoseg.training.interrupt import StopRequest, TrainingInterrupted
 from autoseg.training.runtime import Runtime
@@ -210,7 +211,7 @@ def test_single_stage_zoom_out_uses_the_zoom_in_rate(tiny_run):
 
 
 def test_a_budget_too_short_for_one_epoch_is_refused_with_the_reason(tiny_run):
-    with pytest.raises(ValueError, match=r"--time-budget 0.1: .* s went to measuring steps.*less than one epoch"):
+    with pytest.raises(ValueError, match=r"--time-budget 0.1: .* s went to measurements.*less than one epoch"):
         Trainer(tiny_run, "0", Overrides("both", None, None, 0.1), cpu()).fit()
     assert not (tiny_run / "fold_0" / "config.json").exists()
 
@@ -223,13 +224,6 @@ def test_budget_epochs_keep_the_ratio_and_fit():
     assert sum(e * t for e, t in zip(epochs, [10.0, 20.0])) <= 1800
     with pytest.raises(ValueError, match="less than one epoch"):
         budget_epochs(runs, [10.0, 20.0], 25)
-
-
-def test_time_budget_sets_epochs_from_a_measurement(tiny_run):
-    Trainer(tiny_run, "0", Overrides("both", None, 5, 0.75), cpu()).fit()
-    cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
-    assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
-    assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
 
 
 def test_time_budget_corrects_a_wrong_measurement_after_two_epochs(tiny_run, monkeypatch):
@@ -321,3 +315,47 @@ def test_a_failing_batch_ends_every_rank_with_one_line(tiny_run):
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and re.match(r"error: rank [01] of 2 failed: case case_\d+: ", errors[0]), out.stderr
     assert not (tiny_run / "fold_0" / "checkpoint_final.pt").exists()
+
+
+def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkeypatch):
+    """validation_seconds = every case's tiles x mirrorings x one forward pass, plus the way back to the
+    scan's grid, writing and scoring, timed on the median case and scaled by voxel count."""
+    import autoseg.workflows.validate as validate_module
+    from autoseg.plans import load_plans
+    from autoseg.preprocessing.storage import read_properties
+
+    plans = load_plans(tiny_run / "plans.json")
+    cases = sorted(c for f in plans.folds for c in f.val)[:3]
+    patch = list(plans.stages[-1].patch_size)
+    clock = iter([100.0, 112.5])  # the median case's way back and scoring: 12.5 s
+    monkeypatch.setattr(validate_module, "_clock", lambda: next(clock))
+    monkeypatch.setattr(validate_module, "_forward_seconds", lambda net, shape, device, amp: 0.5)
+    net = Trainer(tiny_run, "0", Overrides("both", 1, 2, None), cpu())._new_network()
+    cost = validate_module.validation_cost(tiny_run, plans, cases, net, patch, torch.device("cpu"))
+    shapes = [read_properties(tiny_run / "preprocessed", c).shape_after_resampling for c in cases]
+    tiles = sum(len(tile_boxes([max(s, p) for s, p in zip(shape, patch)], patch, plans.inference.tile_step))
+                for shape in shapes)
+    flips = 2 ** len(plans.inference.mirror_axes)
+    sizes = sorted(int(torch.tensor(shape).prod()) for shape in shapes)
+    assert cost.seconds(True) == pytest.approx(tiles * flips * 0.5 + 12.5 * sum(sizes) / sizes[1])
+    assert cost.seconds(False) == pytest.approx(tiles * 0.5 + 12.5 * sum(sizes) / sizes[1])
+
+
+def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch):
+    """A validation whose mirroring would take more than a quarter of the budget (here measured as 100 tiles
+    x 8 mirrorings x 0.02 s + 1 s = 17 s of 45 s) runs without mirroring: 100 x 0.02 + 1 = 3 s planned."""
+    import autoseg.workflows.fold as fold_module
+    from autoseg.workflows.validate import ValidationCost
+
+    monkeypatch.setattr(fold_module, "validation_cost", lambda *args: ValidationCost(100, 8, 0.02, 1.0))
+    lines: list[str] = []
+    train_fold(tiny_run, "0", Overrides("both", None, 5, 0.75), cpu(), say=lines.append)
+    cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
+    assert cfg["validation_tta"] is False and cfg["measured_validation_seconds"] == 3.0
+    assert json.loads((tiny_run / "fold_0" / "validation" / "metrics.json").read_text())["mirroring"] is False
+    assert any(x.startswith("validation  without mirroring: with it, it would take ~17 s") for x in lines)
+    assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
+    assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
+    assert cfg["measured_validation_seconds"] > 0
+    assert any("(measured on one case)" in x for x in lines)
+    assert re.search(r"validation  2 cases, .* s; the time budget planned 3 s; no mirroring\)", lines[-1]), lines[-1]
