@@ -108,8 +108,8 @@ class Trainer:
                              f"'autoseg preprocess {self.run_dir}' first")
 
     def _prepare(self) -> TrainConfig:
-        """Rank 0: start over if asked, then load this fold's configuration or create it (measuring step
-        times for a time budget)."""
+        """Rank 0: start over if asked, then load this fold's configuration or create it (for a time budget,
+        measuring the step times and, with a ``validation_probe``, the final validation)."""
         train, val = fold_cases(self.plans, self.fold)
         self._check_preprocessed(train + val)
         if self.restart and self.fold_dir.exists():
