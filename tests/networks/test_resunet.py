@@ -10,23 +10,13 @@ from autoseg.networks.resunet import ResidualUNet, costs
 from autoseg.planning import make_plan
 from autoseg.planning.memory import step_cost
 
+from ..autograd_bytes import saved_bytes
 from ..planning.fingerprints import BRAIN, CT, PROSTATE, device
 
 
 def saved_activation_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Bytes of distinct tensor storages kept for backward during one forward pass, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x)
-    return sum(kept.values())
+    return saved_bytes(lambda: net(x), net.parameters())
 
 
 PLANS = {

@@ -25,6 +25,7 @@ from autoseg.planning.memory import (
 from autoseg.plans import NetworkPlan
 from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
 
+from ..autograd_bytes import saved_bytes
 from .fingerprints import BRAIN, CT, PROSTATE, device
 
 ISO = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -58,18 +59,7 @@ def make_loss(net: NetworkPlan, n_classes: int, batch_dice: bool = True) -> Deep
 
 def saved_loss_bytes(loss: DeepSupervisionLoss, outputs: list[torch.Tensor], target: torch.Tensor) -> int:
     """Bytes of distinct storages the loss keeps for backward, its inputs' own storages excluded."""
-    inputs = {t.untyped_storage().data_ptr() for t in [*outputs, target]}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss(outputs, target)
-    return sum(kept.values())
+    return saved_bytes(lambda: loss(outputs, target), [*outputs, target])
 
 
 def peak_allocated_bytes(step: Callable[[], None]) -> int:

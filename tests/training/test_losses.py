@@ -16,6 +16,8 @@ from torch import nn
 from autoseg import defaults
 from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss, dice_counts, downsample_target, soft_dice
 
+from ..autograd_bytes import saved_bytes
+
 LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
 S = defaults.DICE_SMOOTH
 
@@ -48,22 +50,6 @@ def old_dice_ce(logits: torch.Tensor, target: torch.Tensor, weights: list[float]
     dice = old_soft_dice(logits, target, batch_dice)
     w = torch.tensor(weights)
     return ce + (1 - ((dice * w).sum(-1) / w.sum()).mean())
-
-
-def saved_bytes(fn, logits: torch.Tensor, target: torch.Tensor) -> int:
-    """Bytes of distinct storages the call keeps for backward, the inputs' own storages excluded."""
-    inputs = {logits.untyped_storage().data_ptr(), target.untyped_storage().data_ptr()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            kept[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(logits, target)
-    return sum(kept.values())
 
 
 # --- soft Dice ---------------------------------------------------------------------------------------------------
@@ -170,8 +156,8 @@ def test_loss_keeps_less_for_backward(dtype):
     k, b, v = 3, 2, 16 * 16 * 16
     logits = torch.randn(b, k, 16, 16, 16).to(dtype).requires_grad_()
     target = torch.randint(0, k, (b, 16, 16, 16), dtype=torch.int16)
-    old = saved_bytes(lambda x, t: old_dice_ce(x, t, [1.0, 1.0], True), logits, target)
-    new = saved_bytes(DiceCELoss([1.0, 1.0], True), logits, target)
+    old = saved_bytes(lambda: old_dice_ce(logits, target, [1.0, 1.0], True), [logits, target])
+    new = saved_bytes(lambda: DiceCELoss([1.0, 1.0], True)(logits, target), [logits, target])
     assert old == pytest.approx(b * v * (4 * k + 4 * k + 4 * (k - 1) + 8), abs=1024)  # 40 bytes per voxel
     assert new == pytest.approx(b * v * 9 * k, abs=1024)  # 27 bytes per voxel
 
