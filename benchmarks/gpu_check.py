@@ -46,7 +46,7 @@ from autoseg.runconfig import Overrides
 from autoseg.training.budget import measure_step_seconds
 from autoseg.training.config import stage_runs
 from autoseg.training.interrupt import TrainingInterrupted
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.losses import planned_loss
 from autoseg.training.runtime import Runtime, configure_backends, distributed_runtime
 from autoseg.training.trainer import Trainer
 
@@ -122,8 +122,7 @@ def check_memory(run: Path, device: torch.device) -> list[Row]:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(device)
         net = build_network(plans.network, c, k)
-        loss = DeepSupervisionLoss(DiceCELoss(plans.training.dice_class_weights, plans.training.batch_dice),
-                                   plans.training.deep_supervision_weights)
+        loss = planned_loss(plans.training)
         measure_step_seconds(net, loss, st_run, st.batch_size, c, k, device, plans.amp, warmup=2, timed=1)
         torch.cuda.reset_peak_memory_stats(device)
         measure_step_seconds(net, loss, st_run, st.batch_size, c, k, device, plans.amp, warmup=0, timed=2)
@@ -287,8 +286,7 @@ def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, devic
         rates = []
         for st in plans.stages:
             net = build_network(plans.network, c, k)
-            loss = DeepSupervisionLoss(DiceCELoss(plans.training.dice_class_weights, plans.training.batch_dice),
-                                       plans.training.deep_supervision_weights)
+            loss = planned_loss(plans.training)
             run_st = next(r for r in stage_runs(plans, Overrides("both", None, None, None)) if r.name == st.name)
             sec = measure_step_seconds(net, loss, run_st, st.batch_size, c, k, device, amp, warmup=2, timed=steps)
             rates.append(f"{st.name} {1 / sec:.1f} steps/s ({'x'.join(map(str, st.patch_size))}, batch "

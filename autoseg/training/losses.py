@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoseg import defaults
+from autoseg.plans import TrainingPlan
 
-__all__ = ["soft_dice", "DiceCELoss", "DeepSupervisionLoss", "downsample_target", "dice_counts", "one_hot_mask"]
+__all__ = ["soft_dice", "DiceCELoss", "DeepSupervisionLoss", "downsample_target", "dice_counts", "one_hot_mask",
+           "planned_loss"]
 
 
 def one_hot_mask(target: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -182,3 +184,8 @@ def dice_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         out[1, c - 1] = (p & ~t).sum()
         out[2, c - 1] = (~p & t).sum()
     return out
+
+
+def planned_loss(t: TrainingPlan) -> DeepSupervisionLoss:
+    """The loss a plan trains with: Dice + CE with its class and deep-supervision weights."""
+    return DeepSupervisionLoss(DiceCELoss(t.dice_class_weights, t.batch_dice), t.deep_supervision_weights)

@@ -39,7 +39,7 @@ from autoseg.training.budget import BUDGET_CHECK_EPOCH, fit_budget, measure_step
 from autoseg.training.config import new_config
 from autoseg.training.data import BatchDataset, BatchError, PatchSampler, make_loader
 from autoseg.training.interrupt import StopRequest, TrainingInterrupted
-from autoseg.training.losses import DeepSupervisionLoss, DiceCELoss
+from autoseg.training.losses import planned_loss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
 from autoseg.training.runtime import Runtime, configure_backends, rank_batch_sizes
 from autoseg.training.schedules import learning_rate, make_optimizer
@@ -97,8 +97,7 @@ class Trainer:
         return build_network(self.plans.network, len(self.plans.channel_names), len(self.plans.labels))
 
     def _loss(self) -> nn.Module:
-        t = self.plans.training
-        return DeepSupervisionLoss(DiceCELoss(t.dice_class_weights, t.batch_dice), t.deep_supervision_weights)
+        return planned_loss(self.plans.training)
 
     # --- set-up (rank 0 decides, every rank learns the outcome) ---------------------------------------
     def _check_preprocessed(self, cases: list[str]) -> None:
