@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="device to plan for (default auto: CUDA if visible, else CPU)")
     p.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
+    p.add_argument("--splits", type=Path, default=None, metavar="FILE",
+                   help="take the cross-validation folds from FILE, a JSON list of {\"train\": [ids], \"val\": "
+                   "[ids]} such as nnU-Net's splits_final.json (to compare with it on the same cases), instead of "
+                   "--folds")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
     p.add_argument("--dice-weights", choices=("equal", "size-rank"), default="equal",
                    help="Dice loss weight per foreground class: equal (default, nnU-Net), or size-rank (seed 001: "
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one cross-validation fold: zoom-in stage, then zoom-out stage",
                        description="Train FOLD of a planned and preprocessed run: the plan's zoom-in stage (small "
                        "patches, long), then its zoom-out stage (large patches, short, lower learning rate, starting "
-                       "from the zoom-in weights). Writes RUN_DIR/fold_<FOLD>/: checkpoint_{latest,best,final}.pt, "
+                       "from the zoom-in weights). Writes RUN_DIR/fold_<FOLD>/ (RUN_DIR/2d/fold_<FOLD>/ for "
+                       "--config 2d): checkpoint_{latest,best,final}.pt, "
                        "training_log.txt, progress.png, config.json (what was run) and plans.json, then predicts "
                        "the fold's validation cases into validation/ with metrics.json. Interrupted (Ctrl-C, "
                        "SIGTERM, a crash), the same command resumes exactly where the last checkpoint was. Under "
@@ -88,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="measure this machine's step time and set the epochs so that the whole schedule, "
                    "its learning-rate decay and the final validation finish within MINUTES")
+    t.add_argument("--config", default=None, metavar="NAME",
+                   help="configuration of the plan to train: 3d, or 2d (slices as samples; its folds go to "
+                   "RUN_DIR/2d/). Default: the plan's default configuration, printed by autoseg plan with the reason")
     t.add_argument("--restart", action="store_true", help="delete this fold's checkpoints and start over")
     t.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train on N GPUs of this machine with DistributedDataParallel (launches torchrun; with "
@@ -113,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
     pr.add_argument("--folds", nargs="+", default=None, metavar="K",
                     help="folds to use (default: every fold with the checkpoint)")
+    pr.add_argument("--config", default=None, metavar="NAME",
+                    help="configuration whose folds predict: 3d or 2d (default: the plan's default configuration)")
     pr.add_argument("--checkpoint", choices=("final", "best"), default="final",
                     help="checkpoint of each fold (default final)")
     pr.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (about 8x faster)")
@@ -140,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "decision goes to RUN_DIR/postprocessing.json, which autoseg predict applies. Writes "
                         "RUN_DIR/crossval.json.")
     sm.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
+    sm.add_argument("--config", default=None, metavar="NAME",
+                    help="configuration to summarize: 3d or 2d (default: the plan's default configuration); the "
+                    "files go beside its folds (RUN_DIR for 3d, RUN_DIR/2d for 2d)")
 
     e = sub.add_parser("evaluate", help="score predicted label maps against references",
                        description="Pair PRED_DIR and REF_DIR by case name and compute, per case and class, Dice, "
@@ -200,11 +213,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.device import detect_device
     from autoseg.fingerprint import fingerprint_dataset, save_fingerprint
     from autoseg.planning import make_plan
+    from autoseg.planning.splits import read_splits
     from autoseg.planning.summary import format_summary
     from autoseg.plans import PLANS_FILE, save_plans
 
     t0 = time.perf_counter()
     spec = load_dataset(args.dataset_dir)
+    folds = read_splits(args.splits, [c.case_id for c in spec.cases]) if args.splits is not None else None
     run_dir = args.output or Path("autoseg_runs") / spec.name
     if _inside(run_dir, args.dataset_dir):
         return _report_problems([f"{run_dir}: run directory is inside the dataset folder {args.dataset_dir}; "
@@ -213,6 +228,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cache = None if args.refingerprint else run_dir
     fp, reused = fingerprint_dataset(spec, device, cache, args.workers, not args.no_progress)
     plans = make_plan(fp, device, n_folds=args.folds, dice_weighting=args.dice_weights)
+    if folds is not None:
+        plans.folds = folds
     run_dir.mkdir(parents=True, exist_ok=True)
     save_fingerprint(fp, run_dir)
     save_plans(plans, run_dir / PLANS_FILE)
@@ -280,7 +297,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = Overrides(args.stage, args.epochs, args.iterations_per_epoch, args.time_budget, args.deterministic)
     agreed = True  # every rank knows how this ended: leaving the process group cannot wait on a peer
     try:
-        train_fold(args.run, args.fold, overrides, rt, args.restart, say=print if rt.main else _silent)
+        train_fold(args.run, args.fold, overrides, rt, args.restart, say=print if rt.main else _silent,
+                   configuration=args.config)
     except KeyboardInterrupt:
         if rt.main:
             raise
@@ -312,7 +330,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.inference.predictor import Predictor
 
     t0 = time.perf_counter()
-    predictor = Predictor.from_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta, args.step)
+    predictor = Predictor.from_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta, args.step,
+                                   args.config)
     try:
         r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
                            not args.no_progress and sys.stderr.isatty())
@@ -338,9 +357,10 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> int:
+    from autoseg.runconfig import model_dir
     from autoseg.workflows.crossval import CROSSVAL_FILE, summarize_run
 
-    r = summarize_run(args.run)
+    r = summarize_run(args.run, args.config)
     for fold, dice in r["dice_per_fold"].items():
         print(f"{fold:<8} " + "  ".join(f"{k} {v:.4f}" for k, v in dice.items()))
     print(f"{'all':<8} " + "  ".join(f"{k} {v:.4f}" for k, v in r["dice_pooled"].items())
@@ -350,7 +370,8 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     print(f"postprocess  largest component for classes {kept or 'none'} (Dice before -> after: "
           + ", ".join(f"{k} {pp['dice_before'][k]:.4f} -> {pp['dice_after'][k]:.4f} "
                       f"({pp['dice_after'][k] - pp['dice_before'][k]:+.5f})" for k in pp["dice_before"]) + ")")
-    print(f"wrote        {args.run / CROSSVAL_FILE} and {args.run / 'postprocessing.json'}")
+    where = model_dir(args.run, r["configuration"])
+    print(f"wrote        {where / CROSSVAL_FILE} and {where / 'postprocessing.json'}")
     return 0
 
 

@@ -119,6 +119,8 @@ P_ROTATION = 0.2
 ROTATION_DEGREES = 30.0
 #: rotation in-plane only, and by up to 180 degrees, when the patch is this much flatter than wide
 DUMMY_2D_ASPECT = 3.0
+#: the planner trains 2d by default when the 3d zoom-out patch sees less than this share of the median slice
+THREE_D_MIN_INPLANE_SHARE = 0.25
 P_SCALE = 0.2
 SCALE_RANGE = (0.7, 1.4)
 P_NOISE = 0.1

@@ -6,7 +6,7 @@ globals or environment variables. A hand-edited plan is checked field by field o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Literal
@@ -17,9 +17,12 @@ from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_
 
 __all__ = ["SCHEMA_VERSION", "ChannelNormalization", "NetworkPlan", "StagePlan", "ResamplingPlan",
            "InferencePlan", "AugmentationPlan", "TrainingPlan", "Fold", "Plans", "load_plans", "save_plans",
-           "validate_plans", "PLANS_FILE"]
+           "validate_plans", "PLANS_FILE", "ConfigurationPlan", "select_configuration", "configuration_names",
+           "TOP_CONFIGURATION"]
 
 SCHEMA_VERSION = 2
+#: the name of the configuration in the plan's top-level ``network`` and ``stages``
+TOP_CONFIGURATION = "3d"
 PLANS_FILE = "plans.json"
 
 
@@ -160,6 +163,24 @@ class Fold:
 
 
 @dataclass
+class ConfigurationPlan:
+    """A further way to train the same preprocessed data, beside the plan's top-level one (``3d``).
+
+    ``2d``: slices as samples, i.e. patches one voxel deep (z) through a network that never convolves or pools
+    across slices; the same preprocessing; prediction slides one slice at a time and stacks them back. What
+    differs from the top-level configuration is the network, the stages, the deep-supervision weights, the
+    augmentation and the axes mirrored at prediction; everything else is shared.
+    """
+
+    name: str
+    network: NetworkPlan
+    stages: list[StagePlan]
+    deep_supervision_weights: list[float]
+    augmentation: AugmentationPlan
+    mirror_axes: list[int]
+
+
+@dataclass
 class Plans:
     """Everything autoseg decided about a dataset. Shapes and spacings in array order (z, y, x)."""
 
@@ -184,6 +205,40 @@ class Plans:
     training: TrainingPlan
     folds: list[Fold]
     inference: InferencePlan
+    #: the name of the configuration given by ``network`` and ``stages`` above
+    configuration: str = TOP_CONFIGURATION
+    #: further configurations (``2d``) on the same preprocessed data
+    other_configurations: list[ConfigurationPlan] = field(default_factory=list)
+    #: what ``autoseg train`` and ``autoseg predict`` use without ``--config``, and why
+    default_configuration: str = TOP_CONFIGURATION
+    default_reason: str = ""
+
+
+def configuration_names(p: Plans) -> list[str]:
+    """The configurations a plan holds, the top-level one first."""
+    return [p.configuration] + [c.name for c in p.other_configurations]
+
+
+def select_configuration(p: Plans, name: str | None = None) -> Plans:
+    """The plan as one configuration sees it: its network, stages, deep supervision, augmentation and
+    mirroring in the top-level fields (``name`` None: the plan's default).
+
+    Raises:
+        ValueError: the plan has no such configuration (names those it has).
+    """
+    name = p.default_configuration if name is None else name
+    if name == p.configuration:
+        return p
+    c = next((c for c in p.other_configurations if c.name == name), None)
+    if c is None:
+        raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))}")
+    rest = [replace(o) for o in p.other_configurations if o.name != name]
+    top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
+                            p.training.augmentation, p.inference.mirror_axes)
+    return replace(p, network=c.network, stages=c.stages, configuration=name, other_configurations=[top, *rest],
+                   training=replace(p.training, deep_supervision_weights=c.deep_supervision_weights,
+                                    augmentation=c.augmentation),
+                   inference=replace(p.inference, mirror_axes=c.mirror_axes))
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -191,67 +246,81 @@ def _check(cond: bool, msg: str) -> None:
         raise SchemaError(msg)
 
 
+def _validate_configuration(p: Plans, where: str) -> None:
+    """Network, stages, deep supervision, augmentation and mirroring of the configuration ``p`` shows."""
+    net = p.network
+    _check(net.architecture in ARCHITECTURES, f"{where}network.architecture: unknown {net.architecture!r}; "
+           f"known: {', '.join(ARCHITECTURES)}")
+    n = len(net.features)
+    for name in ("kernel_sizes", "strides", "blocks_per_stage"):
+        _check(len(getattr(net, name)) == n, f"{where}network.{name}: {len(getattr(net, name))} entries; "
+               f"network.features has {n} stages")
+    for name in ("kernel_sizes", "strides"):
+        for i, v in enumerate(getattr(net, name)):
+            _check(len(v) == 3 and all(x >= 1 for x in v),
+                   f"{where}network.{name}[{i}]: {v}; expected 3 positive ints")
+    _check(all(f > 0 for f in net.features), f"{where}network.features: {net.features}; expected positive ints")
+    _check(bool(p.stages), f"{where}stages: empty; expected a zoom_in and a zoom_out stage")
+    stride = net.total_stride
+    for i, st in enumerate(p.stages):
+        _check(len(st.patch_size) == 3, f"{where}stages[{i}].patch_size: {st.patch_size}; expected 3 edges (z, y, x)")
+        _check(all(e > 0 and e % s == 0 for e, s in zip(st.patch_size, stride)),
+               f"{where}stages[{i}].patch_size: {st.patch_size} is not divisible by the network's total stride "
+               f"{stride}")
+        _check(st.batch_size >= 1, f"{where}stages[{i}].batch_size: {st.batch_size}; expected at least 1")
+        _check(st.epochs >= 0 and st.iterations_per_epoch >= 1,
+               f"{where}stages[{i}]: epochs {st.epochs} / iterations_per_epoch {st.iterations_per_epoch} out of range")
+        _check(st.learning_rate > 0, f"{where}stages[{i}].learning_rate: {st.learning_rate}; expected > 0")
+    _check(all(a in (0, 1, 2) for a in p.inference.mirror_axes),
+           f"{where}inference.mirror_axes: {p.inference.mirror_axes}; expected axes among 0, 1, 2")
+    t = p.training
+    n_out = len(net.features) - 1 if net.deep_supervision else 1
+    _check(len(t.deep_supervision_weights) == n_out and sum(t.deep_supervision_weights) > 0,
+           f"{where}training.deep_supervision_weights: {len(t.deep_supervision_weights)} entries; the network has "
+           f"{n_out} output(s)")
+    a = t.augmentation
+    for name in ("p_rotation", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_low_resolution",
+                 "p_gamma", "p_gamma_inverted"):
+        _check(0 <= getattr(a, name) <= 1,
+               f"{where}training.augmentation.{name}: {getattr(a, name)}; expected in [0, 1]")
+    _check(len(a.rotation_degrees) == 3, f"{where}training.augmentation.rotation_degrees: expected 3 values (z, y, x)")
+    for name in ("scale_range", "noise_variance", "blur_sigma", "brightness_range", "contrast_range",
+                 "low_resolution_zoom", "gamma_range"):
+        v = getattr(a, name)
+        _check(len(v) == 2 and v[0] <= v[1], f"{where}training.augmentation.{name}: {v}; expected [low, high]")
+    _check(all(x in (0, 1, 2) for x in a.mirror_axes),
+           f"{where}training.augmentation.mirror_axes: {a.mirror_axes}; expected axes among 0, 1, 2")
+
+
 def validate_plans(p: Plans) -> Plans:
-    """Check what types cannot: consistent lengths, divisible patches, sensible numbers.
+    """Check what types cannot: consistent lengths, divisible patches, sensible numbers, in every configuration.
 
     Raises:
         SchemaError: naming the offending field.
     """
     _check(p.schema_version == SCHEMA_VERSION,
            f"schema_version: {p.schema_version}; this autoseg reads version {SCHEMA_VERSION} (re-run autoseg plan)")
-    net = p.network
-    _check(net.architecture in ARCHITECTURES, f"network.architecture: unknown {net.architecture!r}; "
-           f"known: {', '.join(ARCHITECTURES)}")
-    n = len(net.features)
-    for name in ("kernel_sizes", "strides", "blocks_per_stage"):
-        _check(len(getattr(net, name)) == n, f"network.{name}: {len(getattr(net, name))} entries; "
-               f"network.features has {n} stages")
-    for name in ("kernel_sizes", "strides"):
-        for i, v in enumerate(getattr(net, name)):
-            _check(len(v) == 3 and all(x >= 1 for x in v), f"network.{name}[{i}]: {v}; expected 3 positive ints")
-    _check(all(f > 0 for f in net.features), f"network.features: {net.features}; expected positive ints")
     _check(len(p.target_spacing) == 3 and all(s > 0 for s in p.target_spacing),
            f"target_spacing: {p.target_spacing}; expected 3 positive numbers (mm)")
     _check(len(p.normalization) == len(p.channel_names), f"normalization: {len(p.normalization)} entries; "
            f"channel_names has {len(p.channel_names)}")
-    _check(bool(p.stages), "stages: empty; expected a zoom_in and a zoom_out stage")
-    stride = net.total_stride
-    for i, st in enumerate(p.stages):
-        _check(len(st.patch_size) == 3, f"stages[{i}].patch_size: {st.patch_size}; expected 3 edges (z, y, x)")
-        _check(all(e > 0 and e % s == 0 for e, s in zip(st.patch_size, stride)),
-               f"stages[{i}].patch_size: {st.patch_size} is not divisible by the network's total stride {stride}")
-        _check(st.batch_size >= 1, f"stages[{i}].batch_size: {st.batch_size}; expected at least 1")
-        _check(st.epochs >= 0 and st.iterations_per_epoch >= 1,
-               f"stages[{i}]: epochs {st.epochs} / iterations_per_epoch {st.iterations_per_epoch} out of range")
-        _check(st.learning_rate > 0, f"stages[{i}].learning_rate: {st.learning_rate}; expected > 0")
     _check(0 < p.inference.tile_step <= 1, f"inference.tile_step: {p.inference.tile_step}; expected in (0, 1]")
-    _check(all(a in (0, 1, 2) for a in p.inference.mirror_axes),
-           f"inference.mirror_axes: {p.inference.mirror_axes}; expected axes among 0, 1, 2")
+    names = configuration_names(p)
+    _check(len(set(names)) == len(names), f"other_configurations: names {names} repeat")
+    _check(p.default_configuration in names,
+           f"default_configuration: {p.default_configuration!r}; the plan has {', '.join(names)}")
+    _validate_configuration(p, "")
+    for i, c in enumerate(p.other_configurations):
+        _validate_configuration(select_configuration(p, c.name), f"other_configurations[{i}] ({c.name}): ")
     t = p.training
     n_fg = len(p.labels) - 1
     _check(len(t.dice_class_weights) == n_fg and all(w >= 0 for w in t.dice_class_weights),
            f"training.dice_class_weights: {t.dice_class_weights}; expected {n_fg} non-negative weights "
            "(one per foreground class)")
-    n_out = len(net.features) - 1 if net.deep_supervision else 1
-    _check(len(t.deep_supervision_weights) == n_out and sum(t.deep_supervision_weights) > 0,
-           f"training.deep_supervision_weights: {len(t.deep_supervision_weights)} entries; the network has "
-           f"{n_out} output(s)")
     _check(0 <= t.oversample_foreground <= 1,
            f"training.oversample_foreground: {t.oversample_foreground}; expected in [0, 1]")
     _check(t.validation_iterations >= 1 and t.checkpoint_every_epochs >= 1,
            "training.validation_iterations and training.checkpoint_every_epochs: expected at least 1")
-    a = t.augmentation
-    for name in ("p_rotation", "p_scale", "p_noise", "p_blur", "p_brightness", "p_contrast", "p_low_resolution",
-                 "p_gamma", "p_gamma_inverted"):
-        _check(0 <= getattr(a, name) <= 1, f"training.augmentation.{name}: {getattr(a, name)}; expected in [0, 1]")
-    for name in ("rotation_degrees",):
-        _check(len(getattr(a, name)) == 3, f"training.augmentation.{name}: expected 3 values (z, y, x)")
-    for name in ("scale_range", "noise_variance", "blur_sigma", "brightness_range", "contrast_range",
-                 "low_resolution_zoom", "gamma_range"):
-        v = getattr(a, name)
-        _check(len(v) == 2 and v[0] <= v[1], f"training.augmentation.{name}: {v}; expected [low, high]")
-    _check(all(x in (0, 1, 2) for x in a.mirror_axes),
-           f"training.augmentation.mirror_axes: {a.mirror_axes}; expected axes among 0, 1, 2")
     for i, f in enumerate(p.folds):
         overlap = set(f.train) & set(f.val)
         _check(not overlap, f"folds[{i}]: case(s) {sorted(overlap)[:3]} are in both train and val")

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from autoseg.plans import Plans, StagePlan
+from autoseg.plans import TOP_CONFIGURATION, Plans, StagePlan
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["Overrides", "StageRun", "TrainConfig", "CONFIG_FILE", "fold_cases", "fold_dir_name", "load_config",
-           "save_config"]
+           "save_config", "model_dir"]
 
 CONFIG_FILE = "config.json"
 StageChoice = Literal["zoom-in", "zoom-out", "both"]
@@ -94,10 +94,18 @@ class TrainConfig:
     #: the final validation mirrors as ``autoseg predict`` does; a time budget turns it off when mirroring
     #: would take more than ``defaults.VALIDATION_TTA_MAX_BUDGET_SHARE`` of it
     validation_tta: bool = True
+    #: the plan's configuration this fold trains (``3d``, ``2d``)
+    configuration: str = TOP_CONFIGURATION
 
 
 def fold_dir_name(fold: str) -> str:
     return f"fold_{fold}"
+
+
+def model_dir(run_dir: Path, configuration: str) -> Path:
+    """Where a configuration's folds, cross-validation results and post-processing live: the run directory
+    for the plan's top-level configuration (``3d``), ``RUN_DIR/<name>`` for the others."""
+    return Path(run_dir) if configuration == TOP_CONFIGURATION else Path(run_dir) / configuration
 
 
 def fold_cases(plans: Plans, fold: str) -> tuple[list[str], list[str]]:

@@ -26,7 +26,8 @@ def test_plan_writes_both_files_and_prints_summary(dataset, tmp_path, capsys):
     assert sorted(p.name for p in run.iterdir()) == ["fingerprint.json", "plans.json"]
     plan = load_plans(run / "plans.json")
     for needle in ("6 cases", "median       shape 20x28x24", "target       spacing 1x1x1 mm", "MRI: zscore",
-                   "features [16, 32, 64]", "zoom_in      patch", "zoom_out     patch", "% of median volume",
+                   "config 3d (default)", "features [16, 32, 64]", "  zoom_in    patch", "  zoom_out   patch",
+                   "% of median volume", "config 2d ", "kernels ['1x3x3', '1x3x3', '1x3x3']", "default      3d: ",
                    "GiB", "(computed)"):
         assert needle in out, needle
     zin, zout = plan.stages
@@ -93,3 +94,23 @@ def load_fingerprint_classes(run):
     from autoseg.fingerprint import load_fingerprint
 
     return load_fingerprint(run / "fingerprint.json").classes
+
+
+def test_splits_from_a_file_replace_the_folds_and_bad_files_are_named(dataset, tmp_path, capsys):
+    ids = sorted(p.name[:-len("_0000.nii.gz")] for p in (dataset / "imagesTr").glob("*_0000.nii.gz"))
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ids[2:], "val": ids[:2]}, {"train": ids[:2], "val": ids[2:]}]))
+    run = tmp_path / "run"
+    assert main(["plan", str(dataset), "-o", str(run), "--no-progress", "--device", "cpu", "--splits",
+                 str(splits)]) == 0
+    folds = load_plans(run / "plans.json").folds
+    assert [(f.train, f.val) for f in folds] == [(ids[2:], ids[:2]), (ids[:2], ids[2:])]
+    for content, message in [("[{\"train\": [], \"val\": [\"nobody\"]}]", "the dataset does not have, e.g. 'nobody'"),
+                             (json.dumps([{"train": ids, "val": ids[:1]}]), "is in both train and val"),
+                             ("{\"folds\": 2}", "expected a JSON list"), ("not json", "cannot read the splits")]:
+        splits.write_text(content)
+        assert main(["plan", str(dataset), "-o", str(tmp_path / "other"), "--no-progress", "--device", "cpu",
+                     "--splits", str(splits)]) == 1
+        err = capsys.readouterr().err
+        assert str(splits) in err and message in err and "Traceback" not in err
+        assert not (tmp_path / "other").exists()

@@ -35,9 +35,9 @@ from autoseg.inference.sliding_window import (
 from autoseg.io import Geometry
 from autoseg.networks import build_network
 from autoseg.planning.memory import step_cost
-from autoseg.plans import PLANS_FILE, Plans, load_plans
+from autoseg.plans import PLANS_FILE, Plans, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
-from autoseg.runconfig import CONFIG_FILE
+from autoseg.runconfig import CONFIG_FILE, model_dir
 from autoseg.tiling import tile_boxes
 
 __all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError", "first_line"]
@@ -118,19 +118,22 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, folds: list[str] | None = None, checkpoint: str = "final",
-                 device: str = "auto", tta: bool = True, step: float | None = None) -> Predictor:
-        """Load the ``checkpoint`` of ``folds`` (default: every fold that has it) from ``run_dir``.
+                 device: str = "auto", tta: bool = True, step: float | None = None,
+                 configuration: str | None = None) -> Predictor:
+        """Load the ``checkpoint`` of ``folds`` (default: every fold that has it) of ``configuration`` (default:
+        the plan's) from ``run_dir``.
 
         Raises:
-            ValueError: no such fold or checkpoint.
+            ValueError: no such configuration, fold or checkpoint.
         """
-        run_dir = Path(run_dir)
-        plans = load_plans(run_dir / PLANS_FILE)
+        plans = select_configuration(load_plans(Path(run_dir) / PLANS_FILE), configuration)
+        run_dir = model_dir(Path(run_dir), plans.configuration)
         available = trained_folds(run_dir, checkpoint)
         folds = available if folds is None else [str(f) for f in folds]
         if not folds:
-            raise ValueError(f"{run_dir}: no fold has checkpoint_{checkpoint}.pt; train one with 'autoseg train 0 "
-                             f"--run {run_dir}'")
+            raise ValueError(f"{run_dir}: no fold of configuration {plans.configuration} has "
+                             f"checkpoint_{checkpoint}.pt; train one with 'autoseg train 0 --run RUN_DIR --config "
+                             f"{plans.configuration}'")
         missing = [f for f in folds if f not in available]
         if missing:
             raise ValueError(f"{run_dir}: fold(s) {', '.join(missing)} have no checkpoint_{checkpoint}.pt "

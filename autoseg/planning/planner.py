@@ -26,6 +26,7 @@ from autoseg.plans import (
     SCHEMA_VERSION,
     AugmentationPlan,
     ChannelNormalization,
+    ConfigurationPlan,
     InferencePlan,
     NetworkPlan,
     Plans,
@@ -35,7 +36,8 @@ from autoseg.plans import (
     validate_plans,
 )
 
-__all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights"]
+__all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights",
+           "default_configuration"]
 
 DiceWeighting = Literal["equal", "size-rank"]
 
@@ -106,8 +108,8 @@ def _initial_patch(spacing: list[float], median_shape: list[int]) -> list[int]:
     return [int(min(round(a * scale), m)) for a, m in zip(aspect, median_shape)]
 
 
-def _fit_zoom_out(f: _Fitter, median_shape: list[int]) -> tuple[list[int], NetworkPlan]:
-    patch = _initial_patch(f.spacing, median_shape)
+def _fit_zoom_out(f: _Fitter, median_shape: list[int], patch: list[int]) -> tuple[list[int], NetworkPlan]:
+    """Shrink ``patch`` until a batch of ``MIN_BATCH_SIZE`` fits; returns the patch and its network."""
     topo, net = f.network(patch)
     while not f.fits(net, topo.patch, defaults.MIN_BATCH_SIZE):
         # shrink the physically longest side first (ties: the one covering most of the median shape), so that
@@ -146,13 +148,19 @@ def _zoom_in_patch(out_patch: list[int], net: NetworkPlan, spacing: list[float],
 
 
 def _batch_size(f: _Fitter, net: NetworkPlan, patch: list[int], n_cases: int, median_shape: list[int]) -> int:
-    if f.device.kind == "cpu":
+    """GPU: as many as fit the memory budget, capped so that a batch covers at most ``MAX_DATASET_COVERED`` of
+    the dataset. CPU: ``CPU_BATCH_SIZE`` for 3D patches (they were sized for it); slices fill the compute
+    budget the same way a GPU batch fills memory."""
+    if f.device.kind == "cpu" and patch[0] > 1:
         return defaults.CPU_BATCH_SIZE
     per_sample = f.cost(net, patch, 1)
-    fixed = f.cost(net, patch, 0).total_bytes
-    by_memory = int((f.memory - fixed) // max(per_sample.total_bytes - fixed, 1))
+    fixed = f.cost(net, patch, 0)
+    by_memory = int((f.memory - fixed.total_bytes) // max(per_sample.total_bytes - fixed.total_bytes, 1))
     by_dataset = int(defaults.MAX_DATASET_COVERED * n_cases * prod(median_shape) / prod(patch))
-    return max(defaults.MIN_BATCH_SIZE, min(by_memory, by_dataset))
+    batch = min(by_memory, by_dataset)
+    if f.device.kind == "cpu":
+        batch = min(batch, int(defaults.CPU_MAX_STEP_FLOPS // max(per_sample.flops - fixed.flops, 1)))
+    return max(defaults.MIN_BATCH_SIZE, batch)
 
 
 def _stage(f: _Fitter, net: NetworkPlan, name: Literal["zoom_in", "zoom_out"], patch: list[int], batch: int,
@@ -181,7 +189,8 @@ def dice_weights(fp: Fingerprint, weighting: DiceWeighting) -> list[float]:
 
 
 def _augmentation(patch: list[int]) -> AugmentationPlan:
-    """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``)."""
+    """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``); mirroring along the axes the
+    patch extends along (flipping a one-voxel axis does nothing)."""
     flat = max(patch) / patch[0] > defaults.DUMMY_2D_ASPECT
     deg = [180.0, 0.0, 0.0] if flat else [defaults.ROTATION_DEGREES] * 3
     return AugmentationPlan(
@@ -189,7 +198,11 @@ def _augmentation(patch: list[int]) -> AugmentationPlan:
         list(defaults.NOISE_VARIANCE), defaults.P_BLUR, list(defaults.BLUR_SIGMA), defaults.P_BRIGHTNESS,
         list(defaults.BRIGHTNESS_RANGE), defaults.P_CONTRAST, list(defaults.CONTRAST_RANGE),
         defaults.P_LOW_RESOLUTION, list(defaults.LOW_RESOLUTION_ZOOM), defaults.P_GAMMA, defaults.P_GAMMA_INVERTED,
-        list(defaults.GAMMA_RANGE), [0, 1, 2])
+        list(defaults.GAMMA_RANGE), _mirror_axes(patch))
+
+
+def _mirror_axes(patch: list[int]) -> list[int]:
+    return [a for a in range(3) if patch[a] > 1]
 
 
 def _deep_supervision_weights(net: NetworkPlan) -> list[float]:
@@ -212,9 +225,45 @@ def training_plan(fp: Fingerprint, device: DeviceInfo, net: NetworkPlan, patch: 
         defaults.CHECKPOINT_EVERY_EPOCHS, defaults.EMA_MOMENTUM, defaults.TRAINING_SEED, _augmentation(patch))
 
 
+def _stages(f: _Fitter, net: NetworkPlan, out_patch: list[int], n_cases: int,
+            median_shape: list[int]) -> list[StagePlan]:
+    """The zoom-in stage (``ZOOM_IN_FRACTION`` of the zoom-out patch, long) and the zoom-out stage."""
+    in_patch = _zoom_in_patch(out_patch, net, f.spacing, defaults.ZOOM_IN_FRACTION)
+    batch = _batch_size(f, net, out_patch, n_cases, median_shape)
+    zoom_in_epochs = defaults.GPU_ZOOM_IN_EPOCHS if f.device.kind == "cuda" else defaults.CPU_ZOOM_IN_EPOCHS
+    return [
+        _stage(f, net, "zoom_in", in_patch, batch, median_shape, zoom_in_epochs, defaults.LEARNING_RATE, None),
+        _stage(f, net, "zoom_out", out_patch, batch, median_shape,
+               max(1, round(zoom_in_epochs * defaults.ZOOM_OUT_EPOCH_SHARE)),
+               defaults.LEARNING_RATE * defaults.ZOOM_OUT_LR_SHARE, "zoom_in"),
+    ]
+
+
+def _plan_2d(f: _Fitter, median_shape: list[int], n_cases: int) -> ConfigurationPlan:
+    """Slices as samples: the whole median slice (shrunk in-plane if even two do not fit), batch to the budget."""
+    out_patch, net = _fit_zoom_out(f, median_shape, [1, median_shape[1], median_shape[2]])
+    stages = _stages(f, net, out_patch, n_cases, median_shape)
+    return ConfigurationPlan("2d", net, stages, _deep_supervision_weights(net), _augmentation(out_patch),
+                             _mirror_axes(out_patch))
+
+
+def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> tuple[str, str]:
+    """``2d`` when the 3D zoom-out patch sees less than ``THREE_D_MIN_INPLANE_SHARE`` of the median slice
+    (thick slices, big scans, small devices: too little in-plane context per sample), else ``3d``; with the
+    reason in words. ``autoseg train --config`` overrides it."""
+    p = plan_3d[-1].patch_size
+    share = min(p[1], median_shape[1]) * min(p[2], median_shape[2]) / (median_shape[1] * median_shape[2])
+    seen = f"the 3d zoom-out patch {p[1]}x{p[2]} in-plane sees {100 * share:.0f}% of the median slice " \
+           f"{median_shape[1]}x{median_shape[2]}"
+    if share < defaults.THREE_D_MIN_INPLANE_SHARE:
+        return "2d", f"{seen} (under {100 * defaults.THREE_D_MIN_INPLANE_SHARE:.0f}%): 2d sees whole slices"
+    return "3d", f"{seen} (at least {100 * defaults.THREE_D_MIN_INPLANE_SHARE:.0f}%)"
+
+
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
               seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal") -> Plans:
-    """Plan preprocessing, network, both training stages, folds and inference for ``fp`` on ``device``.
+    """Plan preprocessing, the 3d and 2d configurations (network and both training stages each), folds and
+    inference for ``fp`` on ``device``.
 
     Raises:
         ValueError: no patch fits the budget, or too few cases for cross-validation.
@@ -225,21 +274,15 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     resampled = np.array([resampled_shape(s, sp, spacing) for s, sp in zip(cropped, spacings)])
     median_shape = [int(v) for v in np.median(resampled, axis=0)]
     f = _Fitter(fp, device, spacing)
-    out_patch, net = _fit_zoom_out(f, median_shape)
-    in_patch = _zoom_in_patch(out_patch, net, spacing, defaults.ZOOM_IN_FRACTION)
-    batch = _batch_size(f, net, out_patch, fp.n_cases, median_shape)
-    zoom_in_epochs = defaults.GPU_ZOOM_IN_EPOCHS if device.kind == "cuda" else defaults.CPU_ZOOM_IN_EPOCHS
-    stages = [
-        _stage(f, net, "zoom_in", in_patch, batch, median_shape, zoom_in_epochs, defaults.LEARNING_RATE, None),
-        _stage(f, net, "zoom_out", out_patch, batch, median_shape,
-               max(1, round(zoom_in_epochs * defaults.ZOOM_OUT_EPOCH_SHARE)),
-               defaults.LEARNING_RATE * defaults.ZOOM_OUT_LR_SHARE, "zoom_in"),
-    ]
+    out_patch, net = _fit_zoom_out(f, median_shape, _initial_patch(spacing, median_shape))
+    stages = _stages(f, net, out_patch, fp.n_cases, median_shape)
+    default, reason = default_configuration(stages, median_shape)
     plans = Plans(
         SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
         list(fp.median_spacing), list(fp.median_shape), spacing, median_shape, normalization_for(fp),
         ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
         defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting),
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
-        InferencePlan(defaults.TILE_STEP, [0, 1, 2], defaults.GAUSSIAN_SIGMA_SCALE))
+        InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch), defaults.GAUSSIAN_SIGMA_SCALE),
+        "3d", [_plan_2d(f, median_shape, fp.n_cases)], default, reason)
     return validate_plans(plans)

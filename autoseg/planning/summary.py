@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autoseg.fingerprint import Fingerprint
-from autoseg.plans import Plans
+from autoseg.plans import Plans, configuration_names, select_configuration
 
 __all__ = ["format_summary"]
 
@@ -12,9 +12,27 @@ def _x(values: list) -> str:
     return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def format_summary(fp: Fingerprint, p: Plans) -> str:
-    """Cases, shapes and spacings, normalisation, network, both stages and the memory estimate."""
+def _configuration_lines(p: Plans, default: bool) -> list[str]:
     net = p.network
+    mark = " (default)" if default else ""
+    lines = [
+        f"config {p.configuration + mark:<13} {net.architecture}, {len(net.features)} stages, features "
+        f"{net.features}, residual blocks {net.blocks_per_stage}",
+        f"             kernels {[_x(k) for k in net.kernel_sizes]}",
+        f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
+    ]
+    for st in p.stages:
+        lines.append(
+            f"  {st.name:<10} patch {_x(st.patch_size)} ({100 * st.share_of_median_volume:.0f}% of median volume), "
+            f"batch {st.batch_size}, ~{st.estimated_memory_gib:.2f} GiB and {st.estimated_step_gflops:.0f} GFLOP "
+            f"per step; {st.epochs} epochs x {st.iterations_per_epoch} iterations, {st.optimizer} lr "
+            f"{st.learning_rate:g} {st.scheduler}" + (f", starts from {st.init_from}" if st.init_from else ""))
+    return lines
+
+
+def format_summary(fp: Fingerprint, p: Plans) -> str:
+    """Cases, shapes and spacings, normalisation, the device, every configuration's network and both stages
+    with their memory estimates, and which configuration trains by default and why."""
     dev = p.device
     detail = f", {dev.budget_gib:g} GiB ({dev.budget_source})" if dev.kind == "cuda" else \
         f", {dev.cores} cores, {dev.ram_gib:g} GiB RAM"
@@ -28,18 +46,12 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
         "normalise    " + "; ".join(f"{n.channel}: {n.scheme}" + (" in non-zero mask" if n.use_mask else "") +
                                     (f", clip [{n.clip[0]:.4g}, {n.clip[1]:.4g}]" if n.clip else "")
                                     for n in p.normalization),
-        f"network      {net.architecture}, {len(net.features)} stages, features {net.features}, residual blocks "
-        f"{net.blocks_per_stage}",
-        f"             kernels {[_x(k) for k in net.kernel_sizes]}",
-        f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
         f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB"
         + (" (mixed precision)" if p.amp else ""),
     ]
-    for st in p.stages:
-        lines.append(
-            f"{st.name:<12} patch {_x(st.patch_size)} ({100 * st.share_of_median_volume:.0f}% of median volume), "
-            f"batch {st.batch_size}, ~{st.estimated_memory_gib:.2f} GiB and {st.estimated_step_gflops:.0f} GFLOP "
-            f"per step; {st.epochs} epochs x {st.iterations_per_epoch} iterations, {st.optimizer} lr "
-            f"{st.learning_rate:g} {st.scheduler}" + (f", starts from {st.init_from}" if st.init_from else ""))
+    for name in configuration_names(p):
+        lines += _configuration_lines(select_configuration(p, name), name == p.default_configuration)
+    if p.default_reason:
+        lines.append(f"default      {p.default_configuration}: {p.default_reason}")
     lines.append(f"folds        {len(p.folds)} (validation sizes {[len(f.val) for f in p.folds]})")
     return "\n".join(lines)

@@ -30,7 +30,8 @@ def topology_for_patch(patch: list[int], spacing: list[float],
                        max_poolings: int = defaults.MAX_POOLINGS) -> Topology:
     """Pool an axis while its feature map stays at least ``2 * min_edge`` voxels and its current spacing is
     within 2x of the finest poolable one; kernels are 3 on axes within 2x of the finest spacing, else 1
-    (so thick-slice axes are convolved in-plane until pooling has evened out the spacing).
+    (so thick-slice axes are convolved in-plane until pooling has evened out the spacing). An axis the patch
+    is one voxel deep along (a 2D configuration's slices) is never convolved across nor pooled.
 
     Args:
         patch: desired patch (voxels, array order).
@@ -42,9 +43,10 @@ def topology_for_patch(patch: list[int], spacing: list[float],
     kernels: list[list[int]] = []
     strides: list[list[int]] = [[1, 1, 1]]
     kernel = [1, 1, 1]
+    flat = [p == 1 for p in patch]
     while True:
-        finest = min(cur)
-        kernel = [3 if kernel[a] == 3 or cur[a] / finest < 2 else 1 for a in range(3)]
+        finest = min((c for c, f in zip(cur, flat) if not f), default=min(cur))
+        kernel = [1 if flat[a] else 3 if kernel[a] == 3 or cur[a] / finest < 2 else 1 for a in range(3)]
         valid = [a for a in range(3) if size[a] >= 2 * min_edge and pools[a] < max_poolings]
         if valid:
             fine = min(cur[a] for a in valid)
@@ -60,7 +62,7 @@ def topology_for_patch(patch: list[int], spacing: list[float],
             size[a] /= 2
             cur[a] *= 2
             pools[a] += 1
-    kernels[-1] = [3, 3, 3]  # the bottleneck sees all axes
+    kernels[-1] = [1 if f else 3 for f in flat]  # the bottleneck sees every axis the patch extends along
     total = [2**p for p in pools]
     padded = [-(-int(p) // t) * t for p, t in zip(patch, total)]
     return Topology(kernels, strides, padded)

@@ -40,4 +40,5 @@ def _run(st: StagePlan, schedule: StagePlan, init_from: str | None) -> StageRun:
 
 def new_config(plans: Plans, fold: str, o: Overrides, device: str, world_size: int) -> TrainConfig:
     train, val = fold_cases(plans, fold)
-    return TrainConfig(__version__, fold, train, val, o, stage_runs(plans, o), [], device, world_size)
+    return TrainConfig(__version__, fold, train, val, o, stage_runs(plans, o), [], device, world_size,
+                       configuration=plans.configuration)

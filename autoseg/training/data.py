@@ -36,16 +36,17 @@ def batch_seed(seed: int, stage: int, index: int, rank: int = 0, purpose: int = 
 
 def initial_patch_size(patch: list[int], aug: AugmentationPlan) -> list[int]:
     """The region read before augmentation: large enough that rotating (by the plan's maximum angles) and
-    scaling the final patch stays on real data (as nnU-Net's ``get_patch_size``; scale margin 1/0.85)."""
+    scaling the final patch stays on real data (as nnU-Net's ``get_patch_size``, scale margin 1/0.85, except
+    that a maximum angle of 45 degrees or more is checked at 45 degrees too, where a square's extent peaks)."""
     corners = np.array(np.meshgrid(*[[-p / 2, p / 2] for p in patch], indexing="ij")).reshape(3, -1)
     extent = np.array(patch, dtype=float)
     if aug.p_rotation > 0:
         for axis, deg in enumerate(aug.rotation_degrees):
-            a = math.radians(min(deg, 90.0))
-            i, j = [k for k in range(3) if k != axis]
-            rot = np.eye(3)
-            rot[i, i], rot[i, j], rot[j, i], rot[j, j] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
-            extent = np.maximum(extent, np.ptp(rot @ corners, axis=1))
+            for a in {math.radians(min(deg, 90.0)), math.radians(min(deg, 45.0))}:
+                i, j = [k for k in range(3) if k != axis]
+                rot = np.eye(3)
+                rot[i, i], rot[i, j], rot[j, i], rot[j, j] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+                extent = np.maximum(extent, np.ptp(rot @ corners, axis=1))
     if aug.p_scale > 0:
         extent = extent / 0.85
     return [int(math.ceil(e)) for e in extent]
@@ -118,7 +119,10 @@ class PatchSampler:
 
 def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
     """batchgenerators transforms in nnU-Net's order: spatial (rotation, scaling, centre crop to ``patch``),
-    noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring."""
+    noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring.
+
+    A patch one slice deep (the 2d configuration) gets 2D transforms, applied to ``(B, C, y, x)``: in-plane
+    rotation by up to ``rotation_degrees[0]`` and scaling never blend neighbouring slices."""
     from batchgenerators.transforms.abstract_transforms import Compose
     from batchgenerators.transforms.color_transforms import (
         BrightnessMultiplicativeTransform,
@@ -130,8 +134,10 @@ def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
     from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
     rad = [math.radians(d) for d in aug.rotation_degrees]
+    flat = patch[0] == 1
+    size, mirror = (patch[1:], [a - 1 for a in aug.mirror_axes if a > 0]) if flat else (patch, aug.mirror_axes)
     ts = [
-        SpatialTransform(patch, patch_center_dist_from_border=None, do_elastic_deform=False,
+        SpatialTransform(size, patch_center_dist_from_border=None, do_elastic_deform=False,
                          do_rotation=aug.p_rotation > 0, angle_x=(-rad[0], rad[0]), angle_y=(-rad[1], rad[1]),
                          angle_z=(-rad[2], rad[2]), p_rot_per_axis=1, do_scale=aug.p_scale > 0,
                          scale=tuple(aug.scale_range), border_mode_data="constant", border_cval_data=0, order_data=3,
@@ -144,12 +150,12 @@ def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
         ContrastAugmentationTransform(tuple(aug.contrast_range), p_per_sample=aug.p_contrast),
         SimulateLowResolutionTransform(tuple(aug.low_resolution_zoom), per_channel=True, p_per_channel=0.5,
                                        order_downsample=0, order_upsample=3, p_per_sample=aug.p_low_resolution,
-                                       ignore_axes=(0,) if aug.dummy_2d else None),
+                                       ignore_axes=(0,) if aug.dummy_2d and not flat else None),
         GammaTransform(tuple(aug.gamma_range), True, True, retain_stats=True, p_per_sample=aug.p_gamma_inverted),
         GammaTransform(tuple(aug.gamma_range), False, True, retain_stats=True, p_per_sample=aug.p_gamma),
     ]
-    if aug.mirror_axes:
-        ts.append(MirrorTransform(tuple(aug.mirror_axes)))
+    if mirror:
+        ts.append(MirrorTransform(tuple(mirror)))
     return Compose(ts)
 
 
@@ -167,6 +173,9 @@ class BatchDataset(torch.utils.data.Dataset):
         self.sampler, self.batch_size, self.aug = sampler, batch_size, aug
         self.seed, self.stage, self.augment, self.rank, self.length = seed, stage, augment, rank, length
         self.read_size = initial_patch_size(sampler.patch, aug) if augment else list(sampler.patch)
+        self.flat = sampler.patch[0] == 1  # one slice deep: augmented in 2D
+        if self.flat:
+            self.read_size[0] = 1
         self._transform: Any = None
 
     def __len__(self) -> int:
@@ -193,8 +202,12 @@ class BatchDataset(torch.utils.data.Dataset):
                     self._transform = build_augmentation(self.sampler.patch, self.aug)
                 np.random.seed(s)  # batchgenerators draws from numpy's and Python's global generators
                 random.seed(s)
+                if self.flat:
+                    data, seg = data[:, :, 0], seg[:, :, 0]
                 out = self._transform(data=data, seg=seg)
                 data, seg = out["data"], out["seg"]
+                if self.flat:
+                    data, seg = data[:, :, None], seg[:, :, None]
             if not np.isfinite(data).all():
                 raise ValueError("non-finite values in the image patch")
             return {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from autoseg.atomic import remove_temporaries
 from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
 from autoseg.networks import build_network
-from autoseg.plans import PLANS_FILE, Plans, load_plans
+from autoseg.plans import PLANS_FILE, Plans, load_plans, select_configuration
 from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.runconfig import (
     CONFIG_FILE,
@@ -33,6 +33,7 @@ from autoseg.runconfig import (
     fold_cases,
     fold_dir_name,
     load_config,
+    model_dir,
     save_config,
 )
 from autoseg.training.budget import BUDGET_CHECK_EPOCH, fit_budget, measure_step_seconds, refit_epochs
@@ -63,6 +64,8 @@ class Trainer:
         runtime: device and ranks (:func:`autoseg.training.runtime.distributed_runtime`).
         restart: delete this fold's checkpoints and start over.
         say: where epoch lines go (the console by default).
+        configuration: the plan's configuration to train (``3d``, ``2d``; None: the plan's default); its folds
+            live in :func:`autoseg.runconfig.model_dir`.
         validation_probe: with a time budget, measures the seconds the final validation will take, given the
             plan, the fold's configuration and an untrained network on this device (the workflow that
             validates provides it; without it they are estimated from the tile count).
@@ -70,12 +73,13 @@ class Trainer:
 
     def __init__(self, run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime, restart: bool = False,
                  say: Callable[[str], None] = print,
-                 validation_probe: Callable[[Plans, TrainConfig, nn.Module], float] | None = None):
+                 validation_probe: Callable[[Plans, TrainConfig, nn.Module], float] | None = None,
+                 configuration: str | None = None):
         self.t_start = time.perf_counter()
         self.run_dir, self.fold, self.overrides, self.rt = Path(run_dir), fold, overrides, runtime
         self.restart, self.say, self.validation_probe = restart, say, validation_probe
-        self.fold_dir = self.run_dir / fold_dir_name(fold)
-        self.plans: Plans = load_plans(self.run_dir / PLANS_FILE)
+        self.plans: Plans = select_configuration(load_plans(self.run_dir / PLANS_FILE), configuration)
+        self.fold_dir = model_dir(self.run_dir, self.plans.configuration) / fold_dir_name(fold)
         self.folder = self.run_dir / PREPROCESSED_DIR
         self.stop = StopRequest(STOP_GRACE_SECONDS if runtime.distributed else None)
         self.resumed = False  # a checkpoint was resumed: the config's budget no longer describes this process
@@ -122,6 +126,9 @@ class Trainer:
                                  "start over")
             return cfg
         cfg = new_config(self.plans, self.fold, self.overrides, self.rt.device.type, self.rt.world_size)
+        why = f" (the plan's default: {self.plans.default_reason})" \
+            if self.plans.configuration == self.plans.default_configuration and self.plans.default_reason else ""
+        self.say(f"configuration {self.plans.configuration}{why} -> {self.fold_dir}")
         minutes = self.overrides.time_budget_minutes
         if minutes is not None:
             cfg.measured_step_seconds = [

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.io import read_image
-from autoseg.plans import PLANS_FILE, load_plans
+from autoseg.plans import PLANS_FILE, load_plans, select_configuration
+from autoseg.runconfig import model_dir
 from autoseg.typedjson import write_json_atomic
 
 __all__ = ["summarize_run", "CROSSVAL_FILE"]
@@ -17,9 +18,10 @@ __all__ = ["summarize_run", "CROSSVAL_FILE"]
 CROSSVAL_FILE = "crossval.json"
 
 
-def summarize_run(run_dir: Path) -> dict:
-    """Per-fold and pooled mean Dice per class, and the post-processing decision; writes
-    ``RUN_DIR/crossval.json`` and ``RUN_DIR/postprocessing.json``.
+def summarize_run(run_dir: Path, configuration: str | None = None) -> dict:
+    """Per-fold and pooled mean Dice per class of ``configuration`` (None: the plan's default), and the
+    post-processing decision; writes ``crossval.json`` and ``postprocessing.json`` beside its folds
+    (:func:`autoseg.runconfig.model_dir`).
 
     Raises:
         ValueError: no fold has validation results.
@@ -27,7 +29,9 @@ def summarize_run(run_dir: Path) -> dict:
     from autoseg.inference.postprocessing import decide_postprocessing, save_postprocessing
     from autoseg.workflows.validate import VALIDATION_DIR, reference_labels
 
-    plans = load_plans(run_dir / PLANS_FILE)
+    plans = select_configuration(load_plans(run_dir / PLANS_FILE), configuration)
+    refs = reference_labels(run_dir)
+    run_dir = model_dir(run_dir, plans.configuration)
     folds = sorted(p for p in run_dir.glob("fold_*") if (p / VALIDATION_DIR / "metrics.json").is_file()
                    and p.name != "fold_all")
     if not folds:
@@ -39,12 +43,12 @@ def summarize_run(run_dir: Path) -> dict:
         cases.update({cid: (f, v) for cid, v in m["cases"].items()})
     names = [plans.labels[c] for c in sorted(plans.labels)[1:]]
     pooled = {n: float(np.mean([v[n]["dice"] for _, v in cases.values()])) for n in names}
-    refs = reference_labels(run_dir)
     pairs = [(read_image(f / VALIDATION_DIR / f"{cid}.nii.gz")[0][0], read_image(refs[cid])[0][0])
              for cid, (f, _) in sorted(cases.items())]
     pp = decide_postprocessing(pairs, sorted(plans.labels)[1:])
     save_postprocessing(pp, run_dir)
-    result = {"folds": [f.name for f in folds], "n_cases": len(cases), "dice_per_fold": per_fold,
+    result = {"configuration": plans.configuration, "folds": [f.name for f in folds], "n_cases": len(cases),
+              "dice_per_fold": per_fold,
               "dice_pooled": pooled, "mean_foreground_dice": float(np.mean(list(pooled.values()))),
               "postprocessing": {"largest_component_classes": pp.largest_component_classes,
                                  "dice_before": {plans.labels[c]: v for c, v in pp.dice_before.items()},

@@ -21,10 +21,10 @@ __all__ = ["train_fold"]
 
 
 def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime, restart: bool = False,
-               say: Callable[[str], None] = print) -> dict | None:
-    """Train ``fold`` of ``run_dir`` (resuming, or only validating when it is already trained), then predict
-    its validation cases into ``fold_<k>/validation/`` and score them. Returns the validation metrics on rank
-    0, None on the other ranks.
+               say: Callable[[str], None] = print, configuration: str | None = None) -> dict | None:
+    """Train ``fold`` of ``run_dir`` in ``configuration`` (None: the plan's default; resuming, or only
+    validating when it is already trained), then predict its validation cases into ``fold_<k>/validation/``
+    and score them. Returns the validation metrics on rank 0, None on the other ranks.
 
     Raises:
         TrainingInterrupted: after SIGINT/SIGTERM, once ``latest`` is written.
@@ -40,7 +40,8 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
                 f"{VALIDATION_TTA_MAX_BUDGET_SHARE:.0%} of the time budget (autoseg predict still mirrors)")
         return cost.seconds(cfg.validation_tta)
 
-    trainer = Trainer(run_dir, fold, overrides, runtime, restart, say, validation_probe=probe)
+    trainer = Trainer(run_dir, fold, overrides, runtime, restart, say, validation_probe=probe,
+                      configuration=configuration)
     net = trainer.fit()
     if not runtime.main:
         return None
