@@ -11,8 +11,9 @@ __all__ = ["tile_starts", "mirror_combinations", "tile_boxes"]
 
 
 def tile_starts(shape: list[int], patch: list[int], step: float) -> list[list[int]]:
-    """Start of every tile per axis: evenly spread, at most ``step`` x patch apart, first at 0 and last
-    flush with the end. ``shape`` must be at least ``patch`` on every axis.
+    """Start of every tile per axis: evenly spread, at most ``step`` x patch (but at least one voxel) apart,
+    first at 0 and last flush with the end; a one-voxel patch edge (2d) visits every slice once. ``shape`` must
+    be at least ``patch`` on every axis.
 
     Raises:
         ValueError: an edge of ``shape`` is smaller than the patch's.
@@ -21,7 +22,7 @@ def tile_starts(shape: list[int], patch: list[int], step: float) -> list[list[in
     for s, p in zip(shape, patch):
         if s < p:
             raise ValueError(f"volume edge {s} is smaller than the patch edge {p}; pad first")
-        n = int(np.ceil((s - p) / (p * step))) + 1
+        n = int(np.ceil((s - p) / max(p * step, 1.0))) + 1
         out.append([int(round(x)) for x in np.linspace(0, s - p, n)] if n > 1 else [0])
     return out
 

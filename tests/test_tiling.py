@@ -29,3 +29,10 @@ def test_mirror_combinations():
     assert mirror_combinations([0, 1, 2]) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
     assert mirror_combinations([2, 0]) == [(), (0,), (2,), (0, 2)]
     assert mirror_combinations([]) == [()]
+
+
+def test_a_one_slice_patch_visits_every_slice_once():
+    # 2d: with step 0.5 of a one-voxel edge the starts were 0.5 apart and rounding visited most slices twice
+    starts = tile_starts([35, 256, 256], [1, 256, 256], 0.5)
+    assert starts == [list(range(35)), [0], [0]]
+    assert len(tile_boxes([35, 300, 256], [1, 256, 256], 0.5)) == 35 * 2
