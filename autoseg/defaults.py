@@ -119,6 +119,11 @@ P_ROTATION = 0.2
 ROTATION_DEGREES = 30.0
 #: rotation in-plane only, and by up to 180 degrees, when the patch is this much flatter than wide
 DUMMY_2D_ASPECT = 3.0
+#: N4 bias-field correction (``autoseg plan --bias-correction``): the field is fitted on a copy shrunk to about
+#: this voxel size (mm), with this many fitting levels of this many iterations each
+N4_SHRINK_MM = 4.0
+N4_LEVELS = 3
+N4_ITERATIONS = 50
 #: the planner trains 2d by default when the 3d zoom-out patch sees less than this share of the median slice
 THREE_D_MIN_INPLANE_SHARE = 0.25
 P_SCALE = 0.2

@@ -32,7 +32,8 @@ class ChannelNormalization:
 
     ``zscore``: per case, (x - mean) / std over the case (inside the non-zero mask when ``use_mask``).
     ``ct``: clip to ``clip`` (dataset foreground 0.5/99.5 percentiles), then (x - mean) / std with the
-    dataset's foreground ``mean`` and ``std``. ``none``: unchanged.
+    dataset's foreground ``mean`` and ``std``. ``none``: unchanged. ``bias_field``: divide out the N4 bias
+    field first (MRI; ``autoseg plan --bias-correction``).
     """
 
     channel: str
@@ -41,6 +42,7 @@ class ChannelNormalization:
     clip: list[float] | None
     mean: float | None
     std: float | None
+    bias_field: bool = False
 
 
 @dataclass

@@ -49,10 +49,11 @@ def usable_memory_bytes(device: DeviceInfo) -> int:
     return int(device.budget_gib * defaults.CPU_RAM_SHARE * 2**30)
 
 
-def normalization_for(fp: Fingerprint) -> list[ChannelNormalization]:
+def normalization_for(fp: Fingerprint, bias_correction: bool = False) -> list[ChannelNormalization]:
     """CT channels: dataset-wide clip to the foreground 0.5/99.5 percentiles and z-score; anything else:
     per-case z-score, inside the non-zero mask when cropping to it removes a quarter of the volume or more
-    (brain-extracted MRI) so that the zero background does not skew mean and std."""
+    (brain-extracted MRI) so that the zero background does not skew mean and std; with ``bias_correction``
+    those z-scored channels are N4-corrected first."""
     out = []
     for name, st in zip(fp.channel_names, fp.channels):
         if name.strip().lower() == "ct":
@@ -62,7 +63,7 @@ def normalization_for(fp: Fingerprint) -> list[ChannelNormalization]:
             out.append(ChannelNormalization(name, "none", False, None, None, None))
         else:
             out.append(ChannelNormalization(name, "zscore", fp.median_relative_size_after_crop < 0.75, None, None,
-                                            None))
+                                            None, bias_correction))
     return out
 
 
@@ -261,7 +262,8 @@ def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> 
 
 
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
-              seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal") -> Plans:
+              seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal",
+              bias_correction: bool = False) -> Plans:
     """Plan preprocessing, the 3d and 2d configurations (network and both training stages each), folds and
     inference for ``fp`` on ``device``.
 
@@ -279,7 +281,8 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     default, reason = default_configuration(stages, median_shape)
     plans = Plans(
         SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
-        list(fp.median_spacing), list(fp.median_shape), spacing, median_shape, normalization_for(fp),
+        list(fp.median_spacing), list(fp.median_shape), spacing, median_shape,
+        normalization_for(fp, bias_correction),
         ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
         defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting),
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),

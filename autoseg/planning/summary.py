@@ -43,7 +43,8 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
         f"median       shape {_x(fp.median_shape)} at spacing {_x([round(s, 3) for s in fp.median_spacing])} mm "
         "(z, y, x)",
         f"target       spacing {_x(p.target_spacing)} mm -> median shape {_x(p.median_shape_after_resampling)}",
-        "normalise    " + "; ".join(f"{n.channel}: {n.scheme}" + (" in non-zero mask" if n.use_mask else "") +
+        "normalise    " + "; ".join(f"{n.channel}: " + ("N4 bias field, then " if n.bias_field else "") +
+                                    f"{n.scheme}" + (" in non-zero mask" if n.use_mask else "") +
                                     (f", clip [{n.clip[0]:.4g}, {n.clip[1]:.4g}]" if n.clip else "")
                                     for n in p.normalization),
         f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB"

@@ -1,6 +1,7 @@
 """One transform, two directions: a case to the planned spacing and back to its exact original geometry.
 
-Forward: crop to the non-zero region -> normalise per channel -> resample to the target spacing.
+Forward: crop to the non-zero region -> N4 bias-field correction where planned -> normalise per channel ->
+resample to the target spacing.
 Inverse: a label map or class probabilities at the target spacing -> resample to the cropped shape -> paste
 into the bounding box of the original shape. Training and inference both use these two functions.
 """
@@ -17,6 +18,7 @@ from autoseg.fingerprint import nonzero_bbox
 from autoseg.io import Geometry
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import Plans, ResamplingPlan
+from autoseg.preprocessing.bias import correct_bias_field
 from autoseg.preprocessing.normalise import normalise
 from autoseg.preprocessing.resample import (
     out_of_plane_axis,
@@ -92,8 +94,11 @@ def forward(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, pla
     box = tuple(slice(a, b) for a, b in bbox)
     cropped = image[(slice(None), *box)]
     mask = np.any(cropped != 0, axis=0)
-    data = normalise(cropped, plans.normalization, mask)
     spacing = list(geometry.spacing_zyx)
+    if any(n.bias_field for n in plans.normalization):
+        cropped = np.stack([correct_bias_field(ch, spacing) if n.bias_field else ch
+                            for ch, n in zip(cropped, plans.normalization)])
+    data = normalise(cropped, plans.normalization, mask)
     shape = [max(1, s) for s in resampled_shape(cropped.shape[1:], spacing, plans.target_spacing)]
     r = plans.resampling
     axis = out_of_plane_axis(spacing, plans.target_spacing, r.anisotropy_threshold)
