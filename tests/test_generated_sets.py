@@ -17,7 +17,7 @@ Every dataset is planned and preprocessed once per module (``-j 1``: in this pro
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class GeneratedSet:
     images: dict[str, np.ndarray]  # case id -> (C, z, y, x) as written
     labels: dict[str, np.ndarray]  # case id -> (z, y, x)
     spacings_xyz: dict[str, tuple[float, float, float]]
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # case id -> (z, y, x) body mask, if any
 
     @property
     def plans(self) -> Plans:
@@ -337,13 +338,13 @@ def brain_set(tmp_path_factory) -> GeneratedSet:
     s = build_set(tmp_path_factory, "BrainMRI", {k: v[0] for k, v in cases.items()},
                   {k: v[1] for k, v in cases.items()}, dict.fromkeys(cases, (1.0, 1.0, 1.0)),
                   ["T1", "T1ce", "T2", "FLAIR"], {"background": 0, "core": 1, "enhancing": 2, "edema": 3})
-    s.brains = {k: v[2] for k, v in cases.items()}  # type: ignore[attr-defined]
+    s.masks = {k: v[2] for k, v in cases.items()}
     return s
 
 
 def test_brain_channels_are_zscored_inside_the_mask(brain_set):
     fp, plans = brain_set.fingerprint, brain_set.plans
-    brains = brain_set.brains
+    brains = brain_set.masks
     assert all(brains[c].mean() < 0.6 for c in brains)
     ratios = [np.prod(np.diff(bbox_of(b)).ravel()) / np.prod(BRAIN_SHAPE) for b in brains.values()]
     assert fp.median_relative_size_after_crop == pytest.approx(float(np.median(ratios)), rel=1e-9)
@@ -354,7 +355,7 @@ def test_brain_channels_are_zscored_inside_the_mask(brain_set):
 
 def test_brain_stored_channels_have_zero_mean_unit_std_in_mask_and_zero_outside(brain_set):
     for cid, image in brain_set.images.items():
-        brain = brain_set.brains[cid]
+        brain = brain_set.masks[cid]
         box = bbox_of(brain)
         props = read_properties(brain_set.preprocessed, cid)
         assert props.bbox == box
@@ -377,10 +378,10 @@ def test_brain_stored_channels_have_zero_mean_unit_std_in_mask_and_zero_outside(
 
 def test_brain_nested_labels_are_stored_as_written(brain_set):
     for cid, label in brain_set.labels.items():
-        crop = tuple(slice(a, b) for a, b in bbox_of(brain_set.brains[cid]))
+        crop = tuple(slice(a, b) for a, b in bbox_of(brain_set.masks[cid]))
         _, seg = brain_set.stored(cid)
         np.testing.assert_array_equal(seg, label[crop])
         inner = [np.isin(seg, list(range(1, k + 1))) for k in (1, 2, 3)]
         assert all(inner[k].sum() > 0 for k in range(3))
         assert not (inner[0] & ~inner[1]).any() and not (inner[1] & ~inner[2]).any()
-        assert not (seg > 0)[~brain_set.brains[cid][crop]].any()
+        assert not (seg > 0)[~brain_set.masks[cid][crop]].any()
