@@ -12,6 +12,7 @@ from autoseg.demo import make_synthetic_dataset
 from autoseg.plans import load_plans
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "MSD_Task04_Hippocampus"
+CHAOS = HIPPOCAMPUS.parent / "CHAOS_T2_Abdomen"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,30 @@ def test_splits_from_a_file_replace_the_folds_and_bad_files_are_named(dataset, t
         err = capsys.readouterr().err
         assert str(splits) in err and message in err and "Traceback" not in err
         assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CHAOS.is_dir(), reason="real data not present")
+def test_plan_and_preprocess_real_chaos_thick_slices(tmp_path, capsys):
+    """20 abdominal T2 MRIs with 7.7 mm slices: in-plane-first 3d topology, 2d by default on a CPU."""
+    from autoseg.plans import select_configuration
+    from autoseg.preprocessing.run import preprocess_run
+
+    run = tmp_path / "chaos"
+    assert main(["plan", str(CHAOS), "-o", str(run), "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "20 cases" in out and "default      2d: the 3d zoom-out patch 80x80 in-plane sees 10%" in out
+    plan = load_plans(run / "plans.json")
+    assert plan.target_spacing == pytest.approx([7.7, 1.25, 1.25])
+    assert plan.median_shape_after_resampling == [35, 248, 256]
+    assert plan.normalization[0].scheme == "zscore" and not plan.normalization[0].use_mask
+    assert plan.network.kernel_sizes[:2] == [[1, 3, 3], [1, 3, 3]] and plan.network.strides[1] == [1, 2, 2]
+    assert plan.training.augmentation.dummy_2d  # rotation in-plane only
+    two = select_configuration(plan, "2d")
+    assert two.stages[1].patch_size == [1, 256, 256] and plan.default_configuration == "2d"
+    assert [c.name for c in load_fingerprint_classes(run)] == ["liver", "right_kidney", "left_kidney", "spleen"]
+    r = preprocess_run(run, None, progress=False)
+    assert len(r.written) == 20
+    for case in r.written:  # thick slices are never resampled across: z keeps its 7.7 mm slices
+        props = json.loads((run / "preprocessed" / f"{case}.json").read_text())
+        assert props["shape_after_resampling"][0] == props["shape_after_crop"][0]
