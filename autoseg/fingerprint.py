@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,8 @@ class CaseFingerprint:
     class_voxels: dict[int, int]
     class_components: dict[int, int]
     channels: list[ChannelStats]
+    #: per class present, its centre of mass (voxels, array order z, y, x)
+    class_centroids: dict[int, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,8 +156,15 @@ def measure_case(case: CaseFiles, n_channels: int, labels: dict[int, str], n_sam
     fp = CaseFingerprint(
         case.case_id, list(loaded.geometry.spacing_zyx), list(label.shape), [b - a for a, b in bbox], bbox,
         {v: int(counts[v]) for v in labels if v > 0}, {v: 0 for v in labels if v > 0} | _count_components(
-            label, present), stats)
+            label, present), stats, _centroids(label, present))
     return fp, samples, []
+
+
+def _centroids(label: np.ndarray, present: list[int]) -> dict[int, list[float]]:
+    from scipy import ndimage
+
+    centres = ndimage.center_of_mass(np.ones(label.shape, np.uint8), label, present)
+    return {v: [round(float(x), 2) for x in c] for v, c in zip(present, centres)}
 
 
 def _pooled_channel(cases: list[CaseFingerprint], c: int, samples: np.ndarray) -> ChannelStats:
@@ -205,7 +214,7 @@ def dataset_key(spec: DatasetSpec) -> str:
     """A hash of dataset.json, of every case file's name, size and modification time, and of the
     fingerprint version: equal keys mean the cached fingerprint is still valid."""
     h = hashlib.sha256()
-    h.update(f"v{defaults.FINGERPRINT_VERSION}:{defaults.FINGERPRINT_SAMPLES_TOTAL}".encode())
+    h.update(f"v{defaults.FINGERPRINT_VERSION}:{defaults.FINGERPRINT_SAMPLES_TOTAL}:centroids".encode())
     h.update((spec.root / "dataset.json").read_bytes())
     for case in spec.cases:
         h.update(files_stamp((*case.images, case.label)).encode())

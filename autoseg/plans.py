@@ -214,6 +214,8 @@ class Plans:
     #: what ``autoseg train`` and ``autoseg predict`` use without ``--config``, and why
     default_configuration: str = TOP_CONFIGURATION
     default_reason: str = ""
+    #: why mirroring (augmentation and prediction) leaves out an axis, if it does
+    mirroring_note: str = ""
 
 
 def configuration_names(p: Plans) -> list[str]:

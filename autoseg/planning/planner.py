@@ -21,6 +21,7 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.planning.memory import StepCost, step_cost
 from autoseg.planning.spacing import resampled_shape, target_spacing
 from autoseg.planning.splits import kfold_splits
+from autoseg.planning.symmetry import lateral_axis
 from autoseg.planning.topology import Topology, topology_for_patch
 from autoseg.plans import (
     SCHEMA_VERSION,
@@ -189,9 +190,9 @@ def dice_weights(fp: Fingerprint, weighting: DiceWeighting) -> list[float]:
     return [round(w * n / sum(ranks), 6) for w in ranks]
 
 
-def _augmentation(patch: list[int]) -> AugmentationPlan:
-    """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``); mirroring along the axes the
-    patch extends along (flipping a one-voxel axis does nothing)."""
+def _augmentation(patch: list[int], lateral: int | None = None) -> AugmentationPlan:
+    """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``); mirroring as
+    :func:`_mirror_axes`."""
     flat = max(patch) / patch[0] > defaults.DUMMY_2D_ASPECT
     deg = [180.0, 0.0, 0.0] if flat else [defaults.ROTATION_DEGREES] * 3
     return AugmentationPlan(
@@ -199,11 +200,13 @@ def _augmentation(patch: list[int]) -> AugmentationPlan:
         list(defaults.NOISE_VARIANCE), defaults.P_BLUR, list(defaults.BLUR_SIGMA), defaults.P_BRIGHTNESS,
         list(defaults.BRIGHTNESS_RANGE), defaults.P_CONTRAST, list(defaults.CONTRAST_RANGE),
         defaults.P_LOW_RESOLUTION, list(defaults.LOW_RESOLUTION_ZOOM), defaults.P_GAMMA, defaults.P_GAMMA_INVERTED,
-        list(defaults.GAMMA_RANGE), _mirror_axes(patch))
+        list(defaults.GAMMA_RANGE), _mirror_axes(patch, lateral))
 
 
-def _mirror_axes(patch: list[int]) -> list[int]:
-    return [a for a in range(3) if patch[a] > 1]
+def _mirror_axes(patch: list[int], lateral: int | None = None) -> list[int]:
+    """The axes the patch extends along (flipping a one-voxel axis does nothing), except ``lateral``, the axis
+    that separates left/right label pairs (:mod:`autoseg.planning.symmetry`)."""
+    return [a for a in range(3) if patch[a] > 1 and a != lateral]
 
 
 def _deep_supervision_weights(net: NetworkPlan) -> list[float]:
@@ -216,14 +219,15 @@ def _deep_supervision_weights(net: NetworkPlan) -> list[float]:
 
 
 def training_plan(fp: Fingerprint, device: DeviceInfo, net: NetworkPlan, patch: list[int],
-                  weighting: DiceWeighting = "equal") -> TrainingPlan:
+                  weighting: DiceWeighting = "equal", lateral: int | None = None) -> TrainingPlan:
     """Loss, sampling and bookkeeping settings for both stages."""
     gpu = device.kind == "cuda"
     return TrainingPlan(
         defaults.BATCH_DICE, dice_weights(fp, weighting), _deep_supervision_weights(net),
         defaults.OVERSAMPLE_FOREGROUND, defaults.GRAD_CLIP_NORM,
         defaults.GPU_VALIDATION_ITERATIONS if gpu else defaults.CPU_VALIDATION_ITERATIONS,
-        defaults.CHECKPOINT_EVERY_EPOCHS, defaults.EMA_MOMENTUM, defaults.TRAINING_SEED, _augmentation(patch))
+        defaults.CHECKPOINT_EVERY_EPOCHS, defaults.EMA_MOMENTUM, defaults.TRAINING_SEED,
+        _augmentation(patch, lateral))
 
 
 def _stages(f: _Fitter, net: NetworkPlan, out_patch: list[int], n_cases: int,
@@ -240,12 +244,12 @@ def _stages(f: _Fitter, net: NetworkPlan, out_patch: list[int], n_cases: int,
     ]
 
 
-def _plan_2d(f: _Fitter, median_shape: list[int], n_cases: int) -> ConfigurationPlan:
+def _plan_2d(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
     """Slices as samples: the whole median slice (shrunk in-plane if even two do not fit), batch to the budget."""
     out_patch, net = _fit_zoom_out(f, median_shape, [1, median_shape[1], median_shape[2]])
     stages = _stages(f, net, out_patch, n_cases, median_shape)
-    return ConfigurationPlan("2d", net, stages, _deep_supervision_weights(net), _augmentation(out_patch),
-                             _mirror_axes(out_patch))
+    return ConfigurationPlan("2d", net, stages, _deep_supervision_weights(net), _augmentation(out_patch, lateral),
+                             _mirror_axes(out_patch, lateral))
 
 
 def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> tuple[str, str]:
@@ -279,13 +283,16 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     out_patch, net = _fit_zoom_out(f, median_shape, _initial_patch(spacing, median_shape))
     stages = _stages(f, net, out_patch, fp.n_cases, median_shape)
     default, reason = default_configuration(stages, median_shape)
+    side = lateral_axis(fp)
+    lateral = side[0] if side else None
     plans = Plans(
         SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
         list(fp.median_spacing), list(fp.median_shape), spacing, median_shape,
         normalization_for(fp, bias_correction),
         ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
-        defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting),
+        defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting, lateral),
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
-        InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch), defaults.GAUSSIAN_SIGMA_SCALE),
-        "3d", [_plan_2d(f, median_shape, fp.n_cases)], default, reason)
+        InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch, lateral), defaults.GAUSSIAN_SIGMA_SCALE),
+        "3d", [_plan_2d(f, median_shape, fp.n_cases, lateral)], default, reason,
+        f"axis {side[0]} is never flipped: {side[1]}" if side else "")
     return validate_plans(plans)

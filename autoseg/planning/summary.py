@@ -52,6 +52,8 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
     ]
     for name in configuration_names(p):
         lines += _configuration_lines(select_configuration(p, name), name == p.default_configuration)
+    if p.mirroring_note:
+        lines.append(f"mirroring    {p.mirroring_note}")
     if p.default_reason:
         lines.append(f"default      {p.default_configuration}: {p.default_reason}")
     lines.append(f"folds        {len(p.folds)} (validation sizes {[len(f.val) for f in p.folds]})")
