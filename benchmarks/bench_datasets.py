@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/bench_datasets.py DATASET [DATASET ...] --out DIR [--minutes 30] [--tools autoseg nnunet]
         [--config NAME] [--nnunet-venv V]
-    python benchmarks/bench_datasets.py --big --out DIR [--minutes 8]
+    python benchmarks/bench_datasets.py --big --out DIR --minutes 6
 
 Per dataset (MSD or nnU-Net v2 layout), in this order so that both tools validate the same cases:
 
