@@ -35,7 +35,7 @@ from autoseg.inference.sliding_window import (
 from autoseg.io import Geometry
 from autoseg.networks import build_network
 from autoseg.planning.memory import step_cost
-from autoseg.plans import PLANS_FILE, Plans, load_plans, select_configuration
+from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
 from autoseg.runconfig import CONFIG_FILE, model_dir
 from autoseg.tiling import tile_boxes
@@ -126,14 +126,18 @@ class Predictor:
         Raises:
             ValueError: no such configuration, fold or checkpoint.
         """
-        plans = select_configuration(load_plans(Path(run_dir) / PLANS_FILE), configuration)
-        run_dir = model_dir(Path(run_dir), plans.configuration)
+        every = load_plans(Path(run_dir) / PLANS_FILE)
+        plans = select_configuration(every, configuration)
+        root, run_dir = Path(run_dir), model_dir(Path(run_dir), plans.configuration)
         available = trained_folds(run_dir, checkpoint)
         folds = available if folds is None else [str(f) for f in folds]
         if not folds:
+            others = [n for n in configuration_names(every)
+                      if n != plans.configuration and trained_folds(model_dir(root, n), checkpoint)]
+            hint = f"; configuration {others[0]} has trained folds: add --config {others[0]}" if others else ""
             raise ValueError(f"{run_dir}: no fold of configuration {plans.configuration} has "
                              f"checkpoint_{checkpoint}.pt; train one with 'autoseg train 0 --run RUN_DIR --config "
-                             f"{plans.configuration}'")
+                             f"{plans.configuration}'{hint}")
         missing = [f for f in folds if f not in available]
         if missing:
             raise ValueError(f"{run_dir}: fold(s) {', '.join(missing)} have no checkpoint_{checkpoint}.pt "
