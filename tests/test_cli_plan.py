@@ -80,15 +80,19 @@ def test_help_explains_every_option():
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="real data not present")
 def test_plan_real_hippocampus(tmp_path, capsys):
     run = tmp_path / "hippo"
-    assert main(["plan", str(HIPPOCAMPUS), "-o", str(run), "--device", "cpu", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    out, plan = plan_on_cpu(HIPPOCAMPUS, run, capsys)
     assert "200 cases" in out
-    plan = load_plans(run / "plans.json")
     assert plan.target_spacing == [1.0, 1.0, 1.0]
     assert plan.median_shape_after_resampling == [36, 50, 35]
     assert plan.stages[1].patch_size == [40, 56, 40]
     assert plan.stages[0].patch_size == [32, 32, 40]
     assert [c.name for c in load_fingerprint_classes(run)] == ["Anterior", "Posterior"]
+
+
+def plan_on_cpu(dataset, run, capsys):
+    """``autoseg plan DATASET -o RUN --device cpu``: its printed summary and the plan it wrote."""
+    assert main(["plan", str(dataset), "-o", str(run), "--device", "cpu", "--no-progress"]) == 0
+    return capsys.readouterr().out, load_plans(run / "plans.json")
 
 
 def load_fingerprint_classes(run):
@@ -125,10 +129,8 @@ def test_plan_and_preprocess_real_chaos_thick_slices(tmp_path, capsys):
     from autoseg.preprocessing.run import preprocess_run
 
     run = tmp_path / "chaos"
-    assert main(["plan", str(CHAOS), "-o", str(run), "--device", "cpu", "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    out, plan = plan_on_cpu(CHAOS, run, capsys)
     assert "20 cases" in out and "default      2d: the 3d zoom-out patch 80x80 in-plane sees 10%" in out
-    plan = load_plans(run / "plans.json")
     assert plan.target_spacing == pytest.approx([7.7, 1.25, 1.25])
     assert plan.median_shape_after_resampling == [35, 248, 256]
     assert plan.normalization[0].scheme == "zscore" and not plan.normalization[0].use_mask
