@@ -236,7 +236,7 @@ def select_configuration(p: Plans, name: str | None = None) -> Plans:
     c = next((c for c in p.other_configurations if c.name == name), None)
     if c is None:
         raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))}")
-    rest = [replace(o) for o in p.other_configurations if o.name != name]
+    rest = [o for o in p.other_configurations if o.name != name]
     top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
                             p.training.augmentation, p.inference.mirror_axes)
     return replace(p, network=c.network, stages=c.stages, configuration=name, other_configurations=[top, *rest],

@@ -25,6 +25,7 @@ from autoseg.planning.symmetry import lateral_axis
 from autoseg.planning.topology import Topology, topology_for_patch
 from autoseg.plans import (
     SCHEMA_VERSION,
+    TOP_CONFIGURATION,
     AugmentationPlan,
     ChannelNormalization,
     ConfigurationPlan,
@@ -262,7 +263,7 @@ def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> 
            f"{median_shape[1]}x{median_shape[2]}"
     if share < defaults.THREE_D_MIN_INPLANE_SHARE:
         return "2d", f"{seen} (under {100 * defaults.THREE_D_MIN_INPLANE_SHARE:.0f}%): 2d sees whole slices"
-    return "3d", f"{seen} (at least {100 * defaults.THREE_D_MIN_INPLANE_SHARE:.0f}%)"
+    return TOP_CONFIGURATION, f"{seen} (at least {100 * defaults.THREE_D_MIN_INPLANE_SHARE:.0f}%)"
 
 
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
@@ -293,6 +294,6 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
         defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting, lateral),
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
         InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch, lateral), defaults.GAUSSIAN_SIGMA_SCALE),
-        "3d", [_plan_2d(f, median_shape, fp.n_cases, lateral)], default, reason,
+        TOP_CONFIGURATION, [_plan_2d(f, median_shape, fp.n_cases, lateral)], default, reason,
         f"axis {side[0]} is never flipped: {side[1]}" if side else "")
     return validate_plans(plans)
