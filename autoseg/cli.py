@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the cross-validation folds from FILE, a JSON list of {\"train\": [ids], \"val\": "
                    "[ids]} such as nnU-Net's splits_final.json (to compare with it on the same cases), instead of "
                    "--folds")
+    p.add_argument("--configs", default=None, metavar="NAMES",
+                   help="comma-separated configurations to plan, from 3d (our residual U-Net on 3D patches, always "
+                   "planned), 2d (the same on slices), segresnet, attention_unet, unetr (MONAI's networks), or "
+                   "'all'. Default: those worth training on the device (CPU: 3d,2d; GPU: also segresnet and "
+                   "attention_unet); the plan says why each is in or out. Train each with autoseg train --config")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
     p.add_argument("--dice-weights", choices=("equal", "size-rank"), default="equal",
                    help="Dice loss weight per foreground class: equal (default, nnU-Net), or size-rank (seed 001: "
@@ -212,6 +217,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configurations(text: str | None) -> list[str] | None:
+    """``--configs``: None (the planner's default), every known one for ``all``, else the names given.
+
+    Raises:
+        ValueError: an unknown name (names the known ones).
+    """
+    from autoseg.planning import CONFIGURATIONS
+
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(CONFIGURATIONS)
+    names = ["3d" if n == "residual_unet" else n for n in names]
+    unknown = [n for n in names if n not in CONFIGURATIONS]
+    if unknown or not names:
+        raise ValueError(f"--configs {text!r}: unknown {', '.join(unknown) or 'empty list'}; known: "
+                         f"{', '.join(CONFIGURATIONS)} or all")
+    return names
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.dataset import load_dataset
     from autoseg.device import detect_device
@@ -222,6 +248,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.plans import PLANS_FILE, save_plans
 
     t0 = time.perf_counter()
+    configs = _configurations(args.configs)
     spec = load_dataset(args.dataset_dir)
     folds = read_splits(args.splits, [c.case_id for c in spec.cases]) if args.splits is not None else None
     run_dir = args.output or Path("autoseg_runs") / spec.name
@@ -232,7 +259,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cache = None if args.refingerprint else run_dir
     fp, reused = fingerprint_dataset(spec, device, cache, args.workers, not args.no_progress)
     plans = make_plan(fp, device, n_folds=args.folds, dice_weighting=args.dice_weights,
-                      bias_correction=args.bias_correction)
+                      bias_correction=args.bias_correction, configurations=configs)
     if folds is not None:
         plans.folds = folds
     run_dir.mkdir(parents=True, exist_ok=True)

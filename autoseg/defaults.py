@@ -126,6 +126,19 @@ N4_LEVELS = 3
 N4_ITERATIONS = 50
 #: the planner trains 2d by default when the 3d zoom-out patch sees less than this share of the median slice
 THREE_D_MIN_INPLANE_SHARE = 0.25
+
+# --- planning: MONAI configurations (autoseg plan --configs) ----------------------------------------
+#: SegResNetDS encoder blocks per stage (MONAI's and Auto3DSeg's default); its width is the U-Net's base width
+SEGRESNET_BLOCKS = (1, 2, 2, 4)
+#: UNETR (feature size, hidden size, MLP size, heads): MONAI's defaults on a GPU; a quarter of the transformer's
+#: width on a CPU, where MONAI's 768-wide ViT costs ~10x our U-Net per voxel
+UNETR_GPU = (16, 768, 3072, 12)
+UNETR_CPU = (16, 192, 768, 4)
+#: configurations planned when --configs is not given, per device kind, with the reason the plan records
+DEFAULT_CONFIGURATIONS = {
+    "cpu": ("3d", "2d"),
+    "cuda": ("3d", "2d", "segresnet", "attention_unet"),
+}
 P_SCALE = 0.2
 SCALE_RANGE = (0.7, 1.4)
 P_NOISE = 0.1

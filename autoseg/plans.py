@@ -47,7 +47,15 @@ class ChannelNormalization:
 
 @dataclass
 class NetworkPlan:
-    """Network topology. Per stage: features, kernel (z, y, x), downsampling stride (z, y, x), blocks."""
+    """Network topology. Per stage: features, kernel (z, y, x), downsampling stride (z, y, x), blocks.
+
+    ``residual_unet`` / ``plain_unet``: ours. ``segresnet``: ``features`` doubles per stage from the first,
+    ``blocks_per_stage`` are its encoder blocks, ``strides`` its per-axis downsampling. ``attention_unet``:
+    ``features`` and ``strides`` per stage. ``unetr``: ``features`` ``[f, 2f, 4f, 8f, hidden_size]`` (its
+    decoder widths and the transformer's), four stride-2 stages for its 16-voxel tokens, and the transformer's
+    ``hidden_size``, ``mlp_dim`` and ``num_heads``; ``input_size`` is the patch its position embedding is sized
+    for (the zoom-out patch; other patches resample it). See :mod:`autoseg.networks.monai_nets`.
+    """
 
     architecture: str
     features: list[int]
@@ -56,6 +64,10 @@ class NetworkPlan:
     blocks_per_stage: list[int]
     decoder_convs: int
     deep_supervision: bool
+    hidden_size: int = 0
+    mlp_dim: int = 0
+    num_heads: int = 0
+    input_size: list[int] = field(default_factory=list)
 
     @property
     def total_stride(self) -> list[int]:
@@ -216,6 +228,8 @@ class Plans:
     default_reason: str = ""
     #: why mirroring (augmentation and prediction) leaves out an axis, if it does
     mirroring_note: str = ""
+    #: why each known configuration is planned or not (``autoseg plan --configs``)
+    configuration_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def configuration_names(p: Plans) -> list[str]:
@@ -264,6 +278,12 @@ def _validate_configuration(p: Plans, where: str) -> None:
             _check(len(v) == 3 and all(x >= 1 for x in v),
                    f"{where}network.{name}[{i}]: {v}; expected 3 positive ints")
     _check(all(f > 0 for f in net.features), f"{where}network.features: {net.features}; expected positive ints")
+    if net.architecture == "unetr":
+        _check(net.hidden_size > 0 and net.num_heads > 0 and net.hidden_size % net.num_heads == 0
+               and net.mlp_dim > 0, f"{where}network: unetr needs hidden_size divisible by num_heads and mlp_dim > 0 "
+               f"(has {net.hidden_size}, {net.num_heads}, {net.mlp_dim})")
+        _check(len(net.input_size) == 3 and all(e > 0 and e % 16 == 0 for e in net.input_size),
+               f"{where}network.input_size: {net.input_size}; unetr needs 3 edges, multiples of 16")
     _check(bool(p.stages), f"{where}stages: empty; expected a zoom_in and a zoom_out stage")
     stride = net.total_stride
     for i, st in enumerate(p.stages):

@@ -2,13 +2,15 @@
 
 Usage:
     python benchmarks/bench_datasets.py DATASET [DATASET ...] --out DIR [--minutes 30] [--tools autoseg nnunet]
-        [--config NAME] [--nnunet-venv V]
+        [--config NAME] [--nnunet-config 3d_fullres|2d] [--nnunet-venv V]
     python benchmarks/bench_datasets.py --big --out DIR --minutes 6
 
 Per dataset (MSD or nnU-Net v2 layout), in this order so that both tools validate the same cases:
 
 - nnU-Net v2 (``../shared/bench/nnunet/run.sh DATASET MINUTES OUT``): plan + preprocess, fold 0 trained on the
-  CPU for the budget, its own fold-0 validation;
+  CPU for the budget, its own fold-0 validation. run.sh knows only ``3d_fullres``; ``--nnunet-config 2d``
+  runs a copy of it with every ``3d_fullres`` replaced by ``2d`` (nnU-Net's own 2d configuration, same
+  budget trainer), written to ``OUT/<dataset>/nnunet_2d/run.sh`` so the exact script stays beside its results;
 - autoseg: ``plan`` (with ``--splits`` = nnU-Net's ``splits_final.json`` when nnU-Net ran first, so fold 0 is
   the same cases), ``preprocess``, ``train 0 --time-budget MINUTES`` (the plan's default configuration, or
   ``--config``), then ``predict`` of the fold-0 validation scans (with mirroring, as a user would).
@@ -94,25 +96,45 @@ def run_autoseg(dataset: Path, out: Path, minutes: float, config: str | None, sp
                              {"plan": m_plan, "preprocess": m_pre, "train": m_train, "predict": m_pred}.items()}}
 
 
-def run_nnunet(dataset: Path, out: Path, minutes: float, venv: Path) -> dict:
-    nn = out / "nnunet"
-    with open(out / "nnunet.log", "w") as f:
-        wall, peak, code = run_measured(["bash", str(NNUNET), str(dataset), f"{minutes:g}", str(nn)],
+def _nnunet_script(config: str, nn: Path) -> Path:
+    """run.sh itself for 3d_fullres; for another configuration a copy of it that plans, trains and validates
+    that configuration instead (the shim and the budget trainer are looked up beside the original)."""
+    if config == "3d_fullres":
+        return NNUNET
+    nn.mkdir(parents=True, exist_ok=True)
+    text = NNUNET.read_text().replace("3d_fullres", config)
+    text = text.replace('here=$(cd "$(dirname "$0")" && pwd)', f'here={NNUNET.parent}')
+    script = nn / "run.sh"
+    script.write_text(text)
+    return script
+
+
+def run_nnunet(dataset: Path, out: Path, minutes: float, venv: Path, config: str) -> dict:
+    tag = _nnunet_tag(config)
+    nn = out / tag
+    script = _nnunet_script(config, nn)
+    with open(out / f"{tag}.log", "w") as f:
+        wall, peak, code = run_measured(["bash", str(script), str(dataset), f"{minutes:g}", str(nn)],
                                         env={**os.environ, "NNUNET_VENV": str(venv)}, stdout=f,
                                         stderr=subprocess.STDOUT)
-    lines = (out / "nnunet.log").read_text().strip().splitlines()
+    lines = (out / f"{tag}.log").read_text().strip().splitlines()
     if code or not lines or not lines[-1].startswith("{"):
-        raise SystemExit(f"nnU-Net exited {code}; see {out / 'nnunet.log'}")
-    return nnunet_result(nn, json.loads(lines[-1]), peak)
+        raise SystemExit(f"nnU-Net exited {code}; see {out / f'{tag}.log'}")
+    return nnunet_result(nn, json.loads(lines[-1]), peak, config)
 
 
-def nnunet_result(nn: Path, line: dict, peak: int | None) -> dict:
+def _nnunet_tag(config: str) -> str:
+    """Results of nnU-Net's default run.sh stay under ``nnunet``; other configurations under ``nnunet_<name>``."""
+    return "nnunet" if config == "3d_fullres" else f"nnunet_{config}"
+
+
+def nnunet_result(nn: Path, line: dict, peak: int | None, config: str = "3d_fullres") -> dict:
     """run.sh's JSON line plus per-class Dice, validation cases and steps from nnU-Net's own files."""
     summary = json.loads(next(nn.glob("res/*/*/fold_0/validation/summary.json")).read_text())
     labels = json.loads(next(nn.glob("pre/*/dataset.json")).read_text())["labels"]
     names = {str(v): k for k, v in labels.items()}
     splits = json.loads(next(nn.glob("pre/*/splits_final.json")).read_text())
-    return {"tool": "nnU-Net v2", "configuration": "3d_fullres", "plan_preprocess_s": line["preprocess_s"],
+    return {"tool": "nnU-Net v2", "configuration": config, "plan_preprocess_s": line["preprocess_s"],
             "train_s": line["train_s"], "steps": 50 * line["epochs_of_50_iterations"],
             "val_cases": sorted(splits[0]["val"]),
             "dice": {names[k]: v["Dice"] for k, v in summary["mean"].items()},
@@ -176,6 +198,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per tool (default 30)")
     ap.add_argument("--tools", nargs="+", choices=("nnunet", "autoseg"), default=["nnunet", "autoseg"])
     ap.add_argument("--config", default=None, help="autoseg configuration (default: the plan's default)")
+    ap.add_argument("--nnunet-config", default="3d_fullres", choices=("3d_fullres", "2d"),
+                    help="nnU-Net configuration to train (default 3d_fullres, run.sh's own)")
     ap.add_argument("--nnunet-venv", type=Path, default=Path(".venv-nnunet"), help="venv with nnunetv2")
     ap.add_argument("--big", action="store_true", help="the generated 4-channel 240x240x155 set, autoseg only")
     args = ap.parse_args()
@@ -190,14 +214,14 @@ def main() -> None:
     for ds in args.datasets:
         out = args.out / ds.name
         out.mkdir(parents=True, exist_ok=True)
+        nn_tag = _nnunet_tag(args.nnunet_config)
         for tool in ("nnunet", "autoseg"):  # nnU-Net first: its splits become autoseg's folds
-            path = out / f"{tool}.json"
+            path = out / f"{nn_tag if tool == 'nnunet' else tool}.json"
             if tool in args.tools and not path.is_file():
                 if tool == "nnunet":
-                    r = run_nnunet(ds.resolve(), out, args.minutes, args.nnunet_venv.resolve())
+                    r = run_nnunet(ds.resolve(), out, args.minutes, args.nnunet_venv.resolve(), args.nnunet_config)
                 else:
-                    splits = next((out / "nnunet").glob("pre/*/splits_final.json"), None) \
-                        if (out / "nnunet").is_dir() else None
+                    splits = next(out.glob("nnunet*/pre/*/splits_final.json"), None)
                     r = run_autoseg(ds.resolve(), out, args.minutes, args.config, splits)
                 path.write_text(json.dumps(r, indent=1))
             if path.is_file():

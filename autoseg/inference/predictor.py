@@ -34,7 +34,7 @@ from autoseg.inference.sliding_window import (
 )
 from autoseg.io import Geometry
 from autoseg.networks import build_network
-from autoseg.planning.memory import step_cost
+from autoseg.planning.measured import network_step_cost
 from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
 from autoseg.runconfig import CONFIG_FILE, model_dir
@@ -252,7 +252,7 @@ class Predictor:
         free = cuda_free_bytes(self.device)
         need = sums_bytes(k, c, padded)
         on_gpu = choose_sums_device(need, free) == "cuda"
-        per_tile = step_cost(self.plans.network, patch, 1, c, k, self.plans.amp).activation_bytes
+        per_tile = network_step_cost(self.plans.network, patch, 1, c, k, self.plans.amp).activation_bytes
         n_tiles = len(tile_boxes(padded, patch, self.step))
         batch = choose_tiles_per_batch(per_tile, free - need if on_gpu else free, n_tiles, "cuda")
         log.debug("GPU: %.2f GiB free; sums %.2f GiB in %s; %d tile(s) of %d per batch (%.2f GiB each)",

@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 __all__ = ["build_network", "ARCHITECTURES"]
 
-#: architectures a plan may name: the U-Net with residual (default) or plain encoder blocks
-ARCHITECTURES = ("residual_unet", "plain_unet")
+#: architectures a plan may name: our U-Net with residual (default) or plain encoder blocks, and MONAI's
+#: SegResNet, Attention U-Net and UNETR (:mod:`autoseg.networks.monai_nets`)
+ARCHITECTURES = ("residual_unet", "plain_unet", "segresnet", "attention_unet", "unetr")
 
 
 def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Module:
@@ -27,4 +28,8 @@ def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Modu
         return ResidualUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
                             net.blocks_per_stage, net.decoder_convs, net.deep_supervision,
                             residual=net.architecture == "residual_unet")
+    if net.architecture in ARCHITECTURES:
+        from autoseg.networks.monai_nets import build_monai_network
+
+        return build_monai_network(net, in_channels, n_classes)
     raise ValueError(f"unknown architecture {net.architecture!r}; known: {', '.join(ARCHITECTURES)}")

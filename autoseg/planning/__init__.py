@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["make_plan"]
+__all__ = ["make_plan", "CONFIGURATIONS"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "make_plan":
-        from autoseg.planning.planner import make_plan
+    if name in ("make_plan", "CONFIGURATIONS"):
+        from autoseg.planning import planner
 
-        return make_plan
+        return getattr(planner, name)
     raise AttributeError(f"module 'autoseg.planning' has no attribute {name!r}")

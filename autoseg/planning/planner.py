@@ -10,6 +10,7 @@ The zoom-in stage (seed 000) trains long on patches of about half the zoom-out v
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import prod
 from typing import Literal
 
@@ -18,7 +19,9 @@ import numpy as np
 from autoseg import __version__, defaults
 from autoseg.device import DeviceInfo
 from autoseg.fingerprint import Fingerprint
-from autoseg.planning.memory import StepCost, step_cost
+from autoseg.networks.monai_nets import MONAI_ARCHITECTURES, segresnet_strides
+from autoseg.planning.measured import network_step_cost
+from autoseg.planning.memory import StepCost
 from autoseg.planning.spacing import resampled_shape, target_spacing
 from autoseg.planning.splits import kfold_splits
 from autoseg.planning.symmetry import lateral_axis
@@ -39,7 +42,10 @@ from autoseg.plans import (
 )
 
 __all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights",
-           "default_configuration"]
+           "default_configuration", "CONFIGURATIONS"]
+
+#: every configuration a plan can hold: our residual U-Net on 3D patches and on slices, and MONAI's networks
+CONFIGURATIONS = (TOP_CONFIGURATION, "2d", *MONAI_ARCHITECTURES)
 
 DiceWeighting = Literal["equal", "size-rank"]
 
@@ -81,21 +87,56 @@ def _network(topo: Topology, device: DeviceInfo) -> NetworkPlan:
                        [blocks[min(s, len(blocks) - 1)] for s in range(n)], 1, True)
 
 
-class _Fitter:
-    """Evaluates patches against the device budget; one instance per plan."""
+def _monai_network(arch: str, patch: list[int], spacing: list[float], device: DeviceInfo) -> NetworkPlan:
+    """MONAI's networks, sized like ours for the device: the U-Net's base width; SegResNet's strides by MONAI's
+    spacing rule, the Attention U-Net's by ours (:func:`topology_for_patch` on ``patch``); UNETR four stride-2
+    stages of 16-voxel tokens with the transformer of :data:`defaults.UNETR_GPU` / ``UNETR_CPU``."""
+    gpu = device.kind == "cuda"
+    base = defaults.GPU_BASE_FEATURES if gpu else defaults.CPU_BASE_FEATURES
+    if arch == "segresnet":
+        blocks = list(defaults.SEGRESNET_BLOCKS)
+        strides = segresnet_strides(spacing, len(blocks))
+        kernels = [[3 if v == 2 else 1 for v in s] for s in strides[1:]] + [[3, 3, 3]]
+        return NetworkPlan(arch, [base * 2**i for i in range(len(blocks))], kernels, strides, blocks, 1, True)
+    if arch == "attention_unet":
+        topo = topology_for_patch(patch, spacing)
+        n = len(topo.strides)
+        cap = defaults.GPU_MAX_FEATURES if gpu else defaults.CPU_MAX_FEATURES
+        return NetworkPlan(arch, [min(base * 2**i, cap) for i in range(n)], [[3, 3, 3]] * n, topo.strides, [1] * n,
+                           1, False)
+    if arch == "unetr":
+        fs, hidden, mlp, heads = defaults.UNETR_GPU if gpu else defaults.UNETR_CPU
+        return NetworkPlan(arch, [fs, 2 * fs, 4 * fs, 8 * fs, hidden], [[3, 3, 3]] * 5, [[1, 1, 1]] + [[2, 2, 2]] * 4,
+                           [1] * 5, 1, False, hidden, mlp, heads)
+    raise ValueError(f"unknown architecture {arch!r}")
 
-    def __init__(self, fp: Fingerprint, device: DeviceInfo, spacing: list[float]):
-        self.device, self.spacing = device, spacing
+
+class _Fitter:
+    """Evaluates patches against the device budget for one architecture; one instance per configuration.
+
+    Our U-Net's topology follows the patch (nnU-Net's rules); MONAI's networks are fixed from the first patch
+    asked for, and patches are rounded up to a multiple of their total stride.
+    """
+
+    def __init__(self, fp: Fingerprint, device: DeviceInfo, spacing: list[float], arch: str = "residual_unet"):
+        self.device, self.spacing, self.arch = device, spacing, arch
         self.in_ch, self.n_cls = len(fp.channel_names), len(fp.labels)
         self.amp = device.kind == "cuda"
         self.memory = usable_memory_bytes(device)
+        self._fixed: NetworkPlan | None = None
 
-    def network(self, patch: list[int]) -> tuple[Topology, NetworkPlan]:
-        topo = topology_for_patch(patch, self.spacing)
-        return topo, _network(topo, self.device)
+    def network(self, patch: list[int]) -> tuple[list[int], NetworkPlan]:
+        """The patch rounded up to what the network divides, and the network."""
+        if self.arch == "residual_unet":
+            topo = topology_for_patch(patch, self.spacing)
+            return topo.patch, _network(topo, self.device)
+        if self._fixed is None:
+            self._fixed = _monai_network(self.arch, patch, self.spacing, self.device)
+        stride = self._fixed.total_stride
+        return [max(s, -(-p // s) * s) for p, s in zip(patch, stride)], self._fixed
 
     def cost(self, net: NetworkPlan, patch: list[int], batch: int) -> StepCost:
-        return step_cost(net, patch, batch, self.in_ch, self.n_cls, self.amp)
+        return network_step_cost(net, patch, batch, self.in_ch, self.n_cls, self.amp)
 
     def fits(self, net: NetworkPlan, patch: list[int], batch: int) -> bool:
         c = self.cost(net, patch, batch)
@@ -113,22 +154,22 @@ def _initial_patch(spacing: list[float], median_shape: list[int]) -> list[int]:
 
 def _fit_zoom_out(f: _Fitter, median_shape: list[int], patch: list[int]) -> tuple[list[int], NetworkPlan]:
     """Shrink ``patch`` until a batch of ``MIN_BATCH_SIZE`` fits; returns the patch and its network."""
-    topo, net = f.network(patch)
-    while not f.fits(net, topo.patch, defaults.MIN_BATCH_SIZE):
+    patch, net = f.network(patch)
+    while not f.fits(net, patch, defaults.MIN_BATCH_SIZE):
         # shrink the physically longest side first (ties: the one covering most of the median shape), so that
         # small budgets keep patches isotropic in mm instead of cutting thick-slice axes to a few slices
-        extent = [p * s for p, s in zip(topo.patch, f.spacing)]
-        order = sorted(range(3), key=lambda a: (-round(extent[a], 6), -topo.patch[a] / median_shape[a]))
-        step = topo.total_stride
-        axis = next((a for a in order if topo.patch[a] - step[a] >= step[a]), None)
+        extent = [p * s for p, s in zip(patch, f.spacing)]
+        order = sorted(range(3), key=lambda a: (-round(extent[a], 6), -patch[a] / median_shape[a]))
+        step = net.total_stride
+        axis = next((a for a in order if patch[a] - step[a] >= step[a]), None)
         if axis is None:
             raise ValueError(f"no patch fits the budget: {f.device.budget_gib:g} GiB on {f.device.kind} leaves "
-                             f"{f.memory / 2**30:.2f} GiB for a training step, and even patch {topo.patch} "
+                             f"{f.memory / 2**30:.2f} GiB for a training step, and even patch {patch} "
                              "needs more; plan for a device with more memory (--gpu-memory)")
-        patch = list(topo.patch)
+        patch = list(patch)
         patch[axis] -= step[axis]
-        topo, net = f.network(patch)
-    return topo.patch, net
+        patch, net = f.network(patch)
+    return patch, net
 
 
 def _zoom_in_patch(out_patch: list[int], net: NetworkPlan, spacing: list[float], fraction: float) -> list[int]:
@@ -253,6 +294,54 @@ def _plan_2d(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | N
                              _mirror_axes(out_patch, lateral))
 
 
+def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
+    """A MONAI network (``f.arch``) on 3D patches, fitted and staged by the same rules as our U-Net; UNETR's
+    position embedding is sized for the zoom-out patch."""
+    out_patch, net = _fit_zoom_out(f, median_shape, _initial_patch(f.spacing, median_shape))
+    if net.architecture == "unetr":
+        net = replace(net, input_size=list(out_patch))
+    stages = _stages(f, net, out_patch, n_cases, median_shape)
+    return ConfigurationPlan(f.arch, net, stages, _deep_supervision_weights(net), _augmentation(out_patch, lateral),
+                             _mirror_axes(out_patch, lateral))
+
+
+_WHY_NOT_DEFAULT = {
+    "2d": "not planned: not asked for in --configs",
+    "segresnet": "on a CPU a time budget buys most learning from our residual U-Net, whose cost model is exact",
+    "attention_unet": "on a CPU a time budget buys most learning from our residual U-Net, whose cost model is exact",
+    "unetr": "a ViT needs more data and time than the CNNs (seed 002: lowest Dice of four at ~4x the training time)",
+}
+
+
+def _other_configurations(fp: Fingerprint, device: DeviceInfo, spacing: list[float], median_shape: list[int],
+                          lateral: int | None, wanted: list[str],
+                          asked: bool) -> tuple[list[ConfigurationPlan], dict[str, str]]:
+    """Plan every configuration of ``wanted`` but the top-level one; the reason each known configuration is
+    planned or not (``asked``: ``wanted`` came from ``--configs``). A MONAI network that fits no patch is left
+    out with the reason, not an error."""
+    default = defaults.DEFAULT_CONFIGURATIONS[device.kind]
+    reasons = {TOP_CONFIGURATION: "our residual U-Net on 3D patches: always planned"}
+    out = []
+    for name in CONFIGURATIONS[1:]:
+        why = "asked for with --configs" if asked else \
+            "planned by default on " + ("a GPU" if device.kind == "cuda" else "a CPU")
+        if name not in wanted:
+            reasons[name] = "not planned (add it with --configs): " + (
+                _WHY_NOT_DEFAULT[name] if name not in default else "left out of --configs")
+            continue
+        try:
+            if name == "2d":
+                c = _plan_2d(_Fitter(fp, device, spacing), median_shape, fp.n_cases, lateral)
+            else:
+                c = _plan_monai(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral)
+        except ValueError as e:
+            reasons[name] = f"not planned: {e}"
+            continue
+        out.append(c)
+        reasons[name] = why
+    return out, reasons
+
+
 def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> tuple[str, str]:
     """``2d`` when the 3D zoom-out patch sees less than ``THREE_D_MIN_INPLANE_SHARE`` of the median slice
     (thick slices, big scans, small devices: too little in-plane context per sample), else ``3d``; with the
@@ -268,13 +357,21 @@ def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> 
 
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
               seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal",
-              bias_correction: bool = False) -> Plans:
-    """Plan preprocessing, the 3d and 2d configurations (network and both training stages each), folds and
-    inference for ``fp`` on ``device``.
+              bias_correction: bool = False, configurations: list[str] | None = None) -> Plans:
+    """Plan preprocessing, the configurations (network and both training stages each), folds and inference for
+    ``fp`` on ``device``.
+
+    Args:
+        configurations: names from :data:`CONFIGURATIONS` (the top-level ``3d`` is always planned); default: the
+            device's :data:`defaults.DEFAULT_CONFIGURATIONS`.
 
     Raises:
-        ValueError: no patch fits the budget, or too few cases for cross-validation.
+        ValueError: no patch fits the budget, too few cases for cross-validation, or an unknown configuration.
     """
+    wanted = list(defaults.DEFAULT_CONFIGURATIONS[device.kind] if configurations is None else configurations)
+    unknown = [c for c in wanted if c not in CONFIGURATIONS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGURATIONS)}")
     spacings = np.array([c.spacing for c in fp.cases])
     cropped = np.array([c.shape_after_crop for c in fp.cases])
     spacing = target_spacing(spacings, np.array([c.shape for c in fp.cases]))
@@ -283,9 +380,13 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     f = _Fitter(fp, device, spacing)
     out_patch, net = _fit_zoom_out(f, median_shape, _initial_patch(spacing, median_shape))
     stages = _stages(f, net, out_patch, fp.n_cases, median_shape)
-    default, reason = default_configuration(stages, median_shape)
     side = lateral_axis(fp)
     lateral = side[0] if side else None
+    others, reasons = _other_configurations(fp, device, spacing, median_shape, lateral, wanted,
+                                            configurations is not None)
+    default, reason = default_configuration(stages, median_shape)
+    if default not in [c.name for c in others]:
+        default, reason = TOP_CONFIGURATION, f"{reason}; 2d is not planned" if default == "2d" else reason
     plans = Plans(
         SCHEMA_VERSION, __version__, fp.dataset_name, fp.dataset_key, list(fp.channel_names), dict(fp.labels),
         list(fp.median_spacing), list(fp.median_shape), spacing, median_shape,
@@ -294,6 +395,6 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
         defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting, lateral),
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
         InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch, lateral), defaults.GAUSSIAN_SIGMA_SCALE),
-        TOP_CONFIGURATION, [_plan_2d(f, median_shape, fp.n_cases, lateral)], default, reason,
-        f"axis {side[0]} is never flipped: {side[1]}" if side else "")
+        TOP_CONFIGURATION, others, default, reason, f"axis {side[0]} is never flipped: {side[1]}" if side else "",
+        reasons)
     return validate_plans(plans)

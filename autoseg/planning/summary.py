@@ -15,9 +15,11 @@ def _x(values: list) -> str:
 def _configuration_lines(p: Plans, default: bool) -> list[str]:
     net = p.network
     mark = " (default)" if default else ""
+    extra = f", transformer {net.hidden_size} wide, {net.num_heads} heads, MLP {net.mlp_dim}" if net.hidden_size \
+        else f", blocks {net.blocks_per_stage}"
     lines = [
         f"config {p.configuration + mark:<13} {net.architecture}, {len(net.features)} stages, features "
-        f"{net.features}, residual blocks {net.blocks_per_stage}",
+        f"{net.features}{extra}" + (", deep supervision" if net.deep_supervision else ""),
         f"             kernels {[_x(k) for k in net.kernel_sizes]}",
         f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
     ]
@@ -56,5 +58,7 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
         lines.append(f"mirroring    {p.mirroring_note}")
     if p.default_reason:
         lines.append(f"default      {p.default_configuration}: {p.default_reason}")
+    for name, why in p.configuration_reasons.items():
+        lines.append(f"{'configs' if name == next(iter(p.configuration_reasons)) else '':<13}{name}: {why}")
     lines.append(f"folds        {len(p.folds)} (validation sizes {[len(f.val) for f in p.folds]})")
     return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Memory and compute of a training step of a network we do not own, measured rather than modelled.
+
+Our U-Net has an exact cost model (:mod:`autoseg.planning.memory`); MONAI's networks do not. For those the
+planner runs forward and backward of one sample on PyTorch's ``meta`` device, where tensors have shapes but no
+data, so a 3D network costs milliseconds whatever the patch, and counts:
+
+- the bytes autograd keeps for backward (every tensor a ``saved_tensors_hooks`` pack sees, each once, weights
+  excluded): the activations term of the memory model;
+- the floating-point operations of forward and backward (``torch.utils.flop_counter``);
+- the parameters.
+
+It does so at three small patches (2, 3 and 4 times the network's total stride per axis) and fits
+``c + a v + b v^2`` in the patch's voxels ``v``: convolutional networks are linear in ``v`` (``b`` comes out
+0), UNETR's attention adds the square of its token count. The fit is exact for patches the network divides;
+``tests/planning/test_measured.py`` checks it against a measurement at the planned patch. The loss and the
+optimiser's copies are added by the same formulas as for our U-Net.
+
+Mixed precision is not measured on ``meta`` (autocast has no meta kernels): under CUDA AMP the activations are
+taken at half the float32 bytes, as for our U-Net, whose saved activations are all float16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import prod
+
+import numpy as np
+import torch
+
+from autoseg.planning.memory import (
+    PARAM_COPIES,
+    StepCost,
+    default_supervision_weights,
+    loss_bytes,
+    output_voxels,
+    step_cost,
+)
+from autoseg.plans import NetworkPlan
+
+__all__ = ["Measurement", "measure_step", "measure_steps", "measured_step_cost", "fitted_step", "network_step_cost"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One sample's training step at one patch, float32: bytes saved for backward, FLOPs, parameters."""
+
+    saved_bytes: float
+    flops: float
+    parameters: int
+
+
+#: fitted coefficients per network, channels and classes (a plan fits a handful of networks)
+_FITS: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, int]] = {}
+
+
+def measure_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes: int,
+                 device: str = "meta") -> Measurement:
+    """Forward and backward of one sample at ``patch`` on ``device`` (``meta``: shapes only, no data)."""
+    return measure_steps(net, [patch], in_channels, n_classes, device)[0]
+
+
+def measure_steps(net: NetworkPlan, patches: list[list[int]], in_channels: int, n_classes: int,
+                  device: str = "meta") -> list[Measurement]:
+    """:func:`measure_step` at each of ``patches`` with one network (UNETR's embedding sized for the first)."""
+    from autoseg.networks import build_network
+
+    if net.architecture == "unetr":
+        net = replace(net, input_size=list(patches[0]))
+    with torch.device(device):
+        model = build_network(net, in_channels, n_classes)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    return [_measure(model, patch, in_channels, device, n_params) for patch in patches]
+
+
+def _measure(model: torch.nn.Module, patch: list[int], in_channels: int, device: str, n_params: int) -> Measurement:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = {id(p) for p in model.parameters()}
+    saved: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in params:
+            saved[id(t)] = (t, t.numel() * t.element_size())  # keep t alive so that its id stays unique
+        return t
+
+    x = torch.zeros(1, in_channels, *patch, device=device)
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        torch.stack([o.sum() for o in outs]).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return Measurement(float(sum(b for _, b in saved.values())), float(counter.get_total_flops()), n_params)
+
+
+def _fit(net: NetworkPlan, in_channels: int, n_classes: int) -> tuple[np.ndarray, np.ndarray, int]:
+    key = (repr(net), in_channels, n_classes)
+    if key in _FITS:
+        return _FITS[key]
+    stride = net.total_stride
+    patches = [[k * s for s in stride] for k in (2, 3, 4)]
+    ms = measure_steps(net, patches, in_channels, n_classes)
+    v = np.array([prod(p) for p in patches], dtype=float)
+    design = np.stack([np.ones(3), v, v**2], axis=1)
+    coef_mem = np.linalg.solve(design, np.array([m.saved_bytes for m in ms]))
+    coef_flops = np.linalg.solve(design, np.array([m.flops for m in ms]))
+    _FITS[key] = coef_mem, coef_flops, ms[0].parameters - _embedding_parameters(net, patches[0])
+    return _FITS[key]
+
+
+def _embedding_parameters(net: NetworkPlan, patch: list[int]) -> int:
+    """UNETR's position embedding: one ``hidden_size`` vector per token of the patch it is sized for."""
+    return net.hidden_size * prod(e // 16 for e in patch) if net.architecture == "unetr" else 0
+
+
+def fitted_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes: int) -> Measurement:
+    """One sample's step at ``patch`` from the fit over three small measured patches (cached per network); UNETR's
+    parameters with its position embedding sized for ``net.input_size`` (or ``patch`` when not set yet)."""
+    coef_mem, coef_flops, params = _fit(replace(net, input_size=[]), in_channels, n_classes)
+    v = float(prod(patch))
+    basis = np.array([1.0, v, v * v])
+    params += _embedding_parameters(net, net.input_size or patch)
+    return Measurement(max(float(basis @ coef_mem), 0.0), max(float(basis @ coef_flops), 0.0), params)
+
+
+def measured_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, n_classes: int,
+                       amp: bool, optimizer: str = "sgd") -> StepCost:
+    """:class:`StepCost` of a network without a cost model: activations and FLOPs from :func:`fitted_step`,
+    loss and parameter terms as :func:`autoseg.planning.memory.step_cost` counts them."""
+    m = fitted_step(net, patch, in_channels, n_classes)
+    activations = batch * round(m.saved_bytes * (0.5 if amp else 1.0))
+    voxels = output_voxels(net, patch)
+    loss = batch * loss_bytes(voxels, default_supervision_weights(len(voxels)), n_classes, amp)
+    params = m.parameters * (4 * PARAM_COPIES[optimizer] + (2 if amp else 0))
+    return StepCost(activations, activations + loss + params, batch * m.flops, loss, params)
+
+
+def network_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, n_classes: int,
+                      amp: bool) -> StepCost:
+    """The step's cost for any architecture: our U-Net's exact model, else the measured fit."""
+    if net.architecture in ("residual_unet", "plain_unet"):
+        return step_cost(net, patch, batch, in_channels, n_classes, amp)
+    return measured_step_cost(net, patch, batch, in_channels, n_classes, amp)

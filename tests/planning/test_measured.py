@@ -1,0 +1,85 @@
+"""The measured cost of networks without a cost model: fitted on three small patches on the meta device, checked
+against a real forward/backward at the planned patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from autoseg.networks import build_network
+from autoseg.planning import make_plan
+from autoseg.planning.measured import fitted_step, measure_step, network_step_cost
+from autoseg.planning.memory import step_cost
+from autoseg.plans import select_configuration
+
+from ..autograd_bytes import saved_bytes
+from .fingerprints import BRAIN, PROSTATE, device
+
+CASES = {"brain-segresnet": (BRAIN, "segresnet"), "brain-attention_unet": (BRAIN, "attention_unet"),
+         "brain-unetr": (BRAIN, "unetr"), "prostate-segresnet": (PROSTATE, "segresnet")}
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {fp.dataset_name: make_plan(fp, device("cpu", 16), configurations=["3d", "segresnet", "attention_unet",
+                                                                                "unetr"])
+            for fp in (BRAIN, PROSTATE)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scaled_estimate_matches_a_real_step_at_the_planned_patch(plans, case):
+    fp, name = CASES[case]
+    p = select_configuration(plans[fp.dataset_name], name)
+    patch = p.stages[-1].patch_size
+    c, k = len(p.channel_names), len(p.labels)
+    est = fitted_step(p.network, patch, c, k)
+    torch.manual_seed(0)
+    net = build_network(p.network, c, k).train()
+    x = torch.randn(1, c, *patch)
+
+    def step() -> None:
+        out = net(x)
+        outs = out if isinstance(out, list) else [out]
+        torch.stack([o.sum() for o in outs]).sum().backward()
+
+    real_bytes = saved_bytes(lambda: net(x), net.parameters())
+    net.zero_grad()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert est.saved_bytes == pytest.approx(real_bytes, rel=0.30)
+    assert est.flops == pytest.approx(counter.get_total_flops(), rel=0.30)
+    assert est.parameters == sum(t.numel() for t in net.parameters())
+
+
+def test_the_fit_is_exact_between_and_beyond_its_patches(plans):
+    """Convolutions are linear in the voxels and attention quadratic in the tokens: the three-point fit
+    reproduces a meta measurement at a patch far larger than the ones it was fitted on."""
+    for name in ("segresnet", "unetr"):
+        p = select_configuration(plans["brain"], name)
+        big = [e * 4 for e in p.network.total_stride]
+        big[0] *= 2
+        m, f = measure_step(p.network, big, 1, 3), fitted_step(p.network, big, 1, 3)
+        assert f.saved_bytes == pytest.approx(m.saved_bytes, rel=1e-3)
+        assert f.flops == pytest.approx(m.flops, rel=1e-3)
+
+
+def test_meta_measurement_agrees_with_our_exact_cost_model():
+    """The same measurement on our own U-Net, whose cost model is exact, gives the model's numbers: the hooks
+    count what a step keeps."""
+    p = make_plan(BRAIN, device("cpu", 16))
+    patch = p.stages[-1].patch_size
+    m = measure_step(p.network, patch, 1, 2)
+    model = step_cost(p.network, patch, 1, 1, 2, amp=False)
+    assert m.saved_bytes == pytest.approx(model.activation_bytes, rel=0.05)
+    assert m.flops == pytest.approx(model.flops, rel=0.10)
+
+
+def test_step_cost_adds_batch_loss_and_optimiser_like_our_model(plans):
+    p = select_configuration(plans["brain"], "attention_unet")
+    patch = p.stages[-1].patch_size
+    one, two = (network_step_cost(p.network, patch, b, 1, 3, amp=False) for b in (1, 2))
+    assert two.activation_bytes == 2 * one.activation_bytes and two.loss_bytes == 2 * one.loss_bytes
+    assert two.parameter_bytes == one.parameter_bytes == 3 * 4 * fitted_step(p.network, patch, 1, 3).parameters
+    amp = network_step_cost(p.network, patch, 1, 1, 3, amp=True)
+    assert amp.activation_bytes == pytest.approx(one.activation_bytes / 2, abs=1)
