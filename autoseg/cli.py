@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure this machine's step time and set the epochs so that the whole schedule, "
                    "its learning-rate decay and the final validation finish within MINUTES")
     t.add_argument("--config", default=None, metavar="NAME",
-                   help="configuration of the plan to train: 3d, or 2d (slices as samples; its folds go to "
-                   "RUN_DIR/2d/). Default: the plan's default configuration, printed by autoseg plan with the reason")
+                   help="configuration of the plan to train: 3d, 2d (slices as samples) or a MONAI network the plan "
+                   "holds (autoseg plan --configs); folds other than 3d's go to RUN_DIR/<config>/. Default: the "
+                   "plan's default configuration, printed by autoseg plan with the reason")
     t.add_argument("--restart", action="store_true", help="delete this fold's checkpoints and start over")
     t.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="train on N GPUs of this machine with DistributedDataParallel (launches torchrun; with "
@@ -131,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--folds", nargs="+", default=None, metavar="K",
                     help="folds to use (default: every fold with the checkpoint)")
     pr.add_argument("--config", default=None, metavar="NAME",
-                    help="configuration whose folds predict: 3d or 2d (default: the plan's default configuration)")
+                    help="configuration whose folds predict: 3d, 2d or a MONAI one the plan holds. Default: "
+                    "autoseg find-best's choice (one configuration or an ensemble of two, with its post-processing) "
+                    "when the run has one, else the plan's default configuration")
     pr.add_argument("--checkpoint", choices=("final", "best"), default="final",
                     help="checkpoint of each fold (default final)")
     pr.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (about 8x faster)")
@@ -160,8 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN_DIR/crossval.json.")
     sm.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
     sm.add_argument("--config", default=None, metavar="NAME",
-                    help="configuration to summarize: 3d or 2d (default: the plan's default configuration); the "
-                    "files go beside its folds (RUN_DIR for 3d, RUN_DIR/2d for 2d)")
+                    help="configuration to summarize (default: the plan's default configuration); the files go "
+                    "beside its folds (RUN_DIR for 3d, RUN_DIR/<config> for the others)")
+
+    fb = sub.add_parser("find-best", help="choose the best configuration or pair of configurations by "
+                        "cross-validation", description="Score every trained configuration of RUN_DIR, and the "
+                        "ensemble of every pair, on the validation cases of the folds that all of them validated "
+                        "(their saved probabilities: Dice per class, mean, HD95), print the table, and write the best "
+                        "(ties within 1e-4 mean Dice: the cheaper prediction) with its post-processing decision to "
+                        "RUN_DIR/best_configuration.json, which autoseg predict then follows.")
+    fb.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
+    fb.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("evaluate", help="score predicted label maps against references",
                        description="Pair PRED_DIR and REF_DIR by case name and compute, per case and class, Dice, "
@@ -358,12 +370,13 @@ def _silent(_: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference.choice import predictor_for_run
     from autoseg.inference.folder import DeviceFailedError, predict_folder
-    from autoseg.inference.predictor import Predictor
 
     t0 = time.perf_counter()
-    predictor = Predictor.from_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta, args.step,
-                                   args.config)
+    predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta,
+                                        args.step, args.config)
+    print(f"predicting with {what}")
     try:
         r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
                            not args.no_progress and sys.stderr.isatty())
@@ -407,6 +420,25 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_find_best(args: argparse.Namespace) -> int:
+    from autoseg.inference.choice import CHOICE_FILE
+    from autoseg.workflows.findbest import find_best
+
+    c = find_best(args.run, not args.no_progress and sys.stderr.isatty())
+    classes = list(c.candidates[0].dice)
+    print(f"{'candidate':<28} " + " ".join(f"{n[:12]:>12}" for n in classes) + f" {'mean':>7} {'HD95 mm':>8} "
+          f"{'cost':>5}")
+    for s in sorted(c.candidates, key=lambda s: -s.mean_dice):
+        mark = " *" if s.configurations == c.configurations else ""
+        print(f"{' + '.join(s.configurations) + mark:<28} " + " ".join(f"{s.dice[n]:>12.4f}" for n in classes)
+              + f" {s.mean_dice:>7.4f} {s.hd95_mm:>8.2f} {s.relative_cost:>5.2f}")
+    pp = c.postprocessing
+    print(f"chosen       {' + '.join(c.configurations)}: {c.reason}")
+    print(f"postprocess  largest component for classes {pp.largest_component_classes or 'none'}")
+    print(f"wrote        {args.run / CHOICE_FILE}; autoseg predict follows it unless given --config")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from autoseg.evaluation.evaluate import evaluate_folders, format_table
 
@@ -446,8 +478,8 @@ def _launch_torchrun(gpus: int, argv: list[str]) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "predict": _cmd_predict, "ensemble": _cmd_ensemble,
-            "evaluate": _cmd_evaluate, "summarize": _cmd_summarize, "verify": _cmd_verify, "plan": _cmd_plan,
-            "preprocess": _cmd_preprocess}
+            "evaluate": _cmd_evaluate, "summarize": _cmd_summarize, "find-best": _cmd_find_best,
+            "verify": _cmd_verify, "plan": _cmd_plan, "preprocess": _cmd_preprocess}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from autoseg.atomic import atomic_path
 from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
@@ -26,10 +27,36 @@ from autoseg.preprocessing.storage import read_case_arrays, read_properties
 from autoseg.tiling import mirror_combinations, tile_boxes
 from autoseg.typedjson import write_json_atomic
 
-__all__ = ["validate_fold", "reference_labels", "validation_cost", "ValidationCost", "VALIDATION_DIR"]
+__all__ = ["validate_fold", "reference_labels", "validation_cost", "ValidationCost", "VALIDATION_DIR",
+           "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities"]
 
 VALIDATION_DIR = "validation"
+#: under ``validation/``: each case's class probabilities on the preprocessed grid, for ``autoseg find-best``
+PROBABILITIES_DIR = "probabilities"
 _clock = time.perf_counter  # what validation_seconds times with (a test replaces it)
+
+
+def save_grid_probabilities(probs: np.ndarray, path: Path) -> None:
+    """Class probabilities ``(K, z, y, x)`` on the preprocessed grid, float16, compressed, atomically. Every
+    configuration of a plan shares that grid, so find-best averages them directly and takes the mean back to the
+    scan's grid as prediction does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, probabilities=probs.astype(np.float16))
+
+
+def load_grid_probabilities(path: Path) -> np.ndarray:
+    """What :func:`save_grid_probabilities` wrote, as float32.
+
+    Raises:
+        ValueError: missing, truncated or not such a file.
+    """
+    try:
+        with np.load(path) as z:
+            return z["probabilities"].astype(np.float32)
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a validation probabilities file ({e}); validate the fold again with "
+                         "autoseg train (a trained fold only re-validates)") from None
 
 
 def reference_labels(run_dir: Path) -> dict[str, Path]:
@@ -39,10 +66,11 @@ def reference_labels(run_dir: Path) -> dict[str, Path]:
 
 def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module,
                   patch: list[int], device: torch.device, progress: bool = True, tta: bool = True) -> dict:
-    """Predict ``case_ids`` (mirroring as ``predict`` unless not ``tta``), write their label maps and
-    ``metrics.json`` to ``fold_dir/validation``; returns the metrics: per case and class the five metrics of
-    ``autoseg evaluate``, per-class mean Dice by class name, the mean over foreground classes, and whether
-    the predictions were mirrored."""
+    """Predict ``case_ids`` (mirroring as ``predict`` unless not ``tta``), write their label maps, their
+    probabilities on the preprocessed grid (``probabilities/``, for find-best) and ``metrics.json`` to
+    ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg evaluate``,
+    per-class mean Dice by class name, the mean over foreground classes, and whether the predictions were
+    mirrored."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     refs = reference_labels(run_dir)
@@ -57,6 +85,7 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
         except PredictionMemoryError as e:  # one line from the CLI, like every error a user can act on
             raise ValueError(f"validation of case {cid}: {e}; the trained checkpoint_final.pt is kept: run the same "
                              "command again (with --device cpu if the GPU is too small) to validate") from None
+        save_grid_probabilities(probs, out_dir / PROBABILITIES_DIR / f"{cid}.npz")
         seg = predictor.finish(probs, props).labels
         write_image(seg, props.geometry, out_dir / f"{cid}.nii.gz")
         ref = read_image(refs[cid])[0][0]
@@ -90,10 +119,10 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
 
     Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings x the measured
     seconds of one forward pass of ``net`` (median of 3; its weights do not matter for the time). The rest
-    (back to the scan's grid, written, scored): timed on the case of median size, scaled to the others by
-    their voxel count; it is fed a random probability map and scores the reference against itself, because a
-    trained network's prediction is close to the reference while a random network's noise would make the
-    surface distances slower than they will be. On a GPU that batches tiles this overestimates.
+    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size, scaled to
+    the others by their voxel count; it is fed a random probability map and scores the reference against itself,
+    because a trained network's prediction is close to the reference while a random network's noise would make
+    the surface distances slower than they will be. On a GPU that batches tiles this overestimates.
     """
     folder = run_dir / PREPROCESSED_DIR
     props = {c: read_properties(folder, c) for c in case_ids}
@@ -110,6 +139,7 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     t0 = _clock()
     seg = predictor.finish(probs, props[probe]).labels
     with tempfile.TemporaryDirectory() as tmp:
+        save_grid_probabilities(probs, Path(tmp) / f"{probe}.npz")
         write_image(seg, props[probe].geometry, Path(tmp) / f"{probe}.nii.gz")
     ref = read_image(reference_labels(run_dir)[probe])[0][0]
     for c in sorted(plans.labels)[1:]:

@@ -1,0 +1,94 @@
+"""What ``autoseg predict`` runs by default: find-best's choice (one configuration, or the mean of two
+configurations' probabilities) with the post-processing decided for it, from ``RUN_DIR/best_configuration.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.inference.postprocessing import Postprocessing
+from autoseg.inference.predictor import Predictor
+from autoseg.typedjson import from_jsonable, read_json, write_json_atomic
+
+__all__ = ["CandidateScore", "Choice", "CHOICE_FILE", "load_choice", "save_choice", "ConfigurationEnsemble",
+           "predictor_for_run"]
+
+CHOICE_FILE = "best_configuration.json"
+
+
+@dataclass
+class CandidateScore:
+    """One configuration or ensemble, scored over the cross-validation cases find-best compared on.
+
+    ``relative_cost``: prediction compute per voxel, relative to the cheapest single configuration (an
+    ensemble costs the sum of its members)."""
+
+    configurations: list[str]
+    dice: dict[str, float]
+    mean_dice: float
+    hd95_mm: float
+    relative_cost: float
+
+
+@dataclass
+class Choice:
+    """find-best's decision: what to predict with, on which folds' validation cases it was decided, and why."""
+
+    configurations: list[str]
+    folds: list[str]
+    n_cases: int
+    postprocessing: Postprocessing
+    candidates: list[CandidateScore]
+    reason: str
+
+
+def load_choice(run_dir: Path) -> Choice | None:
+    path = Path(run_dir) / CHOICE_FILE
+    return from_jsonable(Choice, read_json(path)) if path.is_file() else None
+
+
+def save_choice(choice: Choice, run_dir: Path) -> None:
+    write_json_atomic(choice, Path(run_dir) / CHOICE_FILE)
+
+
+class ConfigurationEnsemble(Predictor):
+    """Several configurations of one plan as one predictor: each predicts with its own folds, patch and mirror
+    axes, their probabilities on the shared preprocessed grid are averaged (configurations weigh the same,
+    whatever their fold counts), then taken back to the scan's grid with ``postprocessing``."""
+
+    def __init__(self, members: list[Predictor], postprocessing: Postprocessing | None):
+        first = members[0]
+        super().__init__(first.plans, [n for m in members for n in m.networks], first.device,
+                         bool(first.mirror_axes), first.step, postprocessing)
+        self.members = members
+
+    def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:
+        total = self.members[0].predict_preprocessed(data)
+        for m in self.members[1:]:
+            total += m.predict_preprocessed(data)
+        total /= len(self.members)
+        return total
+
+
+def predictor_for_run(run_dir: Path, folds: list[str] | None = None, checkpoint: str = "final",
+                      device: str = "auto", tta: bool = True, step: float | None = None,
+                      configuration: str | None = None) -> tuple[Predictor, str]:
+    """The predictor ``autoseg predict`` uses, and a few words saying which: ``configuration`` when given
+    (with its own ``postprocessing.json``); else find-best's choice when the run has one; else the plan's
+    default configuration.
+
+    Raises:
+        ValueError: see :meth:`Predictor.from_run`.
+    """
+    choice = None if configuration is not None else load_choice(run_dir)
+    if choice is None:
+        p = Predictor.from_run(run_dir, folds, checkpoint, device, tta, step, configuration)
+        return p, f"configuration {p.plans.configuration}"
+    members = [Predictor.from_run(run_dir, folds, checkpoint, device, tta, step, c) for c in choice.configurations]
+    what = f"find-best's choice {' + '.join(choice.configurations)} ({CHOICE_FILE}; --config NAME overrides)"
+    if len(members) == 1:
+        members[0].postprocessing = choice.postprocessing
+        return members[0], what
+    return ConfigurationEnsemble(members, choice.postprocessing), what

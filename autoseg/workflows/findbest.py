@@ -1,0 +1,140 @@
+"""``autoseg find-best``: score every trained configuration and every pair's ensemble on the cross-validation
+cases, choose the best, decide its post-processing, and write the choice that ``autoseg predict`` follows.
+
+Each fold's validation saved its cases' class probabilities on the preprocessed grid, which every configuration
+of a plan shares; an ensemble is their mean. Every candidate goes back to the scan's grid by the prediction path
+and is scored against the original labels. Candidates are compared on the folds that all of them validated; the
+best mean Dice over foreground classes wins, and a tie (within :data:`TIE`) goes to the cheaper at prediction
+(fewer networks, fewer FLOPs per voxel).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from math import prod
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autoseg.evaluation.evaluate import score_case
+from autoseg.inference.choice import CandidateScore, Choice, save_choice
+from autoseg.inference.postprocessing import Postprocessing, decide_postprocessing
+from autoseg.io import read_image
+from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
+from autoseg.preprocessing.run import PREPROCESSED_DIR
+from autoseg.preprocessing.storage import read_properties
+from autoseg.preprocessing.transform import CaseProperties, probabilities_to_labels
+from autoseg.runconfig import model_dir
+from autoseg.workflows.validate import PROBABILITIES_DIR, VALIDATION_DIR, load_grid_probabilities, reference_labels
+
+__all__ = ["find_best", "TIE"]
+
+#: mean Dice differences below this are ties, decided by prediction cost
+TIE = 1e-4
+
+
+def _validated_folds(run_dir: Path, name: str) -> dict[str, list[str]]:
+    """Fold folder name -> validation case ids, for the folds of configuration ``name`` that were validated."""
+    out = {}
+    for f in sorted(model_dir(run_dir, name).glob("fold_*")):
+        metrics = f / VALIDATION_DIR / "metrics.json"
+        if f.name != "fold_all" and metrics.is_file():
+            out[f.name] = sorted(json.loads(metrics.read_text())["cases"])
+    return out
+
+
+def _cost_per_voxel(p: Plans) -> float:
+    """Forward FLOPs per voxel of the configuration ``p`` shows, from its zoom-out stage's planned step."""
+    st = p.stages[-1]
+    return st.estimated_step_gflops / (st.batch_size * prod(st.patch_size))
+
+
+def _compared(run_dir: Path, plans: Plans) -> tuple[list[str], list[str], dict[str, str]]:
+    """The trained configurations, the folds all of them validated, and each compared case's fold.
+
+    Raises:
+        ValueError: nothing validated, no fold in common, or a validated case without saved probabilities.
+    """
+    folds = {n: _validated_folds(run_dir, n) for n in configuration_names(plans)}
+    trained = [n for n, f in folds.items() if f]
+    if not trained:
+        raise ValueError(f"{run_dir}: no configuration has a validated fold; train some first (autoseg train FOLD "
+                         f"--run {run_dir} --config NAME, for the plan's {', '.join(configuration_names(plans))})")
+    common = sorted(set.intersection(*(set(folds[n]) for n in trained)))
+    if not common:
+        have = "; ".join(f"{n}: {', '.join(folds[n])}" for n in trained)
+        raise ValueError(f"{run_dir}: no fold is validated in every trained configuration ({have}); train the "
+                         "same folds of each")
+    missing = [f"{n}/{f}" for n in trained for f in common
+               if any(not (model_dir(run_dir, n) / f / VALIDATION_DIR / PROBABILITIES_DIR / f"{c}.npz").is_file()
+                      for c in folds[n][f])]
+    if missing:
+        raise ValueError(f"fold(s) {', '.join(missing)} have no saved validation probabilities (validated by an "
+                         "older autoseg); run their autoseg train command again: a trained fold only re-validates")
+    cases = {c: f for f in common for c in folds[trained[0]][f]}
+    return trained, common, cases
+
+
+def find_best(run_dir: Path, progress: bool = True) -> Choice:
+    """Score the trained configurations and their pairs, choose, decide post-processing, write
+    ``RUN_DIR/best_configuration.json``; returns the choice with every candidate's scores.
+
+    Raises:
+        ValueError: see :func:`_compared`.
+    """
+    run_dir = Path(run_dir)
+    plans = load_plans(run_dir / PLANS_FILE)
+    trained, common, cases = _compared(run_dir, plans)
+    combos = [(n,) for n in trained] + list(itertools.combinations(trained, 2))
+    refs = reference_labels(run_dir)
+    classes = sorted(plans.labels)[1:]
+    dice: dict[tuple[str, ...], dict[int, list[float]]] = {c: {k: [] for k in classes} for c in combos}
+    hd: dict[tuple[str, ...], list[float]] = {c: [] for c in combos}
+    for cid in tqdm(sorted(cases), desc="find-best", unit="case", disable=not progress, leave=False):
+        props = read_properties(run_dir / PREPROCESSED_DIR, cid)
+        probs = {n: load_grid_probabilities(model_dir(run_dir, n) / cases[cid] / VALIDATION_DIR / PROBABILITIES_DIR
+                                            / f"{cid}.npz") for n in trained}
+        ref = read_image(refs[cid])[0][0]
+        for combo in combos:
+            seg = _labels(plans, [probs[n] for n in combo], props)
+            for k in classes:
+                s = score_case(cid, seg, ref, k, props.geometry.spacing_zyx)
+                dice[combo][k].append(s.dice)
+                hd[combo].append(s.hd95_mm)
+    costs = {n: _cost_per_voxel(select_configuration(plans, n)) for n in trained}
+    cheapest = min(costs.values()) or 1.0
+    scores = [CandidateScore(list(c), {plans.labels[k]: float(np.mean(dice[c][k])) for k in classes},
+                             float(np.mean([np.mean(dice[c][k]) for k in classes])), float(np.nanmean(hd[c])),
+                             round(sum(costs[n] for n in c) / cheapest, 3)) for c in combos]
+    top = max(s.mean_dice for s in scores)
+    best = min((s for s in scores if s.mean_dice >= top - TIE), key=lambda s: (s.relative_cost, -s.mean_dice))
+    pp = _postprocessing(run_dir, plans, best.configurations, cases, refs)
+    reason = (f"highest mean Dice {best.mean_dice:.4f} of {len(scores)} candidates over {len(cases)} cases of "
+              f"{', '.join(common)}" + (f" (ties within {TIE:g} go to the cheaper prediction)"
+                                        if sum(s.mean_dice >= top - TIE for s in scores) > 1 else ""))
+    choice = Choice(best.configurations, common, len(cases), pp, scores, reason)
+    save_choice(choice, run_dir)
+    return choice
+
+
+def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.ndarray:
+    """The mean of ``probs`` back to the scan's grid, arg-max, as prediction does."""
+    mean = probs[0].copy()
+    for p in probs[1:]:
+        mean += p
+    mean /= len(probs)
+    return probabilities_to_labels(mean, props, plans.resampling, sorted(plans.labels))
+
+
+def _postprocessing(run_dir: Path, plans: Plans, configs: list[str], cases: dict[str, str],
+                    refs: dict[str, Path]) -> Postprocessing:
+    """nnU-Net's largest-component decision for the chosen candidate, on the same cases."""
+    pairs = []
+    for cid in sorted(cases):
+        props = read_properties(run_dir / PREPROCESSED_DIR, cid)
+        probs = [load_grid_probabilities(model_dir(run_dir, n) / cases[cid] / VALIDATION_DIR / PROBABILITIES_DIR
+                                         / f"{cid}.npz") for n in configs]
+        pairs.append((_labels(plans, probs, props), read_image(refs[cid])[0][0]))
+    return decide_postprocessing(pairs, sorted(plans.labels)[1:])

@@ -1,0 +1,138 @@
+"""find-best: configurations and pairs scored from saved validation probabilities, the choice, ties to the cheaper
+prediction, the refusals; and predict following the choice on a really trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.cli import main
+from autoseg.inference.choice import CHOICE_FILE, load_choice
+from autoseg.plans import load_plans
+from autoseg.preprocessing.storage import read_case_arrays
+from autoseg.runconfig import model_dir
+from autoseg.workflows.findbest import find_best
+from autoseg.workflows.validate import PROBABILITIES_DIR, VALIDATION_DIR, save_grid_probabilities
+
+from ..inference.test_predict import scans
+
+
+def _fake_fold(run: Path, config: str, fold: int, weak_class: int | None) -> None:
+    """Validation output of a configuration that is exact except on ``weak_class``, where it gives the class 0.4
+    and background 0.6 (so alone it misses the class, and averaged with an exact one it finds it)."""
+    plans = load_plans(run / "plans.json")
+    d = model_dir(run, config) / f"fold_{fold}" / VALIDATION_DIR
+    cases = plans.folds[fold].val
+    for cid in cases:
+        seg = np.asarray(read_case_arrays(run / "preprocessed", cid)[1][:])[0]
+        probs = np.stack([(seg == k).astype(np.float32) for k in sorted(plans.labels)])
+        if weak_class is not None:
+            m = seg == weak_class
+            probs[weak_class][m], probs[0][m] = 0.4, 0.6
+        save_grid_probabilities(probs, d / PROBABILITIES_DIR / f"{cid}.npz")
+    (d / "metrics.json").write_text(json.dumps({"cases": {c: {} for c in cases}}))
+
+
+def test_pair_that_fixes_each_others_misses_wins(tiny_run):
+    _fake_fold(tiny_run, "3d", 0, weak_class=2)
+    _fake_fold(tiny_run, "2d", 0, weak_class=1)
+    c = find_best(tiny_run, progress=False)
+    scores = {" + ".join(s.configurations): s for s in c.candidates}
+    assert set(scores) == {"3d", "2d", "3d + 2d"}
+    assert scores["3d"].dice == {"organ1": 1.0, "organ2": 0.0}
+    assert scores["2d"].dice == {"organ1": 0.0, "organ2": 1.0}
+    assert scores["3d + 2d"].dice == {"organ1": 1.0, "organ2": 1.0} and scores["3d + 2d"].hd95_mm == 0.0
+    assert c.configurations == ["3d", "2d"] and c.folds == ["fold_0"] and c.n_cases == 2
+    assert scores["3d + 2d"].relative_cost == pytest.approx(scores["3d"].relative_cost + scores["2d"].relative_cost)
+    assert load_choice(tiny_run) == c
+
+
+def test_a_tie_goes_to_the_cheaper_prediction(tiny_run):
+    _fake_fold(tiny_run, "3d", 0, weak_class=2)
+    _fake_fold(tiny_run, "2d", 0, weak_class=None)  # exact: the pair is exact too, and costs more
+    c = find_best(tiny_run, progress=False)
+    scores = {" + ".join(s.configurations): s for s in c.candidates}
+    assert scores["2d"].mean_dice == scores["3d + 2d"].mean_dice == 1.0
+    assert c.configurations == ["2d"] and "ties" in c.reason
+
+
+def test_compares_on_the_folds_every_configuration_validated(tiny_run):
+    _fake_fold(tiny_run, "3d", 0, weak_class=2)
+    _fake_fold(tiny_run, "3d", 1, weak_class=2)
+    _fake_fold(tiny_run, "2d", 1, weak_class=None)
+    c = find_best(tiny_run, progress=False)
+    assert c.folds == ["fold_1"] and c.n_cases == len(load_plans(tiny_run / "plans.json").folds[1].val)
+
+
+def test_refusals_name_what_is_missing(tiny_run, capsys):
+    assert main(["find-best", "--run", str(tiny_run)]) == 1
+    assert "no configuration has a validated fold" in capsys.readouterr().err
+    _fake_fold(tiny_run, "3d", 0, weak_class=None)
+    _fake_fold(tiny_run, "2d", 1, weak_class=None)
+    assert main(["find-best", "--run", str(tiny_run)]) == 1
+    assert "no fold is validated in every trained configuration (3d: fold_0; 2d: fold_1)" in capsys.readouterr().err
+    _fake_fold(tiny_run, "2d", 0, weak_class=None)
+    (tiny_run / "2d" / "fold_0" / VALIDATION_DIR / PROBABILITIES_DIR / "case_004.npz").unlink()
+    assert main(["find-best", "--run", str(tiny_run)]) == 1
+    assert "fold(s) 2d/fold_0 have no saved validation probabilities" in capsys.readouterr().err
+    assert not (tiny_run / CHOICE_FILE).exists()
+
+
+def test_predict_follows_the_choice_and_config_overrides_it(tiny_run, tmp_path, capsys):
+    for config in ("3d", "2d"):
+        assert main(["train", "0", "--run", str(tiny_run), "--config", config, "--epochs", "2",
+                     "--iterations-per-epoch", "3", "-j", "0", "--no-progress"]) == 0
+        assert (model_dir(tiny_run, config) / "fold_0" / VALIDATION_DIR / PROBABILITIES_DIR / "case_004.npz").is_file()
+    capsys.readouterr()
+    assert main(["find-best", "--run", str(tiny_run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    choice = load_choice(tiny_run)
+    assert choice is not None and f"chosen       {' + '.join(choice.configurations)}" in out
+    for s in choice.candidates:  # the single configurations score what their own fold validation scored
+        if len(s.configurations) == 1:
+            m = json.loads((model_dir(tiny_run, s.configurations[0]) / "fold_0" / VALIDATION_DIR / "metrics.json")
+                           .read_text())["mean_per_class"]
+            assert s.dice == pytest.approx(m, abs=2e-3)  # probabilities are stored as float16
+    src = scans(tmp_path / "in")
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "a"), "--run", str(tiny_run), "--no-progress"]) == 0
+    assert f"predicting with find-best's choice {' + '.join(choice.configurations)}" in capsys.readouterr().out
+    assert main(["predict", "-i", str(src), "-o", str(tmp_path / "b"), "--run", str(tiny_run), "--config", "2d",
+                 "--no-progress"]) == 0
+    assert "predicting with configuration 2d" in capsys.readouterr().out
+    assert len(list((tmp_path / "a").glob("*.nii.gz"))) == len(list((tmp_path / "b").glob("*.nii.gz"))) == 2
+
+
+def test_configuration_ensemble_averages_its_members_probabilities(tiny_run):
+    """Each member predicts with its own networks and mirror axes; configurations weigh the same however many
+    folds each has; the chosen post-processing is applied."""
+    import torch
+
+    from autoseg.inference.choice import ConfigurationEnsemble
+    from autoseg.inference.postprocessing import Postprocessing
+    from autoseg.inference.predictor import Predictor
+    from autoseg.plans import select_configuration
+
+    plans = load_plans(tiny_run / "plans.json")
+
+    def constant(logits: list[float]) -> torch.nn.Module:
+        net = torch.nn.Conv3d(1, 3, 1)
+        torch.nn.init.zeros_(net.weight)
+        with torch.no_grad():
+            net.bias.copy_(torch.tensor(logits))
+        return net
+
+    a = Predictor(select_configuration(plans, "3d"), [(constant([0.0, 2.0, 0.0]), [8, 8, 8])] * 2,
+                  torch.device("cpu"))
+    b = Predictor(select_configuration(plans, "2d"), [(constant([0.0, 0.0, 3.0]), [1, 8, 8])], torch.device("cpu"))
+    assert b.mirror_axes == [1, 2] and a.mirror_axes == [0, 1, 2]
+    pp = Postprocessing([1], {1: 0.5}, {1: 0.6}, 2)
+    ens = ConfigurationEnsemble([a, b], pp)
+    x = np.zeros((1, 6, 10, 9), np.float32)
+    got = ens.predict_preprocessed(x)
+    pa, pb = np.exp([0.0, 2.0, 0.0]), np.exp([0.0, 0.0, 3.0])
+    want = (pa / pa.sum() + pb / pb.sum()) / 2
+    np.testing.assert_allclose(got[:, 3, 4, 5], want, rtol=1e-5)
+    assert ens.postprocessing is pp and len(ens.networks) == 3 and ens.plans.configuration == "3d"
