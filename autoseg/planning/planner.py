@@ -307,8 +307,10 @@ def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int 
 
 _WHY_NOT_DEFAULT = {
     "2d": "not planned: not asked for in --configs",
-    "segresnet": "on a CPU a time budget buys most learning from our residual U-Net, whose cost model is exact",
-    "attention_unet": "on a CPU a time budget buys most learning from our residual U-Net, whose cost model is exact",
+    "segresnet": "on a CPU each configuration's cross-validation costs hours, and the residual U-Net is the one "
+                 "measured against nnU-Net here",
+    "attention_unet": "on a CPU each configuration's cross-validation costs hours, and the residual U-Net is the one "
+                      "measured against nnU-Net here",
     "unetr": "a ViT needs more data and time than the CNNs (seed 002: lowest Dice of four at ~4x the training time)",
 }
 
