@@ -8,7 +8,10 @@ stage, the peak memory allocated by training steps against the plan's estimate; 
 stage, rerun, and final weights equal to an uninterrupted run (``--deterministic``); two-process DDP (NCCL
 on 2 GPUs, gloo on the CPU) with replicas identical and the same stop on SIGTERM; prediction on the GPU
 against the same network on the CPU (fp32 on both; AMP reported beside) over a real case mirrored out to
-several tiles; training and prediction throughput of the Hippocampus plan (figures only).
+several tiles; MONAI's SegResNet, Attention U-Net and UNETR planned for the device (``plan --configs all``):
+per configuration and stage a training step at the plan's patch and batch in the plan's precision, and on
+CUDA its peak memory against the plan's measured estimate; training and prediction throughput of the
+Hippocampus plan (figures only).
 With ``--device cpu`` (what CI runs, to keep this script from rotting) the CUDA-only rows say "skipped: no
 CUDA". Data: a generated dataset (larger on a GPU), and ``--hippocampus`` (default
 ``../shared/data/MSD_Task04_Hippocampus``) for the throughput rows when it exists.
@@ -20,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import shutil
 import signal
@@ -41,7 +45,7 @@ from autoseg.demo import make_synthetic_dataset
 from autoseg.device import detect_device
 from autoseg.inference.predictor import Predictor
 from autoseg.networks import build_network
-from autoseg.plans import load_plans
+from autoseg.plans import Plans, configuration_names, load_plans, select_configuration
 from autoseg.runconfig import Overrides
 from autoseg.training.budget import measure_step_seconds
 from autoseg.training.config import stage_runs
@@ -114,7 +118,40 @@ def check_memory(run: Path, device: torch.device) -> list[Row]:
     that its workspace trials and first-call set-up, which the estimate leaves out, are not counted."""
     if device.type != "cuda":
         return [Row("peak GPU memory vs plan", "skipped: no CUDA", "")]
-    plans = load_plans(run / "plans.json")
+    return _memory_rows(load_plans(run / "plans.json"), device, "")
+
+
+def check_monai(run: Path, root: Path, device: torch.device) -> list[Row]:
+    """MONAI's networks planned for this device beside ours: on CUDA the peak memory of their steps against the
+    plan's estimate (measured on the meta device and scaled), on the CPU one step per stage, finite."""
+    data = load_plans(run / "plans.json")
+    mrun = root / "monai_run"
+    shutil.rmtree(mrun, ignore_errors=True)
+    shutil.copytree(run, mrun, ignore=shutil.ignore_patterns("fold_*", "2d"))
+    dataset = json.loads((mrun / "fingerprint.json").read_text())["dataset_dir"]
+    cli("plan", dataset, "-o", str(mrun), "--device", device.type, "--configs", "all", "--no-progress")
+    plans = load_plans(mrun / "plans.json")
+    names = [n for n in configuration_names(plans) if n not in configuration_names(data)]
+    missing = [n for n in ("segresnet", "attention_unet", "unetr") if n not in names]
+    rows = [Row(f"plan {n}", "FAIL", plans.configuration_reasons.get(n, "")) for n in missing]
+    for name in names:
+        p = select_configuration(plans, name)
+        if device.type == "cuda":
+            rows += _memory_rows(p, device, f"{name}, ")
+            continue
+        k, c = len(p.labels), len(p.channel_names)
+        for st, st_run in zip(p.stages, stage_runs(p, Overrides("both", None, None, None))):
+            net = build_network(p.network, c, k)
+            sec = measure_step_seconds(net, planned_loss(p.training), st_run, st.batch_size, c, k, device, p.amp,
+                                       warmup=0, timed=1)
+            ok = all(torch.isfinite(t).all() for t in net.parameters())
+            rows.append(Row(f"{name} step, {st.name}", "PASS" if ok else "FAIL",
+                            f"{sec:.2f} s at patch {'x'.join(map(str, st.patch_size))}, batch {st.batch_size} "
+                            f"({st.estimated_step_gflops:.0f} GFLOP planned)"))
+    return rows
+
+
+def _memory_rows(plans: Plans, device: torch.device, label: str) -> list[Row]:
     k, c = len(plans.labels), len(plans.channel_names)
     configure_backends(device, True)
     rows = []
@@ -129,7 +166,8 @@ def check_memory(run: Path, device: torch.device) -> list[Row]:
         peak = torch.cuda.max_memory_allocated(device) - base
         del net, loss
         ratio = peak / (st.estimated_memory_gib * 2**30)
-        rows.append(Row(f"peak GPU memory vs plan, {st.name}", "PASS" if abs(ratio - 1) <= MEMORY_TOLERANCE else "FAIL",
+        rows.append(Row(f"peak GPU memory vs plan, {label}{st.name}",
+                        "PASS" if abs(ratio - 1) <= MEMORY_TOLERANCE else "FAIL",
                         f"{peak / 2**30:.2f} GiB measured / {st.estimated_memory_gib:.2f} GiB planned = {ratio:.2f} "
                         f"(target 1 +- {MEMORY_TOLERANCE:g}; patch {'x'.join(map(str, st.patch_size))}, batch "
                         f"{st.batch_size})"))
@@ -357,6 +395,7 @@ def main() -> int:
     rows += _safe("SIGTERM, resume = uninterrupted", lambda: check_resume(run, root, device.type, iterations))
     rows += _safe("DDP 2 processes", lambda: check_ddp(run, root, device, args.gpus))
     rows += _safe("prediction GPU vs CPU", lambda: check_prediction(run, device))
+    rows += _safe("MONAI configurations", lambda: check_monai(run, root, device))
     hippo = args.hippocampus if args.hippocampus.is_dir() else None
     rows += _safe("throughput", lambda: check_throughput(hippo, run, root, device, 10 if gpu else 2))
     print_table(rows)
