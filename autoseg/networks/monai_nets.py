@@ -12,7 +12,9 @@ tensor otherwise):
   deep supervision).
 - ``unetr``: MONAI's ``UNETR`` (a ViT over 16-voxel tokens, a convolutional decoder); one output. MONAI sizes its
   learned position embedding for one input size; ours resamples it to each input's token grid, so the zoom-in
-  stage's small patches and the zoom-out stage's large ones train the same weights (:class:`GridUNETR`).
+  stage's small patches and the zoom-out stage's large ones train the same weights (:class:`GridUNETR`); the
+  layer norm MONAI builds for a cross-attention UNETR never uses is dropped, so that every parameter gets a
+  gradient (DistributedDataParallel requires it).
 
 MONAI is imported only when one of these is built: the residual U-Net never pays its import time.
 """
@@ -100,6 +102,9 @@ def _grid_unetr(in_channels: int, n_classes: int, net: NetworkPlan) -> nn.Module
                       norm_name="instance", res_block=True)
     model.vit.patch_embedding = _GridPositionEmbedding(  # type: ignore[assignment]
         model.vit.patch_embedding, [s // UNETR_TOKEN for s in img_size])
+    for block in model.vit.blocks:  # MONAI builds a cross-attention norm it never uses without cross-attention;
+        if not getattr(block, "with_cross_attention", False):  # DDP refuses parameters that get no gradient
+            block.norm_cross_attn = nn.Identity()
     return model
 
 

@@ -60,6 +60,8 @@ def test_each_architecture_trains_a_step_and_predicts_a_volume(brain_plan, name)
     before = [t.detach().clone() for t in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     loss.backward()
+    unused = [n for n, t in net.named_parameters() if t.grad is None]
+    assert not unused, unused  # DistributedDataParallel refuses parameters without a gradient
     opt.step()
     changed = sum(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert changed > len(before) // 2
