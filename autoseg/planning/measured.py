@@ -9,11 +9,12 @@ data, so a 3D network costs milliseconds whatever the patch, and counts:
 - the floating-point operations of forward and backward (``torch.utils.flop_counter``);
 - the parameters.
 
-It does so at three small patches (2, 3 and 4 times the network's total stride per axis) and fits
-``c + a v + b v^2`` in the patch's voxels ``v``: convolutional networks are linear in ``v`` (``b`` comes out
-0), UNETR's attention adds the square of its token count. The fit is exact for patches the network divides;
-``tests/planning/test_measured.py`` checks it against a measurement at the planned patch. The loss and the
-optimiser's copies are added by the same formulas as for our U-Net.
+It does so at small patches (2 and 3 times the network's total stride per axis) and fits ``c + a v`` in the
+patch's voxels ``v``: convolutional networks are affine in ``v`` (``c``: per-channel statistics). UNETR's
+attention adds the square of its token count, so for it a third patch (4 times) fits ``c + a v + b v^2``. The
+fit is exact for patches the network divides; ``tests/planning/test_measured.py`` checks it against a
+measurement at the planned patch. The loss and the optimiser's copies are added by the same formulas as for
+our U-Net.
 
 Mixed precision is not measured on ``meta`` (autocast has no meta kernels): under CUDA AMP the activations are
 taken at half the float32 bytes, as for our U-Net, whose saved activations are all float16.
@@ -98,12 +99,15 @@ def _fit(net: NetworkPlan, in_channels: int, n_classes: int) -> tuple[np.ndarray
     if key in _FITS:
         return _FITS[key]
     stride = net.total_stride
-    patches = [[k * s for s in stride] for k in (2, 3, 4)]
+    quadratic = net.architecture == "unetr"  # attention: the square of the token count
+    patches = [[k * s for s in stride] for k in ((2, 3, 4) if quadratic else (2, 3))]
     ms = measure_steps(net, patches, in_channels, n_classes)
     v = np.array([prod(p) for p in patches], dtype=float)
-    design = np.stack([np.ones(3), v, v**2], axis=1)
+    design = np.stack([np.ones(len(v)), v] + ([v**2] if quadratic else []), axis=1)
     coef_mem = np.linalg.solve(design, np.array([m.saved_bytes for m in ms]))
     coef_flops = np.linalg.solve(design, np.array([m.flops for m in ms]))
+    if not quadratic:
+        coef_mem, coef_flops = np.append(coef_mem, 0.0), np.append(coef_flops, 0.0)
     _FITS[key] = coef_mem, coef_flops, ms[0].parameters - _embedding_parameters(net, patches[0])
     return _FITS[key]
 
@@ -114,7 +118,7 @@ def _embedding_parameters(net: NetworkPlan, patch: list[int]) -> int:
 
 
 def fitted_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes: int) -> Measurement:
-    """One sample's step at ``patch`` from the fit over three small measured patches (cached per network); UNETR's
+    """One sample's step at ``patch`` from the fit over small measured patches (cached per network); UNETR's
     parameters with its position embedding sized for ``net.input_size`` (or ``patch`` when not set yet)."""
     coef_mem, coef_flops, params = _fit(replace(net, input_size=[]), in_channels, n_classes)
     v = float(prod(patch))

@@ -1,4 +1,4 @@
-"""The measured cost of networks without a cost model: fitted on three small patches on the meta device, checked
+"""The measured cost of networks without a cost model: fitted on two or three small patches on the meta device, checked
 against a real forward/backward at the planned patch."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_scaled_estimate_matches_a_real_step_at_the_planned_patch(plans, case):
 
 
 def test_the_fit_is_exact_between_and_beyond_its_patches(plans):
-    """Convolutions are linear in the voxels and attention quadratic in the tokens: the three-point fit
+    """Convolutions are affine in the voxels and attention quadratic in the tokens: the fit
     reproduces a meta measurement at a patch far larger than the ones it was fitted on."""
     for name in ("segresnet", "unetr"):
         p = select_configuration(plans["brain"], name)
