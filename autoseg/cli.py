@@ -415,6 +415,10 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     print(f"postprocess  largest component for classes {kept or 'none'} (Dice before -> after: "
           + ", ".join(f"{k} {pp['dice_before'][k]:.4f} -> {pp['dice_after'][k]:.4f} "
                       f"({pp['dice_after'][k] - pp['dice_before'][k]:+.5f})" for k in pp["dice_before"]) + ")")
+    if pp["hd95_before_mm"]:
+        print("             HD95 before -> after: " + ", ".join(
+            f"{k} {pp['hd95_before_mm'][k]:.1f} -> {pp['hd95_after_mm'][k]:.1f} mm" for k in pp["hd95_before_mm"])
+              + " (adopted also where Dice stays within 0.001 and HD95 drops)")
     where = model_dir(args.run, r["configuration"])
     print(f"wrote        {where / CROSSVAL_FILE} and {where / 'postprocessing.json'}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.evaluation.distances import hd95
 from autoseg.io import read_image
 from autoseg.plans import PLANS_FILE, load_plans, select_configuration
 from autoseg.runconfig import model_dir
@@ -43,15 +44,20 @@ def summarize_run(run_dir: Path, configuration: str | None = None) -> dict:
         cases.update({cid: (f, v) for cid, v in m["cases"].items()})
     names = [plans.labels[c] for c in sorted(plans.labels)[1:]]
     pooled = {n: float(np.mean([v[n]["dice"] for _, v in cases.values()])) for n in names}
-    pairs = [(read_image(f / VALIDATION_DIR / f"{cid}.nii.gz")[0][0], read_image(refs[cid])[0][0])
-             for cid, (f, _) in sorted(cases.items())]
-    pp = decide_postprocessing(pairs, sorted(plans.labels)[1:])
+    pairs, spacings = [], []
+    for cid, (f, _) in sorted(cases.items()):
+        ref, geometry = read_image(refs[cid])
+        pairs.append((read_image(f / VALIDATION_DIR / f"{cid}.nii.gz")[0][0], ref[0]))
+        spacings.append(geometry.spacing_zyx)
+    pp = decide_postprocessing(pairs, sorted(plans.labels)[1:], hd95, spacings)
     save_postprocessing(pp, run_dir)
     result = {"configuration": plans.configuration, "folds": [f.name for f in folds], "n_cases": len(cases),
               "dice_per_fold": per_fold,
               "dice_pooled": pooled, "mean_foreground_dice": float(np.mean(list(pooled.values()))),
               "postprocessing": {"largest_component_classes": pp.largest_component_classes,
                                  "dice_before": {plans.labels[c]: v for c, v in pp.dice_before.items()},
-                                 "dice_after": {plans.labels[c]: v for c, v in pp.dice_after.items()}}}
+                                 "dice_after": {plans.labels[c]: v for c, v in pp.dice_after.items()},
+                                 "hd95_before_mm": {plans.labels[c]: v for c, v in pp.hd95_before.items()},
+                                 "hd95_after_mm": {plans.labels[c]: v for c, v in pp.hd95_after.items()}}}
     write_json_atomic(result, run_dir / CROSSVAL_FILE)
     return result

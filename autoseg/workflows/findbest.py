@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.evaluation.distances import hd95
 from autoseg.evaluation.evaluate import score_case
 from autoseg.inference.choice import CandidateScore, Choice, save_choice
 from autoseg.inference.postprocessing import Postprocessing, decide_postprocessing
@@ -130,11 +131,12 @@ def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.
 
 def _postprocessing(run_dir: Path, plans: Plans, configs: list[str], cases: dict[str, str],
                     refs: dict[str, Path]) -> Postprocessing:
-    """nnU-Net's largest-component decision for the chosen candidate, on the same cases."""
-    pairs = []
+    """The largest-component decision for the chosen candidate, on the same cases (Dice, or HD95 at equal Dice)."""
+    pairs, spacings = [], []
     for cid in sorted(cases):
         props = read_properties(run_dir / PREPROCESSED_DIR, cid)
         probs = [load_grid_probabilities(model_dir(run_dir, n) / cases[cid] / VALIDATION_DIR / PROBABILITIES_DIR
                                          / f"{cid}.npz") for n in configs]
         pairs.append((_labels(plans, probs, props), read_image(refs[cid])[0][0]))
-    return decide_postprocessing(pairs, sorted(plans.labels)[1:])
+        spacings.append(props.geometry.spacing_zyx)
+    return decide_postprocessing(pairs, sorted(plans.labels)[1:], hd95, spacings)

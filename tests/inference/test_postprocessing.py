@@ -7,7 +7,13 @@ import json
 import numpy as np
 
 from autoseg.cli import main
-from autoseg.inference.postprocessing import decide_postprocessing, keep_largest_component, load_postprocessing
+from autoseg.evaluation.distances import hd95
+from autoseg.inference.postprocessing import (
+    DICE_TOLERANCE,
+    decide_postprocessing,
+    keep_largest_component,
+    load_postprocessing,
+)
 
 
 def test_keep_largest_component_by_hand():
@@ -36,6 +42,28 @@ def test_decision_adopts_only_what_helps():
     assert pp.largest_component_classes == [1]
     assert pp.dice_after[1] > pp.dice_before[1]
     assert pp.dice_after[2] < pp.dice_before[2]  # keeping one of class 2's two parts would hurt
+
+
+def test_a_far_island_is_removed_at_equal_dice_when_it_sets_the_hd95():
+    """An organ of 400 voxels predicted with one voxel missed (so in two pieces, 338 + 61) and a 72-voxel island
+    500 voxels away: keeping the largest piece drops the island (Dice +) and the 61-voxel true piece (Dice -),
+    a net -0.0002 that nnU-Net's Dice-only rule rejects, while the HD95 falls from 528.5 to 25.15 mm."""
+    ref = np.zeros((1, 1, 1000), np.uint8)
+    ref[0, 0, :400] = 1
+    pred = ref.copy()
+    pred[0, 0, 338] = 0
+    pred[0, 0, 900:972] = 1
+    dice_only = decide_postprocessing([(pred, ref)], [1])
+    assert dice_only.largest_component_classes == []
+    assert dice_only.dice_before[1] == 2 * 399 / (471 + 400)
+    assert dice_only.dice_after[1] == 2 * 338 / (338 + 400)
+    assert -DICE_TOLERANCE < dice_only.dice_after[1] - dice_only.dice_before[1] < 0
+    pp = decide_postprocessing([(pred, ref)], [1], hd95, [(1.0, 1.0, 1.0)])
+    assert pp.largest_component_classes == [1]
+    assert pp.hd95_before[1] == 528.5 and abs(pp.hd95_after[1] - 25.15) < 1e-9
+    # the same at a Dice cost above the tolerance: not adopted, whatever the distance
+    pred[0, 0, 200] = 0  # now 200 + 137 + 61 voxels: keeping the largest loses much more than 0.001
+    assert decide_postprocessing([(pred, ref)], [1], hd95, [(1.0, 1.0, 1.0)]).largest_component_classes == []
 
 
 def test_summarize_writes_decision_and_predict_applies_it(trained_run, capsys):
