@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one cross-validation fold: zoom-in stage, then zoom-out stage",
                        description="Train FOLD of a planned and preprocessed run: the plan's zoom-in stage (small "
                        "patches, long), then its zoom-out stage (large patches, short, lower learning rate, starting "
-                       "from the zoom-in weights). Writes RUN_DIR/fold_<FOLD>/ (RUN_DIR/2d/fold_<FOLD>/ for "
-                       "--config 2d): checkpoint_{latest,best,final}.pt, "
+                       "from the zoom-in weights). Writes RUN_DIR/fold_<FOLD>/ (RUN_DIR/<config>/fold_<FOLD>/ for any "
+                       "--config but 3d): checkpoint_latest.pt while training (removed at the end), "
+                       "checkpoint_best.pt and checkpoint_final.pt, "
                        "training_log.txt, progress.png, config.json (what was run) and plans.json, then predicts "
                        "the fold's validation cases into validation/ with metrics.json. Interrupted (Ctrl-C, "
                        "SIGTERM, a crash), the same command resumes exactly where the last checkpoint was. Under "
@@ -239,14 +240,14 @@ def _configurations(text: str | None) -> list[str] | None:
 
     if text is None:
         return None
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if names == ["all"]:
         return list(CONFIGURATIONS)
     names = ["3d" if n == "residual_unet" else n for n in names]
     unknown = [n for n in names if n not in CONFIGURATIONS]
     if unknown or not names:
-        raise ValueError(f"--configs {text!r}: unknown {', '.join(unknown) or 'empty list'}; known: "
-                         f"{', '.join(CONFIGURATIONS)} or all")
+        what = f"unknown {', '.join(unknown)}" if unknown else "no configuration named"
+        raise ValueError(f"--configs {text!r}: {what}; known: {', '.join(CONFIGURATIONS)} or all")
     return names
 
 
@@ -388,7 +389,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: {line}", file=sys.stderr)
     n = len(r.written)
     per_case = f" ({(time.perf_counter() - t0) / n:.1f} s per case)" if n else ""
-    print(f"predicted {n} case(s) into {args.output} with {len(predictor.networks)} fold(s){per_case}; skipped "
+    print(f"predicted {n} case(s) into {args.output} with {len(predictor.networks)} network(s){per_case}; skipped "
           f"{len(r.skipped)} already done; {len(r.failed)} failed")
     return 1 if r.failed else 0
 

@@ -249,7 +249,8 @@ def select_configuration(p: Plans, name: str | None = None) -> Plans:
         return p
     c = next((c for c in p.other_configurations if c.name == name), None)
     if c is None:
-        raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))}")
+        raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))} (autoseg plan "
+                         "--configs adds others: 3d, 2d, segresnet, attention_unet, unetr)")
     rest = [o for o in p.other_configurations if o.name != name]
     top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
                             p.training.augmentation, p.inference.mirror_axes)

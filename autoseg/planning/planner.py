@@ -311,7 +311,8 @@ _WHY_NOT_DEFAULT = {
                  "measured against nnU-Net here",
     "attention_unet": "on a CPU each configuration's cross-validation costs hours, and the residual U-Net is the one "
                       "measured against nnU-Net here",
-    "unetr": "a ViT needs more data and time than the CNNs (seed 002: lowest Dice of four at ~4x the training time)",
+    "unetr": "a ViT needs more data and time than the CNNs (in a four-way comparison on brain-metastasis MRI it "
+             "had the lowest Dice at ~4x the training time)",
 }
 
 

@@ -68,12 +68,16 @@ def _compared(run_dir: Path, plans: Plans) -> tuple[list[str], list[str], dict[s
         have = "; ".join(f"{n}: {', '.join(folds[n])}" for n in trained)
         raise ValueError(f"{run_dir}: no fold is validated in every trained configuration ({have}); train the "
                          "same folds of each")
-    missing = [f"{n}/{f}" for n in trained for f in common
-               if any(not (model_dir(run_dir, n) / f / VALIDATION_DIR / PROBABILITIES_DIR / f"{c}.npz").is_file()
-                      for c in folds[n][f])]
+    missing = {f"{n}/{f}": [c for c in folds[n][f] if not (model_dir(run_dir, n) / f / VALIDATION_DIR
+                                                         / PROBABILITIES_DIR / f"{c}.npz").is_file()]
+               for n in trained for f in common}
+    missing = {k: v for k, v in missing.items() if v}
     if missing:
-        raise ValueError(f"fold(s) {', '.join(missing)} have no saved validation probabilities (validated by an "
-                         "older autoseg); run their autoseg train command again: a trained fold only re-validates")
+        what = "; ".join(f"{k}: {len(v)} of {len(folds[k.split('/')[0]][k.split('/')[1]])} cases, e.g. "
+                         f"{VALIDATION_DIR}/{PROBABILITIES_DIR}/{v[0]}.npz" for k, v in missing.items())
+        raise ValueError(f"fold(s) {', '.join(missing)} have no saved validation probabilities ({what}; validated "
+                         "by an older autoseg, or files removed); run their autoseg train command again: a trained "
+                         "fold only re-validates")
     cases = {c: f for f in common for c in folds[trained[0]][f]}
     return trained, common, cases
 
@@ -86,6 +90,8 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
         ValueError: see :func:`_compared`.
     """
     run_dir = Path(run_dir)
+    if not (run_dir / PLANS_FILE).is_file():
+        raise ValueError(f"{run_dir}: not a planned run (no {PLANS_FILE}); give the folder autoseg plan -o wrote")
     plans = load_plans(run_dir / PLANS_FILE)
     trained, common, cases = _compared(run_dir, plans)
     combos = [(n,) for n in trained] + list(itertools.combinations(trained, 2))

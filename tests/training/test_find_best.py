@@ -77,8 +77,12 @@ def test_refusals_name_what_is_missing(tiny_run, capsys):
     _fake_fold(tiny_run, "2d", 0, weak_class=None)
     (tiny_run / "2d" / "fold_0" / VALIDATION_DIR / PROBABILITIES_DIR / "case_004.npz").unlink()
     assert main(["find-best", "--run", str(tiny_run)]) == 1
-    assert "fold(s) 2d/fold_0 have no saved validation probabilities" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "fold(s) 2d/fold_0 have no saved validation probabilities (2d/fold_0: 1 of 2 cases, e.g. " \
+        "validation/probabilities/case_004.npz;" in err
     assert not (tiny_run / CHOICE_FILE).exists()
+    assert main(["find-best", "--run", str(tiny_run / "nope")]) == 1
+    assert "nope: not a planned run (no plans.json)" in capsys.readouterr().err
 
 
 def test_predict_follows_the_choice_and_config_overrides_it(tiny_run, tmp_path, capsys):

@@ -53,7 +53,7 @@ def test_plan_lists_every_configuration_with_its_reason(monai_run, capsys):
 def test_default_configurations_say_why_the_others_are_left_out(tiny_run):
     p = load_plans(tiny_run / "plans.json")  # planned without --configs on the CPU
     assert configuration_names(p) == ["3d", "2d"]
-    assert "seed 002" in p.configuration_reasons["unetr"] and "--configs" in p.configuration_reasons["segresnet"]
+    assert "lowest Dice" in p.configuration_reasons["unetr"] and "--configs" in p.configuration_reasons["segresnet"]
 
 
 def test_segresnet_trains_both_stages_and_predicts(monai_run, tmp_path, capsys):
@@ -108,3 +108,8 @@ def test_unknown_configuration_names_are_refused_in_one_line(tiny_run, capsys):
                  "3d,swin_unetr"]) == 1
     err = capsys.readouterr().err
     assert "--configs '3d,swin_unetr': unknown swin_unetr; known: 3d, 2d, segresnet, attention_unet, unetr" in err
+    assert main(["plan", data, "-o", str(tiny_run), "--device", "cpu", "--no-progress", "--configs", ","]) == 1
+    assert "--configs ',': no configuration named" in capsys.readouterr().err
+    assert main(["train", "0", "--run", str(tiny_run), "--config", "unetr"]) == 1
+    assert "configuration 'unetr': the plan has 3d, 2d (autoseg plan --configs adds others" in \
+        capsys.readouterr().err
