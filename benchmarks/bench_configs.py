@@ -21,8 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-from bench_datasets import _autoseg, _scans_of
+from bench_datasets import _autoseg, train_and_predict
 
 ALL = "3d,2d,segresnet,attention_unet,unetr"
 
@@ -38,26 +37,9 @@ def plan_once(dataset: Path, out: Path, configs: str, splits: Path | None) -> Pa
 
 
 def run_config(dataset: Path, run: Path, out: Path, name: str, minutes: float) -> dict:
-    log = out / f"{name}.log"
-    fold = (run if name == "3d" else run / name) / "fold_0"
-    shutil.rmtree(fold, ignore_errors=True)
-    t_train, m_train = _autoseg(["train", "0", "--run", str(run), "--config", name, "--time-budget",
-                                 f"{minutes:g}"], log)
-    cfg = json.loads((fold / "config.json").read_text())
-    metrics = json.loads((fold / "validation" / "metrics.json").read_text())
-    scans = out / "scans"
-    n = _scans_of(dataset, cfg["val_cases"], scans)
-    pred = out / f"pred_{name}"
-    shutil.rmtree(pred, ignore_errors=True)
-    t_pred, m_pred = _autoseg(["predict", "-i", str(scans), "-o", str(pred), "--run", str(run), "--config", name],
-                              log)
-    steps = sum(s["epochs"] * s["iterations_per_epoch"] for s in cfg["stages"])
-    hd95 = [v["hd95_mm"] for c in metrics["cases"].values() for v in c.values()]
-    return {"configuration": name, "train_s": round(t_train, 1), "budget_s": minutes * 60, "steps": steps,
-            "s_per_step": round(t_train / max(steps, 1), 3), "dice": metrics["mean_per_class"],
-            "mean_dice": metrics["mean_foreground_dice"], "hd95_mean_mm": float(np.nanmean(hd95)),
-            "predict_s_per_case": round(t_pred / n, 2),
-            "peak_rss_gib": {"train": round(m_train / 2**30, 2), "predict": round(m_pred / 2**30, 2)}}
+    shutil.rmtree((run if name == "3d" else run / name) / "fold_0", ignore_errors=True)
+    r = train_and_predict(dataset, run, name, minutes, out / f"{name}.log", out / "scans", out / f"pred_{name}")
+    return {**r, "s_per_step": round(r["train_s"] / max(r["steps"], 1), 3)}
 
 
 def _row(ds: str, r: dict) -> str:

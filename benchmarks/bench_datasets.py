@@ -65,6 +65,29 @@ def _scans_of(dataset: Path, case_ids: list[str], folder: Path) -> int:
     return len(case_ids)
 
 
+def train_and_predict(dataset: Path, run: Path, config: str | None, minutes: float, log: Path, scans: Path,
+                      pred: Path) -> dict:
+    """Train fold 0 of the planned and preprocessed ``run`` in ``config`` (None: the plan's default) with the time
+    budget, then predict its validation scans (linked into ``scans``) into ``pred``: the figures both this
+    benchmark and ``bench_configs.py`` report, peak RSS of training and prediction included."""
+    pick = ["--config", config] if config else []
+    t_train, m_train = _autoseg(["train", "0", "--run", str(run), "--time-budget", f"{minutes:g}"] + pick, log)
+    name = config or json.loads((run / "plans.json").read_text()).get("default_configuration", "3d")
+    fold = run / "fold_0" if name == "3d" else run / name / "fold_0"
+    cfg = json.loads((fold / "config.json").read_text())
+    metrics = json.loads((fold / "validation" / "metrics.json").read_text())
+    n = _scans_of(dataset, cfg["val_cases"], scans)
+    shutil.rmtree(pred, ignore_errors=True)
+    t_pred, m_pred = _autoseg(["predict", "-i", str(scans), "-o", str(pred), "--run", str(run)] + pick, log)
+    hd95 = [v["hd95_mm"] for c in metrics["cases"].values() for v in c.values()]
+    return {"configuration": name, "train_s": round(t_train, 1), "budget_s": minutes * 60,
+            "steps": sum(s["epochs"] * s["iterations_per_epoch"] for s in cfg["stages"]),
+            "val_cases": cfg["val_cases"], "dice": metrics["mean_per_class"],
+            "mean_dice": metrics["mean_foreground_dice"], "hd95_mean_mm": float(np.mean(hd95)),
+            "predict_s_per_case": round(t_pred / n, 2),
+            "peak_rss_gib": {"train": round(m_train / 2**30, 2), "predict": round(m_pred / 2**30, 2)}}
+
+
 def run_autoseg(dataset: Path, out: Path, minutes: float, config: str | None, splits: Path | None) -> dict:
     run, log = out / "autoseg_run", out / "autoseg.log"
     if run.exists():
@@ -72,28 +95,9 @@ def run_autoseg(dataset: Path, out: Path, minutes: float, config: str | None, sp
     plan = ["plan", str(dataset), "-o", str(run)] + (["--splits", str(splits)] if splits else [])
     t_plan, m_plan = _autoseg(plan, log)
     t_pre, m_pre = _autoseg(["preprocess", str(run)], log)
-    pick = ["--config", config] if config else []
-    train = ["train", "0", "--run", str(run), "--time-budget", f"{minutes:g}"] + pick
-    t_train, m_train = _autoseg(train, log)
-    plans = json.loads((run / "plans.json").read_text())
-    name = config or plans.get("default_configuration", "3d")
-    fold = run / "fold_0" if name == "3d" else run / name / "fold_0"
-    cfg = json.loads((fold / "config.json").read_text())
-    metrics = json.loads((fold / "validation" / "metrics.json").read_text())
-    n = _scans_of(dataset, cfg["val_cases"], out / "autoseg_scans")
-    pred = out / "autoseg_pred"
-    shutil.rmtree(pred, ignore_errors=True)
-    t_pred, m_pred = _autoseg(["predict", "-i", str(out / "autoseg_scans"), "-o", str(pred), "--run", str(run)]
-                              + pick, log)
-    hd95 = [v["hd95_mm"] for c in metrics["cases"].values() for v in c.values()]
-    return {"tool": "autoseg", "configuration": name, "plan_preprocess_s": round(t_plan + t_pre, 1),
-            "train_s": round(t_train, 1), "budget_s": minutes * 60,
-            "steps": sum(s["epochs"] * s["iterations_per_epoch"] for s in cfg["stages"]),
-            "val_cases": cfg["val_cases"], "dice": metrics["mean_per_class"],
-            "mean_dice": metrics["mean_foreground_dice"], "hd95_mean_mm": float(np.mean(hd95)),
-            "predict_s_per_case": round(t_pred / n, 2),
-            "peak_rss_gib": {k: round(v / 2**30, 2) for k, v in
-                             {"plan": m_plan, "preprocess": m_pre, "train": m_train, "predict": m_pred}.items()}}
+    r = train_and_predict(dataset, run, config, minutes, log, out / "autoseg_scans", out / "autoseg_pred")
+    peaks = {"plan": round(m_plan / 2**30, 2), "preprocess": round(m_pre / 2**30, 2), **r["peak_rss_gib"]}
+    return {"tool": "autoseg", **r, "plan_preprocess_s": round(t_plan + t_pre, 1), "peak_rss_gib": peaks}
 
 
 def _nnunet_script(config: str, nn: Path) -> Path:

@@ -28,13 +28,12 @@ def summarize_run(run_dir: Path, configuration: str | None = None) -> dict:
         ValueError: no fold has validation results.
     """
     from autoseg.inference.postprocessing import decide_postprocessing, save_postprocessing
-    from autoseg.workflows.validate import VALIDATION_DIR, reference_labels
+    from autoseg.workflows.validate import VALIDATION_DIR, reference_labels, validated_folds
 
     plans = select_configuration(load_plans(run_dir / PLANS_FILE), configuration)
     refs = reference_labels(run_dir)
     run_dir = model_dir(run_dir, plans.configuration)
-    folds = sorted(p for p in run_dir.glob("fold_*") if (p / VALIDATION_DIR / "metrics.json").is_file()
-                   and p.name != "fold_all")
+    folds = validated_folds(run_dir)
     if not folds:
         raise ValueError(f"{run_dir}: no fold has {VALIDATION_DIR}/metrics.json; train folds with autoseg train")
     per_fold, cases = {}, {}

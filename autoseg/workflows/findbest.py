@@ -28,7 +28,13 @@ from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.preprocessing.storage import read_properties
 from autoseg.preprocessing.transform import CaseProperties, probabilities_to_labels
 from autoseg.runconfig import model_dir
-from autoseg.workflows.validate import PROBABILITIES_DIR, VALIDATION_DIR, load_grid_probabilities, reference_labels
+from autoseg.workflows.validate import (
+    PROBABILITIES_DIR,
+    VALIDATION_DIR,
+    load_grid_probabilities,
+    reference_labels,
+    validated_folds,
+)
 
 __all__ = ["find_best", "TIE"]
 
@@ -38,12 +44,13 @@ TIE = 1e-4
 
 def _validated_folds(run_dir: Path, name: str) -> dict[str, list[str]]:
     """Fold folder name -> validation case ids, for the folds of configuration ``name`` that were validated."""
-    out = {}
-    for f in sorted(model_dir(run_dir, name).glob("fold_*")):
-        metrics = f / VALIDATION_DIR / "metrics.json"
-        if f.name != "fold_all" and metrics.is_file():
-            out[f.name] = sorted(json.loads(metrics.read_text())["cases"])
-    return out
+    return {f.name: sorted(json.loads((f / VALIDATION_DIR / "metrics.json").read_text())["cases"])
+            for f in validated_folds(model_dir(run_dir, name))}
+
+
+def _probabilities_path(run_dir: Path, name: str, fold: str, case_id: str) -> Path:
+    """Where fold validation saved ``case_id``'s probabilities for configuration ``name``."""
+    return model_dir(run_dir, name) / fold / VALIDATION_DIR / PROBABILITIES_DIR / f"{case_id}.npz"
 
 
 def _cost_per_voxel(p: Plans) -> float:
@@ -68,8 +75,7 @@ def _compared(run_dir: Path, plans: Plans) -> tuple[list[str], list[str], dict[s
         have = "; ".join(f"{n}: {', '.join(folds[n])}" for n in trained)
         raise ValueError(f"{run_dir}: no fold is validated in every trained configuration ({have}); train the "
                          "same folds of each")
-    missing = {f"{n}/{f}": [c for c in folds[n][f] if not (model_dir(run_dir, n) / f / VALIDATION_DIR
-                                                         / PROBABILITIES_DIR / f"{c}.npz").is_file()]
+    missing = {f"{n}/{f}": [c for c in folds[n][f] if not _probabilities_path(run_dir, n, f, c).is_file()]
                for n in trained for f in common}
     missing = {k: v for k, v in missing.items() if v}
     if missing:
@@ -101,8 +107,7 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
     hd: dict[tuple[str, ...], list[float]] = {c: [] for c in combos}
     for cid in tqdm(sorted(cases), desc="find-best", unit="case", disable=not progress, leave=False):
         props = read_properties(run_dir / PREPROCESSED_DIR, cid)
-        probs = {n: load_grid_probabilities(model_dir(run_dir, n) / cases[cid] / VALIDATION_DIR / PROBABILITIES_DIR
-                                            / f"{cid}.npz") for n in trained}
+        probs = {n: load_grid_probabilities(_probabilities_path(run_dir, n, cases[cid], cid)) for n in trained}
         ref = read_image(refs[cid])[0][0]
         for combo in combos:
             seg = _labels(plans, [probs[n] for n in combo], props)
@@ -128,21 +133,24 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
 
 def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.ndarray:
     """The mean of ``probs`` back to the scan's grid, arg-max, as prediction does."""
-    mean = probs[0].copy()
-    for p in probs[1:]:
-        mean += p
-    mean /= len(probs)
+    mean = probs[0]
+    if len(probs) > 1:
+        mean = probs[0].copy()
+        for p in probs[1:]:
+            mean += p
+        mean /= len(probs)
     return probabilities_to_labels(mean, props, plans.resampling, sorted(plans.labels))
 
 
 def _postprocessing(run_dir: Path, plans: Plans, configs: list[str], cases: dict[str, str],
                     refs: dict[str, Path]) -> Postprocessing:
-    """The largest-component decision for the chosen candidate, on the same cases (Dice, or HD95 at equal Dice)."""
+    """The largest-component decision for the chosen candidate, on the same cases (Dice, or HD95 at equal Dice).
+    Its label maps are rebuilt from the probabilities rather than kept from the scoring pass: keeping every
+    candidate's maps of every case would hold the whole cross-validation in memory."""
     pairs, spacings = [], []
     for cid in sorted(cases):
         props = read_properties(run_dir / PREPROCESSED_DIR, cid)
-        probs = [load_grid_probabilities(model_dir(run_dir, n) / cases[cid] / VALIDATION_DIR / PROBABILITIES_DIR
-                                         / f"{cid}.npz") for n in configs]
+        probs = [load_grid_probabilities(_probabilities_path(run_dir, n, cases[cid], cid)) for n in configs]
         pairs.append((_labels(plans, probs, props), read_image(refs[cid])[0][0]))
         spacings.append(props.geometry.spacing_zyx)
     return decide_postprocessing(pairs, sorted(plans.labels)[1:], hd95, spacings)

@@ -28,7 +28,7 @@ from autoseg.tiling import mirror_combinations, tile_boxes
 from autoseg.typedjson import write_json_atomic
 
 __all__ = ["validate_fold", "reference_labels", "validation_cost", "ValidationCost", "VALIDATION_DIR",
-           "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities"]
+           "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities", "validated_folds"]
 
 VALIDATION_DIR = "validation"
 #: under ``validation/``: each case's class probabilities on the preprocessed grid, for ``autoseg find-best``
@@ -57,6 +57,13 @@ def load_grid_probabilities(path: Path) -> np.ndarray:
     except (OSError, KeyError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: not a validation probabilities file ({e}); validate the fold again with "
                          "autoseg train (a trained fold only re-validates)") from None
+
+
+def validated_folds(folder: Path) -> list[Path]:
+    """The cross-validation fold folders of one configuration (``fold_all`` excluded) that have
+    ``validation/metrics.json``, in name order."""
+    return sorted(p for p in folder.glob("fold_*")
+                  if p.name != "fold_all" and (p / VALIDATION_DIR / "metrics.json").is_file())
 
 
 def reference_labels(run_dir: Path) -> dict[str, Path]:
