@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "--folds")
     p.add_argument("--configs", default=None, metavar="NAMES",
                    help="comma-separated configurations to plan, from 3d (our residual U-Net on 3D patches, always "
-                   "planned), 2d (the same on slices), segresnet, attention_unet, unetr (MONAI's networks), or "
-                   "'all'. Default: those worth training on the device (CPU: 3d,2d; GPU: also segresnet and "
-                   "attention_unet); the plan says why each is in or out. Train each with autoseg train --config")
+                   "planned), 2d (the same on slices), segresnet, attention_unet, unetr (MONAI's networks), "
+                   "patch_free (a low-resolution view of a large region, segmented at full resolution), or 'all'. "
+                   "Default: those worth training on the device (CPU: 3d,2d; GPU: also segresnet and "
+                   "attention_unet; either: patch_free when the 3d patch covers under 25%% of the median volume); "
+                   "the plan says why each is in or out. Train each with autoseg train --config")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
     p.add_argument("--dice-weights", choices=("equal", "size-rank"), default="equal",
                    help="Dice loss weight per foreground class: equal (default, nnU-Net), or size-rank (seed 001: "

@@ -135,6 +135,17 @@ SEGRESNET_BLOCKS = (1, 2, 2, 4)
 UNETR_GPU = (16, 768, 3072, 12)
 UNETR_CPU = (16, 192, 768, 4)
 #: configurations planned when --configs is not given, per device kind, with the reason the plan records
+#: the patch-free configuration (:mod:`autoseg.networks.patchfree`) is planned by default when the 3d zoom-out
+#: patch covers less than this share of the median (resampled) volume: sliding windows then see little of a scan
+PATCH_FREE_MAX_SHARE = 0.25
+#: its down-sampling factor on every axis whose spacing stays no coarser than the coarsest axis's
+PATCH_FREE_FACTOR = 2
+#: its guidance patch: this share of the low-resolution region per axis (an eighth of its voxels)
+PATCH_FREE_GUIDANCE_SHARE = 0.5
+#: weight of its super-resolution (image reconstruction) loss beside the segmentation losses (seed 004: 0.5)
+PATCH_FREE_RECONSTRUCTION_WEIGHT = 0.5
+#: predict a scan in one pass where it fits the memory budget, not by sliding the training region over it
+PATCH_FREE_WHOLE_VOLUME = True
 DEFAULT_CONFIGURATIONS = {
     "cpu": ("3d", "2d"),
     "cuda": ("3d", "2d", "segresnet", "attention_unet"),

@@ -54,7 +54,13 @@ class NetworkPlan:
     ``features`` and ``strides`` per stage. ``unetr``: ``features`` ``[f, 2f, 4f, 8f, hidden_size]`` (its
     decoder widths and the transformer's), four stride-2 stages for its 16-voxel tokens, and the transformer's
     ``hidden_size``, ``mlp_dim`` and ``num_heads``; ``input_size`` is the patch its position embedding is sized
-    for (the zoom-out patch; other patches resample it). See :mod:`autoseg.networks.monai_nets`.
+    for (the zoom-out patch; other patches resample it). See :mod:`autoseg.networks.monai_nets`. ``patch_free``:
+    our U-Net on the region averaged down by ``upsample_factor`` per axis (its ``features``, ``strides``... are
+    the low-resolution U-Net's), full-resolution heads, a guidance patch of ``guidance_share`` of the region per
+    axis and a super-resolution loss weighted ``reconstruction_weight`` (:mod:`autoseg.networks.patchfree`);
+    stage patches are full-resolution regions, the network's input is the region divided by the factor; with
+    ``whole_volume_prediction`` a scan is predicted in one pass where its memory estimate fits the plan's budget
+    (else by sliding the zoom-out region).
     """
 
     architecture: str
@@ -68,11 +74,15 @@ class NetworkPlan:
     mlp_dim: int = 0
     num_heads: int = 0
     input_size: list[int] = field(default_factory=list)
+    upsample_factor: list[int] = field(default_factory=lambda: [1, 1, 1])
+    guidance_share: float = 0.0
+    reconstruction_weight: float = 0.0
+    whole_volume_prediction: bool = False
 
     @property
     def total_stride(self) -> list[int]:
-        """Product of the strides per axis: every patch edge must be a multiple of it."""
-        return [prod(s[a] for s in self.strides) for a in range(3)]
+        """Product of the strides (and the patch-free factor) per axis: every patch edge must be a multiple of it."""
+        return [prod(s[a] for s in self.strides) * self.upsample_factor[a] for a in range(3)]
 
 
 @dataclass
@@ -250,7 +260,7 @@ def select_configuration(p: Plans, name: str | None = None) -> Plans:
     c = next((c for c in p.other_configurations if c.name == name), None)
     if c is None:
         raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))} (autoseg plan "
-                         "--configs adds others: 3d, 2d, segresnet, attention_unet, unetr)")
+                         "--configs adds others: 3d, 2d, segresnet, attention_unet, unetr, patch_free)")
     rest = [o for o in p.other_configurations if o.name != name]
     top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
                             p.training.augmentation, p.inference.mirror_axes)
@@ -285,6 +295,15 @@ def _validate_configuration(p: Plans, where: str) -> None:
                f"(has {net.hidden_size}, {net.num_heads}, {net.mlp_dim})")
         _check(len(net.input_size) == 3 and all(e > 0 and e % 16 == 0 for e in net.input_size),
                f"{where}network.input_size: {net.input_size}; unetr needs 3 edges, multiples of 16")
+    _check(len(net.upsample_factor) == 3 and all(f >= 1 for f in net.upsample_factor),
+           f"{where}network.upsample_factor: {net.upsample_factor}; expected 3 positive ints")
+    if net.architecture == "patch_free":
+        _check(0 < net.guidance_share <= 1 and net.reconstruction_weight >= 0,
+               f"{where}network: patch_free needs guidance_share in (0, 1] and reconstruction_weight >= 0 (has "
+               f"{net.guidance_share}, {net.reconstruction_weight})")
+    else:
+        _check(net.upsample_factor == [1, 1, 1], f"{where}network.upsample_factor: {net.upsample_factor}; only "
+               "patch_free down-samples its input")
     _check(bool(p.stages), f"{where}stages: empty; expected a zoom_in and a zoom_out stage")
     stride = net.total_stride
     for i, st in enumerate(p.stages):

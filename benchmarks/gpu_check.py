@@ -122,8 +122,9 @@ def check_memory(run: Path, device: torch.device) -> list[Row]:
 
 
 def check_monai(run: Path, root: Path, device: torch.device) -> list[Row]:
-    """MONAI's networks planned for this device beside ours: on CUDA the peak memory of their steps against the
-    plan's estimate (measured on the meta device and scaled), on the CPU one step per stage, finite."""
+    """MONAI's networks and the patch-free network planned for this device beside ours: on CUDA the peak memory
+    of their steps against the plan's estimate (measured on the meta device and scaled), on the CPU one step per
+    stage, finite."""
     data = load_plans(run / "plans.json")
     mrun = root / "monai_run"
     shutil.rmtree(mrun, ignore_errors=True)
@@ -132,7 +133,7 @@ def check_monai(run: Path, root: Path, device: torch.device) -> list[Row]:
     cli("plan", dataset, "-o", str(mrun), "--device", device.type, "--configs", "all", "--no-progress")
     plans = load_plans(mrun / "plans.json")
     names = [n for n in configuration_names(plans) if n not in configuration_names(data)]
-    missing = [n for n in ("segresnet", "attention_unet", "unetr") if n not in names]
+    missing = [n for n in ("segresnet", "attention_unet", "unetr", "patch_free") if n not in names]
     rows = [Row(f"plan {n}", "FAIL", plans.configuration_reasons.get(n, "")) for n in missing]
     for name in names:
         p = select_configuration(plans, name)

@@ -34,6 +34,7 @@ from autoseg.inference.sliding_window import (
 )
 from autoseg.io import Geometry
 from autoseg.networks import build_network
+from autoseg.networks.patchfree import prediction_bytes
 from autoseg.planning.measured import network_step_cost
 from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
@@ -208,7 +209,8 @@ class Predictor:
         """
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
         total: torch.Tensor | None = None
-        for net, patch in self.networks:
+        for net, planned in self.networks:
+            patch = self.tile(planned, list(x.shape[1:]))
             message = None
             try:
                 p = _softmax_(self._logits(net, x, patch))
@@ -224,6 +226,19 @@ class Predictor:
                 raise PredictionMemoryError(message)
         assert total is not None
         return total.div_(len(self.networks)).numpy()
+
+    def tile(self, patch: list[int], shape: list[int]) -> list[int]:
+        """The sliding window's tile for a preprocessed ``shape``: the trained ``patch``; for a patch-free
+        network planned with ``whole_volume_prediction``, the whole volume (rounded up to its total stride) when
+        :func:`~autoseg.networks.patchfree.prediction_bytes` of it fits the plan's memory budget, so one pass
+        segments the scan."""
+        net = self.plans.network
+        if net.architecture != "patch_free" or not net.whole_volume_prediction:
+            return patch
+        whole = [max(p, -(-s // t) * t) for p, s, t in zip(patch, shape, net.total_stride)]
+        need = prediction_bytes(net.features, net.upsample_factor, whole, len(self.plans.channel_names),
+                                len(self.plans.labels))
+        return whole if need <= self.plans.memory_budget_gib * 2**30 else patch
 
     def _memory_message(self, exc: BaseException, shape: list[int], patch: list[int]) -> str:
         """One line: what ran out, for which volume, patch and device, and what to do."""

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 __all__ = ["build_network", "ARCHITECTURES"]
 
 #: architectures a plan may name: our U-Net with residual (default) or plain encoder blocks, and MONAI's
-#: SegResNet, Attention U-Net and UNETR (:mod:`autoseg.networks.monai_nets`)
-ARCHITECTURES = ("residual_unet", "plain_unet", "segresnet", "attention_unet", "unetr")
+#: SegResNet, Attention U-Net and UNETR (:mod:`autoseg.networks.monai_nets`), and our patch-free network
+#: (:mod:`autoseg.networks.patchfree`)
+ARCHITECTURES = ("residual_unet", "plain_unet", "segresnet", "attention_unet", "unetr", "patch_free")
 
 
 def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Module:
@@ -28,6 +29,12 @@ def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Modu
         return ResidualUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
                             net.blocks_per_stage, net.decoder_convs, net.deep_supervision,
                             residual=net.architecture == "residual_unet")
+    if net.architecture == "patch_free":
+        from autoseg.networks.patchfree import PatchFreeUNet
+
+        return PatchFreeUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
+                             net.blocks_per_stage, net.decoder_convs, net.deep_supervision, net.upsample_factor,
+                             net.guidance_share, net.reconstruction_weight)
     if net.architecture in ARCHITECTURES:
         from autoseg.networks.monai_nets import build_monai_network
 

@@ -113,6 +113,12 @@ class ResidualUNet(nn.Module):
             self.heads.append(nn.Conv3d(features[s], n_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        logits = self.decode(x)[1]
+        return logits if self.deep_supervision and self.training else logits[0]
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last decoder stage's features ``(B, features[0], *spatial)`` and the logits: every decoder
+        resolution's in training with deep supervision, else the full resolution's only (full first)."""
         skips = []
         out = self.stem(x)
         for stage in self.encoder:
@@ -123,9 +129,7 @@ class ResidualUNet(nn.Module):
             out = dec(torch.cat([up(out), skips[-2 - i]], dim=1))
             if self.deep_supervision and self.training or i == len(self.up) - 1:
                 logits.append(head(out))
-        if self.deep_supervision and self.training:
-            return logits[::-1]
-        return logits[-1]
+        return out, logits[::-1]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ taken at half the float32 bytes, as for our U-Net, whose saved activations are a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from math import prod
 
 import numpy as np
@@ -87,11 +87,21 @@ def _measure(model: torch.nn.Module, patch: list[int], in_channels: int, device:
 
     x = torch.zeros(1, in_channels, *patch, device=device)
     with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        torch.stack([o.sum() for o in outs]).sum().backward()
+        outs = _tensors(model(x))
+        torch.stack([o.sum() for o in outs if o.is_floating_point()]).sum().backward()
     model.zero_grad(set_to_none=True)
     return Measurement(float(sum(b for _, b in saved.values())), float(counter.get_total_flops()), n_params)
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    """Every tensor of a network's training output: a tensor, a list of them, or a dataclass of those."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    if is_dataclass(out):
+        return [t for f in fields(out) for t in _tensors(getattr(out, f.name))]
+    return []
 
 
 def _fit(net: NetworkPlan, in_channels: int, n_classes: int) -> tuple[np.ndarray, np.ndarray, int]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+from autoseg.networks.patchfree import guidance_size
 from autoseg.networks.resunet import costs
 from autoseg.plans import NetworkPlan
 
@@ -84,12 +85,15 @@ class StepCost:
 def output_voxels(net: NetworkPlan, patch: list[int]) -> list[int]:
     """Voxels of each output of one sample, full resolution first: one per decoder resolution with deep
     supervision, else the full resolution only (the shapes :class:`ResidualUNet` returns in training); none for a
-    single-stage network, which has no decoder."""
-    shape, vox = list(patch), []
+    single-stage network, which has no decoder. The patch-free network's: its full-resolution guidance patch,
+    then its U-Net's outputs on the region divided by ``upsample_factor``."""
+    shape, vox = [a // f for a, f in zip(patch, net.upsample_factor)], []
+    guide = [prod(e * f for e, f in zip(guidance_size(shape, net.guidance_share), net.upsample_factor))] \
+        if net.architecture == "patch_free" else []
     for st in net.strides[:-1]:
         shape = [a // b for a, b in zip(shape, st)]
         vox.append(prod(shape))
-    return vox if net.deep_supervision else vox[:1]
+    return guide + (vox if net.deep_supervision else vox[:1])
 
 
 def default_supervision_weights(n_outputs: int) -> list[float]:

@@ -42,10 +42,11 @@ from autoseg.plans import (
 )
 
 __all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights",
-           "default_configuration", "CONFIGURATIONS"]
+           "default_configuration", "CONFIGURATIONS", "patch_free_factor"]
 
-#: every configuration a plan can hold: our residual U-Net on 3D patches and on slices, and MONAI's networks
-CONFIGURATIONS = (TOP_CONFIGURATION, "2d", *MONAI_ARCHITECTURES)
+#: every configuration a plan can hold: our residual U-Net on 3D patches and on slices, MONAI's networks, and our
+#: patch-free network (a low-resolution view of a large region, a full-resolution segmentation)
+CONFIGURATIONS = (TOP_CONFIGURATION, "2d", *MONAI_ARCHITECTURES, "patch_free")
 
 DiceWeighting = Literal["equal", "size-rank"]
 
@@ -111,6 +112,16 @@ def _monai_network(arch: str, patch: list[int], spacing: list[float], device: De
     raise ValueError(f"unknown architecture {arch!r}")
 
 
+def patch_free_factor(spacing: list[float]) -> list[int]:
+    """The patch-free configuration's down-sampling per axis: :data:`defaults.PATCH_FREE_FACTOR` on every axis
+    whose spacing, multiplied by it, stays no coarser than the coarsest axis (every axis when the spacing is
+    within that factor of isotropic), 1 elsewhere: a thick-slice axis keeps its few slices."""
+    f = defaults.PATCH_FREE_FACTOR
+    if max(spacing) / min(spacing) < f:
+        return [f, f, f]
+    return [f if s * f <= max(spacing) else 1 for s in spacing]
+
+
 class _Fitter:
     """Evaluates patches against the device budget for one architecture; one instance per configuration.
 
@@ -130,6 +141,15 @@ class _Fitter:
         if self.arch == "residual_unet":
             topo = topology_for_patch(patch, self.spacing)
             return topo.patch, _network(topo, self.device)
+        if self.arch == "patch_free":
+            factor = patch_free_factor(self.spacing)
+            topo = topology_for_patch([-(-p // f) for p, f in zip(patch, factor)],
+                                      [s * f for s, f in zip(self.spacing, factor)])
+            net = replace(_network(topo, self.device), architecture="patch_free", upsample_factor=factor,
+                          guidance_share=defaults.PATCH_FREE_GUIDANCE_SHARE,
+                          reconstruction_weight=defaults.PATCH_FREE_RECONSTRUCTION_WEIGHT,
+                          whole_volume_prediction=defaults.PATCH_FREE_WHOLE_VOLUME)
+            return [p * f for p, f in zip(topo.patch, factor)], net
         if self._fixed is None:
             self._fixed = _monai_network(self.arch, patch, self.spacing, self.device)
         stride = self._fixed.total_stride
@@ -305,6 +325,27 @@ def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int 
                              _mirror_axes(out_patch, lateral))
 
 
+def _plan_patch_free(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
+    """The patch-free network: the zoom-out region starts as the whole median volume and shrinks until a batch
+    fits the device (its U-Net sees it at low resolution, so it covers up to ``factor**3`` times what a 3D
+    patch of the same cost covers); zoom-in and batch by the same rules as the others."""
+    out_patch, net = _fit_zoom_out(f, median_shape, list(median_shape))
+    stages = _stages(f, net, out_patch, n_cases, median_shape)
+    return ConfigurationPlan("patch_free", net, stages, _deep_supervision_weights(net),
+                             _augmentation(out_patch, lateral), _mirror_axes(out_patch, lateral))
+
+
+def _patch_free_reason(share: float) -> tuple[bool, str]:
+    """Whether the patch-free configuration is planned by default, given the share of the median volume the 3d
+    zoom-out patch covers, and why."""
+    seen = f"the 3d zoom-out patch covers {100 * share:.0f}% of the median volume"
+    if share < defaults.PATCH_FREE_MAX_SHARE:
+        return True, f"{seen} (under {100 * defaults.PATCH_FREE_MAX_SHARE:.0f}%): a low-resolution view of a " \
+            "region several times larger, segmented at full resolution"
+    return False, f"{seen} (at least {100 * defaults.PATCH_FREE_MAX_SHARE:.0f}%): sliding windows already see " \
+        "most of a scan"
+
+
 _WHY_NOT_DEFAULT = {
     "2d": "not planned: not asked for in --configs",
     "segresnet": "on a CPU each configuration's cross-validation costs hours, and the residual U-Net is the one "
@@ -317,24 +358,34 @@ _WHY_NOT_DEFAULT = {
 
 
 def _other_configurations(fp: Fingerprint, device: DeviceInfo, spacing: list[float], median_shape: list[int],
-                          lateral: int | None, wanted: list[str],
-                          asked: bool) -> tuple[list[ConfigurationPlan], dict[str, str]]:
+                          lateral: int | None, wanted: list[str], asked: bool,
+                          share_3d: float) -> tuple[list[ConfigurationPlan], dict[str, str]]:
     """Plan every configuration of ``wanted`` but the top-level one; the reason each known configuration is
-    planned or not (``asked``: ``wanted`` came from ``--configs``). A MONAI network that fits no patch is left
-    out with the reason, not an error."""
-    default = defaults.DEFAULT_CONFIGURATIONS[device.kind]
+    planned or not (``asked``: ``wanted`` came from ``--configs``; otherwise ``patch_free`` joins the device's
+    defaults when the 3d zoom-out patch covers less than :data:`defaults.PATCH_FREE_MAX_SHARE` of the median
+    volume, ``share_3d``). A configuration that fits no patch is left out with the reason, not an error."""
+    default = list(defaults.DEFAULT_CONFIGURATIONS[device.kind])
+    big, why_patch_free = _patch_free_reason(share_3d)
+    if big:
+        default.append("patch_free")
+        wanted = wanted if asked else [*wanted, "patch_free"]
     reasons = {TOP_CONFIGURATION: "our residual U-Net on 3D patches: always planned"}
     out = []
     for name in CONFIGURATIONS[1:]:
         why = "asked for with --configs" if asked else \
             "planned by default on " + ("a GPU" if device.kind == "cuda" else "a CPU")
+        if name == "patch_free":
+            why = f"{why}; {why_patch_free}" if asked else f"planned by default: {why_patch_free}"
         if name not in wanted:
             reasons[name] = "not planned (add it with --configs): " + (
-                _WHY_NOT_DEFAULT[name] if name not in default else "left out of --configs")
+                (why_patch_free if name == "patch_free" else _WHY_NOT_DEFAULT[name]) if name not in default
+                else "left out of --configs")
             continue
         try:
             if name == "2d":
                 c = _plan_2d(_Fitter(fp, device, spacing), median_shape, fp.n_cases, lateral)
+            elif name == "patch_free":
+                c = _plan_patch_free(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral)
             else:
                 c = _plan_monai(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral)
         except ValueError as e:
@@ -386,7 +437,7 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     side = lateral_axis(fp)
     lateral = side[0] if side else None
     others, reasons = _other_configurations(fp, device, spacing, median_shape, lateral, wanted,
-                                            configurations is not None)
+                                            configurations is not None, stages[-1].share_of_median_volume)
     default, reason = default_configuration(stages, median_shape)
     if default not in [c.name for c in others]:
         default, reason = TOP_CONFIGURATION, f"{reason}; 2d is not planned" if default == "2d" else reason

@@ -23,9 +23,16 @@ def _configuration_lines(p: Plans, default: bool) -> list[str]:
         f"             kernels {[_x(k) for k in net.kernel_sizes]}",
         f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
     ]
+    free = net.architecture == "patch_free"
+    if free:
+        lines.append(f"             input averaged down {_x(net.upsample_factor)}; full-resolution heads; guidance "
+                     f"patch {net.guidance_share:g} of the input per axis; reconstruction loss weight "
+                     f"{net.reconstruction_weight:g}")
     for st in p.stages:
+        low = f" -> network input {_x([e // f for e, f in zip(st.patch_size, net.upsample_factor)])}" if free else ""
         lines.append(
-            f"  {st.name:<10} patch {_x(st.patch_size)} ({100 * st.share_of_median_volume:.0f}% of median volume), "
+            f"  {st.name:<10} patch {_x(st.patch_size)}{low} ({100 * st.share_of_median_volume:.0f}% of median "
+            "volume), "
             f"batch {st.batch_size}, ~{st.estimated_memory_gib:.2f} GiB and {st.estimated_step_gflops:.0f} GFLOP "
             f"per step; {st.epochs} epochs x {st.iterations_per_epoch} iterations, {st.optimizer} lr "
             f"{st.learning_rate:g} {st.scheduler}" + (f", starts from {st.init_from}" if st.init_from else ""))

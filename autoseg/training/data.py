@@ -21,7 +21,7 @@ import torch
 from autoseg.plans import AugmentationPlan
 from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
 
-__all__ = ["PatchSampler", "BatchDataset", "BatchError", "initial_patch_size", "build_augmentation",
+__all__ = ["PatchSampler", "BatchDataset", "Guidance", "BatchError", "initial_patch_size", "build_augmentation",
            "make_loader", "batch_seed"]
 
 
@@ -117,6 +117,37 @@ class PatchSampler:
         return _read_region(data, lo, size, 0.0), _read_region(seg, lo, size, 0)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Where the patch-free network's guidance patch goes in each training sample
+    (:mod:`autoseg.networks.patchfree`): ``factor`` per axis between the region and the network's
+    low-resolution input, ``share`` of the low-resolution region per axis."""
+
+    factor: list[int]
+    share: float
+
+    def corners(self, labels: np.ndarray, oversample: float, rng: np.random.Generator) -> np.ndarray:
+        """One low-resolution corner per sample of the (augmented) label regions ``(B, *region)``, int64
+        ``(B, 3)``: with probability ``oversample`` the patch is centred (as far as it fits) on a voxel of a
+        random foreground class present, otherwise placed uniformly."""
+        from autoseg.networks.patchfree import guidance_size
+
+        low = [n // f for n, f in zip(labels.shape[1:], self.factor)]
+        size = guidance_size(low, self.share)
+        room = [n - s for n, s in zip(low, size)]
+        out = np.zeros((len(labels), 3), dtype=np.int64)
+        for i, lab in enumerate(labels):
+            counts = np.bincount(lab.ravel().astype(np.intp))
+            classes = [c for c in range(1, len(counts)) if counts[c]]
+            if classes and rng.random() < oversample:
+                voxels = np.flatnonzero(lab == classes[int(rng.integers(len(classes)))])
+                v = np.unravel_index(voxels[int(rng.integers(len(voxels)))], lab.shape)
+                out[i] = [min(max(x // f - s // 2, 0), r) for x, f, s, r in zip(v, self.factor, size, room)]
+            else:
+                out[i] = [int(rng.integers(r + 1)) for r in room]
+        return out
+
+
 def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
     """batchgenerators transforms in nnU-Net's order: spatial (rotation, scaling, centre crop to ``patch``),
     noise, blur, brightness, contrast, low resolution, inverted gamma, gamma, mirroring.
@@ -161,7 +192,10 @@ def build_augmentation(patch: list[int], aug: AugmentationPlan) -> Any:
 
 class BatchDataset(torch.utils.data.Dataset):
     """Item ``i`` is a whole batch: ``{"data": float32 (B, C, *patch), "seg": int16 (B, *patch), "cases": [...]}``,
-    or ``{"error": message}`` when a case could not be read or augmented.
+    or ``{"error": message}`` when a case could not be read or augmented. With ``guidance`` (the patch-free
+    configuration), training batches also hold ``"guide"``: int64 ``(B, 3)`` guidance-patch corners
+    (:meth:`Guidance.corners`), chosen on the augmented labels, so that the network's low-resolution input, its
+    full-resolution patch and the labels all come from one augmented region.
 
     Args:
         augment: training batches (augmented, from an enlarged region); False: validation batches (the
@@ -169,8 +203,8 @@ class BatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, sampler: PatchSampler, batch_size: int, aug: AugmentationPlan, seed: int, stage: int,
-                 augment: bool, rank: int = 0, length: int = 2**62):
-        self.sampler, self.batch_size, self.aug = sampler, batch_size, aug
+                 augment: bool, rank: int = 0, length: int = 2**62, guidance: Guidance | None = None):
+        self.sampler, self.batch_size, self.aug, self.guidance = sampler, batch_size, aug, guidance
         self.seed, self.stage, self.augment, self.rank, self.length = seed, stage, augment, rank, length
         self.read_size = initial_patch_size(sampler.patch, aug) if augment else list(sampler.patch)
         self.flat = sampler.patch[0] == 1  # one slice deep: augmented in 2D
@@ -210,8 +244,12 @@ class BatchDataset(torch.utils.data.Dataset):
                     data, seg = data[:, :, None], seg[:, :, None]
             if not np.isfinite(data).all():
                 raise ValueError("non-finite values in the image patch")
-            return {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
-                    "seg": torch.from_numpy(np.rint(seg[:, 0]).astype(np.int16)), "cases": cases}
+            labels_out = np.rint(seg[:, 0]).astype(np.int16)
+            out = {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                   "seg": torch.from_numpy(labels_out), "cases": cases}
+            if self.guidance is not None and self.augment:
+                out["guide"] = torch.from_numpy(self.guidance.corners(labels_out, self.sampler.oversample, rng))
+            return out
         except Exception as e:  # reported by the main process with the case id (see module docstring)
             return {"error": f"case {case_id}: {type(e).__name__}: {e}"}
 

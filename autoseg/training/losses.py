@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoseg import defaults
+from autoseg.networks.patchfree import PatchFreeOutput
 from autoseg.plans import TrainingPlan
 
 __all__ = ["soft_dice", "DiceCELoss", "DeepSupervisionLoss", "downsample_target", "dice_counts", "one_hot_mask",
@@ -158,10 +159,14 @@ class DeepSupervisionLoss(nn.Module):
         super().__init__()
         self.loss, self.weights = loss, weights
 
-    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Float32 scalar loss of one output or a list of outputs against labels ``(B, *spatial)``."""
+    def forward(self, outputs: torch.Tensor | list[torch.Tensor] | PatchFreeOutput,
+                target: torch.Tensor) -> torch.Tensor:
+        """Float32 scalar loss of one output, a list of outputs or a patch-free network's training output
+        (:meth:`patch_free`) against labels ``(B, *spatial)``."""
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, target)
+        if isinstance(outputs, PatchFreeOutput):
+            return self.patch_free(outputs, target)
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(self.weights, outputs):
             if w:
@@ -169,6 +174,19 @@ class DeepSupervisionLoss(nn.Module):
             else:
                 total = total + out[:0].sum(dtype=torch.float32)
         return total
+
+    def patch_free(self, out: PatchFreeOutput, target: torch.Tensor) -> torch.Tensor:
+        """The patch-free network's loss (:mod:`autoseg.networks.patchfree`): the deep-supervision loss of its
+        low-resolution logits against the label map at their resolution, plus the loss of its full-resolution
+        logits against the full-resolution labels inside each sample's guidance patch, plus
+        ``reconstruction_weight`` times the mean squared error of its reconstruction of the image there."""
+        edge = out.full_res.shape[2:]
+        labels = torch.stack([t[c[0]:c[0] + edge[0], c[1]:c[1] + edge[1], c[2]:c[2] + edge[2]]
+                              for t, c in zip(target, out.corner.tolist())])
+        low = self.forward(out.low_res, target)
+        full = self.loss(out.full_res, labels)
+        rec = F.mse_loss(out.reconstruction.float(), out.image.float())
+        return low + full + out.reconstruction_weight * rec
 
 
 @torch.no_grad()

@@ -70,11 +70,13 @@ class Stepper:
         self.scaler = torch.amp.GradScaler(device.type) if amp else None
         self.skipped_in_a_row = 0
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, where: str) -> StepResult:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, where: str,
+             guide: torch.Tensor | None = None) -> StepResult:
         """One optimiser step on batch ``(x, y)`` at learning rate ``lr``.
 
         Args:
             where: stage and step, for messages.
+            guide: the patch-free network's guidance-patch corners, passed to it after ``x``.
 
         Raises:
             TrainingDiverged: the ``MAX_SKIPPED_IN_A_ROW``-th skipped step in a row (every rank decides the same:
@@ -83,7 +85,7 @@ class Stepper:
         set_learning_rate(self.opt, lr)
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.amp):
-            loss = self.loss_fn(self.model(x), y)
+            loss = self.loss_fn(self.model(x) if guide is None else self.model(x, guide), y)
         scaled = loss * self.loss_scale if self.loss_scale != 1.0 else loss
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,8 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
 class ValidationCost:
     """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored)."""
 
-    tiles: int
+    #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
+    tiles: float
     flips: int
     forward_seconds: float
     rest_seconds: float
@@ -135,11 +137,14 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     props = {c: read_properties(folder, c) for c in case_ids}
     predictor = Predictor(plans, [(net, patch)], device, tta=True)
     flips = len(mirror_combinations(predictor.mirror_axes))
-    tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, patch), patch, predictor.step))
-                for p in props.values())
-    forward = _forward_seconds(net, [len(plans.channel_names), *patch], device, plans.amp)
     sizes = {c: int(np.prod(p.shape_after_resampling)) for c, p in props.items()}
     probe = sorted(case_ids, key=lambda c: (sizes[c], c))[len(case_ids) // 2]
+    # a patch-free network predicting whole volumes has one tile per case, of the case's size: its forward time
+    # is measured at the median case's and scaled by voxels to the others
+    tile = {c: predictor.tile(patch, list(p.shape_after_resampling)) for c, p in props.items()}
+    tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
+                * prod(tile[c]) / prod(tile[probe]) for c, p in props.items())
+    forward = _forward_seconds(net, [len(plans.channel_names), *tile[probe]], device, plans.amp)
     k = len(plans.labels)
     probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)

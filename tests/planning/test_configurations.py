@@ -77,7 +77,8 @@ def test_default_configuration_follows_the_in_plane_share_of_the_3d_patch(key, e
     p = make_plan(FPS[name], device(kind, gib))
     assert p.default_configuration == expected
     assert "% of the median slice" in p.default_reason
-    assert configuration_names(p) == list(defaults.DEFAULT_CONFIGURATIONS[kind])  # GPU: also MONAI's CNNs
+    big = p.stages[-1].share_of_median_volume < defaults.PATCH_FREE_MAX_SHARE  # sliding windows see little
+    assert configuration_names(p) == list(defaults.DEFAULT_CONFIGURATIONS[kind]) + ["patch_free"] * big
 
 
 def test_selecting_swaps_only_what_differs_and_round_trips(tmp_path):
@@ -112,7 +113,11 @@ def test_a_plan_written_before_configurations_reads_as_3d_only(tmp_path):
     (lambda d: d.update(default_configuration="2.5d"), "default_configuration: '2.5d'; the plan has 3d, 2d"),
     (lambda d: d["other_configurations"][0]["stages"][1].update(patch_size=[1, 100, 96]),
      "other_configurations[0] (2d): stages[1].patch_size: [1, 100, 96] is not divisible"),
-    (lambda d: d["other_configurations"][0].update(name="3d"), "names ['3d', '3d'] repeat"),
+    (lambda d: d["other_configurations"][0].update(name="3d"), "names ['3d', '3d', 'patch_free'] repeat"),
+    (lambda d: d["other_configurations"][1]["network"].update(guidance_share=0),
+     "other_configurations[1] (patch_free): network: patch_free needs guidance_share in (0, 1]"),
+    (lambda d: d["network"].update(upsample_factor=[1, 2, 2]),
+     "network.upsample_factor: [1, 2, 2]; only patch_free down-samples its input"),
 ])
 def test_hand_edited_configurations_are_checked(tmp_path, change, message):
     path = tmp_path / "plans.json"

@@ -41,7 +41,7 @@ def monai_run(monai_template, tmp_path) -> Path:
 
 def test_plan_lists_every_configuration_with_its_reason(monai_run, capsys):
     p = load_plans(monai_run / "plans.json")
-    assert configuration_names(p) == ["3d", "2d", "segresnet", "attention_unet", "unetr"]
+    assert configuration_names(p) == ["3d", "2d", "segresnet", "attention_unet", "unetr", "patch_free"]
     assert set(p.configuration_reasons) == set(configuration_names(p))
     data = json.loads((monai_run / "fingerprint.json").read_text())["dataset_dir"]
     assert main(["plan", data, "-o", str(monai_run), "--device", "cpu", "--no-progress", "--configs", "3d,unetr"]) == 0
@@ -107,7 +107,8 @@ def test_unknown_configuration_names_are_refused_in_one_line(tiny_run, capsys):
     assert main(["plan", data, "-o", str(tiny_run), "--device", "cpu", "--no-progress", "--configs",
                  "3d,swin_unetr"]) == 1
     err = capsys.readouterr().err
-    assert "--configs '3d,swin_unetr': unknown swin_unetr; known: 3d, 2d, segresnet, attention_unet, unetr" in err
+    assert ("--configs '3d,swin_unetr': unknown swin_unetr; known: 3d, 2d, segresnet, attention_unet, unetr, "
+            "patch_free") in err
     assert main(["plan", data, "-o", str(tiny_run), "--device", "cpu", "--no-progress", "--configs", ","]) == 1
     assert "--configs ',': no configuration named" in capsys.readouterr().err
     assert main(["train", "0", "--run", str(tiny_run), "--config", "unetr"]) == 1

@@ -1,0 +1,121 @@
+"""The patch-free configuration through the same commands: plan --configs, train both stages with guidance
+patches from the loader, resume exactly after a stop, validate, and predict in one pass per scan with the
+input's geometry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from autoseg.checkpoint import load_checkpoint
+from autoseg.cli import main
+from autoseg.plans import load_plans, select_configuration
+from autoseg.runconfig import Overrides
+from autoseg.training.data import BatchDataset, Guidance, PatchSampler
+from autoseg.training.interrupt import TrainingInterrupted
+from autoseg.training.runtime import Runtime
+from autoseg.training.trainer import Trainer
+
+from ..inference.test_predict import scans
+
+CONFIG = "patch_free"
+
+
+@pytest.fixture()
+def free_run(tiny_run) -> Path:
+    data = json.loads((tiny_run / "fingerprint.json").read_text())["dataset_dir"]
+    assert main(["plan", data, "-o", str(tiny_run), "--device", "cpu", "--no-progress", "--configs",
+                 f"3d,{CONFIG}"]) == 0
+    return tiny_run
+
+
+def test_training_batches_carry_guidance_corners_inside_the_region(free_run):
+    p = select_configuration(load_plans(free_run / "plans.json"), CONFIG)
+    st, net = p.stages[-1], p.network
+    sampler = PatchSampler(free_run / "preprocessed", p.folds[0].train, st.patch_size, 1.0)
+    ds = BatchDataset(sampler, 2, p.training.augmentation, 0, 1, True, guidance=Guidance(net.upsample_factor,
+                                                                                          net.guidance_share))
+    batch = ds[3]
+    assert tuple(batch["data"].shape[2:]) == tuple(st.patch_size) and tuple(batch["guide"].shape) == (2, 3)
+    low = [e // f for e, f in zip(st.patch_size, net.upsample_factor)]
+    assert ((batch["guide"] >= 0) & (batch["guide"] <= torch.tensor(low) // 2)).all()
+    assert (ds[3]["guide"] == batch["guide"]).all()  # a pure function of the batch index
+    assert "guide" not in BatchDataset(sampler, 2, p.training.augmentation, 0, 1, False)[0]  # validation
+
+
+def test_trains_resumes_exactly_validates_and_predicts_in_one_pass(free_run, tmp_path, monkeypatch, capsys):
+    reference = tmp_path / "reference"
+    shutil.copytree(free_run, reference)
+    overrides = Overrides("both", 1, 2, None)  # zoom-in 1 x 2 steps, zoom-out 1 x 2 steps
+    rt = Runtime(torch.device("cpu"), workers=0, progress=False)
+    Trainer(reference, "0", overrides, rt, configuration=CONFIG, say=lambda s: None).fit()
+    agree, calls = Trainer._agree_to_stop, {"n": 0}
+
+    def stop_inside_zoom_out(self: Trainer, batch: dict | None, where: str) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2 + 2:
+            self.stop.handle(signal.SIGTERM, None)
+        return agree(self, batch, where)
+
+    monkeypatch.setattr(Trainer, "_agree_to_stop", stop_inside_zoom_out)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(free_run, "0", overrides, rt, configuration=CONFIG, say=lambda s: None).fit()
+    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
+    fold = free_run / CONFIG / "fold_0"
+    assert load_checkpoint(fold / "checkpoint_latest.pt")["state"].stage == 1
+    # resumed through the command, which also validates the fold on its full-resolution cases
+    assert main(["train", "0", "--run", str(free_run), "--config", CONFIG, "--stage", "both", "--epochs", "1",
+                 "--iterations-per-epoch", "2", "-j", "0", "--no-progress"]) == 0
+    a = load_checkpoint(fold / "checkpoint_final.pt")["network"]
+    b = load_checkpoint(reference / CONFIG / "fold_0" / "checkpoint_final.pt")["network"]
+    assert a.keys() == b.keys() and any(k.startswith("up_seg") for k in a)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    metrics = json.loads((fold / "validation" / "metrics.json").read_text())
+    assert sorted(metrics["cases"]) == sorted(load_plans(free_run / "plans.json").folds[0].val)
+    assert 0 <= metrics["mean_foreground_dice"] <= 1
+    src, dst = scans(tmp_path / "in"), tmp_path / "out"
+    capsys.readouterr()
+    assert main(["predict", "-i", str(src), "-o", str(dst), "--run", str(free_run), "--config", CONFIG,
+                 "--no-progress"]) == 0
+    for f in sorted(src.glob("*_0000.nii.gz")):
+        img, seg = nib.load(f), nib.load(dst / f.name.replace("_0000", ""))
+        assert seg.shape == img.shape
+        np.testing.assert_allclose(seg.affine, img.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1}
+
+
+def test_a_scan_is_predicted_in_one_pass_where_it_fits_the_budget(free_run):
+    from dataclasses import replace
+
+    from autoseg.inference.predictor import Predictor
+    from autoseg.networks import build_network
+
+    p = select_configuration(load_plans(free_run / "plans.json"), CONFIG)
+    net, region = build_network(p.network, 1, len(p.labels)), p.stages[-1].patch_size
+    stride = p.network.total_stride
+    shape = [3 * region[0] + 1, 2 * region[1], region[2] + 3]  # larger than the training region on every axis
+    whole = [-(-s // t) * t for s, t in zip(shape, stride)]
+    predictor = Predictor(p, [(net, region)], torch.device("cpu"), tta=False)
+    assert predictor.tile(region, shape) == whole
+    x = torch.randn(1, *shape)
+    lo = [(w - s) // 2 for s, w in zip(shape, whole)]  # the sliding window pads symmetrically
+    pad = [v for a in (2, 1, 0) for v in (lo[a], whole[a] - shape[a] - lo[a])]
+    with torch.no_grad():  # one tile: the sliding window's result is the network's output on the padded scan
+        direct = net.eval()(torch.nn.functional.pad(x, pad)[None])[0]
+    probs = predictor.predict_preprocessed(x.numpy())
+    inside = tuple(slice(a, a + s) for a, s in zip(lo, shape))
+    torch.testing.assert_close(torch.from_numpy(probs), torch.softmax(direct, 0)[(slice(None), *inside)],
+                               rtol=1e-4, atol=1e-5)
+    small = Predictor(replace(p, memory_budget_gib=1e-4), [(net, region)], torch.device("cpu"), tta=False)
+    assert small.tile(region, shape) == region  # too big for the budget: the training region slides
+    off = Predictor(replace(p, network=replace(p.network, whole_volume_prediction=False)), [(net, region)],
+                    torch.device("cpu"), tta=False)
+    assert off.tile(region, shape) == region
