@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure this machine's step time and set the epochs so that the whole schedule, "
                    "its learning-rate decay and the final validation finish within MINUTES")
     t.add_argument("--config", default=None, metavar="NAME",
-                   help="configuration of the plan to train: 3d, 2d (slices as samples) or a MONAI network the plan "
-                   "holds (autoseg plan --configs); folds other than 3d's go to RUN_DIR/<config>/. Default: the "
+                   help="configuration of the plan to train: 3d, 2d (slices as samples), a MONAI network or "
+                   "patch_free, as the plan holds them (autoseg plan --configs); folds other than 3d's go to "
+                   "RUN_DIR/<config>/. Default: the "
                    "plan's default configuration, printed by autoseg plan with the reason")
     t.add_argument("--restart", action="store_true", help="delete this fold's checkpoints and start over")
     t.add_argument("--gpus", type=int, default=1, metavar="N",
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--folds", nargs="+", default=None, metavar="K",
                     help="folds to use (default: every fold with the checkpoint)")
     pr.add_argument("--config", default=None, metavar="NAME",
-                    help="configuration whose folds predict: 3d, 2d or a MONAI one the plan holds. Default: "
+                    help="configuration whose folds predict: 3d, 2d, a MONAI one or patch_free (whole scans in one "
+                    "pass where they fit), as the plan holds them. Default: "
                     "autoseg find-best's choice (one configuration or an ensemble of two, with its post-processing) "
                     "when the run has one, else the plan's default configuration")
     pr.add_argument("--checkpoint", choices=("final", "best"), default="final",

@@ -36,9 +36,10 @@ def plan_once(dataset: Path, out: Path, configs: str, splits: Path | None) -> Pa
     return run
 
 
-def run_config(dataset: Path, run: Path, out: Path, name: str, minutes: float) -> dict:
+def run_config(dataset: Path, run: Path, out: Path, name: str, minutes: float, tta: bool = True) -> dict:
     shutil.rmtree((run if name == "3d" else run / name) / "fold_0", ignore_errors=True)
-    r = train_and_predict(dataset, run, name, minutes, out / f"{name}.log", out / "scans", out / f"pred_{name}")
+    r = train_and_predict(dataset, run, name, minutes, out / f"{name}.log", out / "scans", out / f"pred_{name}",
+                          tta)
     return {**r, "s_per_step": round(r["train_s"] / max(r["steps"], 1), 3)}
 
 

@@ -66,10 +66,11 @@ def _scans_of(dataset: Path, case_ids: list[str], folder: Path) -> int:
 
 
 def train_and_predict(dataset: Path, run: Path, config: str | None, minutes: float, log: Path, scans: Path,
-                      pred: Path) -> dict:
+                      pred: Path, tta: bool = True) -> dict:
     """Train fold 0 of the planned and preprocessed ``run`` in ``config`` (None: the plan's default) with the time
-    budget, then predict its validation scans (linked into ``scans``) into ``pred``: the figures both this
-    benchmark and ``bench_configs.py`` report, peak RSS of training and prediction included."""
+    budget, then predict its validation scans (linked into ``scans``) into ``pred`` (mirrored unless not ``tta``):
+    the figures this benchmark, ``bench_configs.py`` and ``bench_patch_free.py`` report, peak RSS of training
+    and prediction included."""
     pick = ["--config", config] if config else []
     t_train, m_train = _autoseg(["train", "0", "--run", str(run), "--time-budget", f"{minutes:g}"] + pick, log)
     name = config or json.loads((run / "plans.json").read_text()).get("default_configuration", "3d")
@@ -78,13 +79,14 @@ def train_and_predict(dataset: Path, run: Path, config: str | None, minutes: flo
     metrics = json.loads((fold / "validation" / "metrics.json").read_text())
     n = _scans_of(dataset, cfg["val_cases"], scans)
     shutil.rmtree(pred, ignore_errors=True)
-    t_pred, m_pred = _autoseg(["predict", "-i", str(scans), "-o", str(pred), "--run", str(run)] + pick, log)
+    t_pred, m_pred = _autoseg(["predict", "-i", str(scans), "-o", str(pred), "--run", str(run)] + pick
+                              + ([] if tta else ["--no-tta"]), log)
     hd95 = [v["hd95_mm"] for c in metrics["cases"].values() for v in c.values()]
     return {"configuration": name, "train_s": round(t_train, 1), "budget_s": minutes * 60,
             "steps": sum(s["epochs"] * s["iterations_per_epoch"] for s in cfg["stages"]),
             "val_cases": cfg["val_cases"], "dice": metrics["mean_per_class"],
             "mean_dice": metrics["mean_foreground_dice"], "hd95_mean_mm": float(np.mean(hd95)),
-            "predict_s_per_case": round(t_pred / n, 2),
+            "predict_s_per_case": round(t_pred / n, 2), "predict_mirrored": tta,
             "peak_rss_gib": {"train": round(m_train / 2**30, 2), "predict": round(m_pred / 2**30, 2)}}
 
 

@@ -51,17 +51,22 @@ def gpu_plan_rows(run: Path, name: str, gib: float = 24.0) -> list[str]:
     return rows
 
 
-def _evaluate(pred: Path, labels: Path) -> float:
-    """Mean foreground Dice of the label maps in ``pred`` (``autoseg evaluate``)."""
-    subprocess.run([sys.executable, "-m", "autoseg", "evaluate", str(pred), str(labels)], check=True,
+def _evaluate(pred: Path, labels: Path, refs: Path) -> float:
+    """Mean foreground Dice of the label maps in ``pred`` (``autoseg evaluate`` against their references in
+    ``labels``, linked into ``refs``: evaluate wants a prediction for every reference it is given)."""
+    refs.mkdir(exist_ok=True)
+    for f in pred.glob("*.nii.gz"):
+        if not (refs / f.name).exists():
+            (refs / f.name).symlink_to((labels / f.name).resolve())
+    subprocess.run([sys.executable, "-m", "autoseg", "evaluate", str(pred), str(refs)], check=True,
                    capture_output=True)
     return float(json.loads((pred / "metrics.json").read_text())["mean"]["dice"])
 
 
 def tiled_prediction(data: Path, run: Path, out: Path) -> dict:
     """The trained patch-free folds predicting the same scans by sliding their training region instead of one
-    pass per scan (a copy of the plan with ``whole_volume_prediction`` off): seconds per case and mean Dice of
-    both ways, from ``autoseg evaluate`` on the written label maps."""
+    pass per scan (a copy of the plan with ``whole_volume_prediction`` off; mirrored as the one-pass prediction
+    was): seconds per case and mean Dice of both ways, from ``autoseg evaluate`` on the written label maps."""
     tiles = out / "run_tiles"
     tiles.mkdir(exist_ok=True)
     plans = json.loads((run / "plans.json").read_text())
@@ -74,16 +79,19 @@ def tiled_prediction(data: Path, run: Path, out: Path) -> dict:
     pred = out / "pred_patch_free_tiles"
     shutil.rmtree(pred, ignore_errors=True)
     n = len(list((out / "scans").glob("*_0000.nii.gz")))
+    mirrored = json.loads((out / "patch_free.json").read_text()).get("predict_mirrored", True)
     t, _ = _autoseg(["predict", "-i", str(out / "scans"), "-o", str(pred), "--run", str(tiles), "--config",
-                     "patch_free"], out / "tiles.log")
-    return {"tiles_s_per_case": round(t / n, 2), "tiles_mean_dice": _evaluate(pred, data / "labelsTr"),
-            "whole_mean_dice": _evaluate(out / "pred_patch_free", data / "labelsTr")}
+                     "patch_free"] + ([] if mirrored else ["--no-tta"]), out / "tiles.log")
+    refs = out / "references"
+    return {"tiles_s_per_case": round(t / n, 2), "tiles_mean_dice": _evaluate(pred, data / "labelsTr", refs),
+            "whole_mean_dice": _evaluate(out / "pred_patch_free", data / "labelsTr", refs)}
 
 
 def _row(ds: str, r: dict) -> str:
     dice = "  ".join(f"{k} {v:.3f}" for k, v in r["dice"].items())
     return (f"| {ds} | {r['configuration']} | {r['steps']} | {r['s_per_step']:.2f} | {dice} | **{r['mean_dice']:.3f}** "
-            f"| {r['hd95_mean_mm']:.1f} | {r['predict_s_per_case']:.1f} | {r['peak_rss_gib']['train']:.1f} / "
+            f"| {r['hd95_mean_mm']:.1f} | {r['predict_s_per_case']:.1f}"
+            f"{'' if r.get('predict_mirrored', True) else ' (no mirroring)'} | {r['peak_rss_gib']['train']:.1f} / "
             f"{r['peak_rss_gib']['predict']:.1f} |")
 
 
@@ -93,6 +101,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per configuration (default 30)")
     ap.add_argument("--datasets", default="chaos,big", help="chaos, big or both (default chaos,big)")
     ap.add_argument("--chaos", type=Path, default=CHAOS, help=f"the CHAOS T2 dataset (default {CHAOS})")
+    ap.add_argument("--no-tta", action="store_true",
+                    help="predict without mirroring (both configurations alike; on this CPU the 3d configuration's "
+                    "mirrored prediction of one big scan takes tens of minutes)")
     args = ap.parse_args()
     rows, gpu, ratios = [], [], []
     for key in args.datasets.split(","):
@@ -106,7 +117,8 @@ def main() -> None:
         for name in CONFIGS:
             path = out / f"{name}.json"
             if not path.is_file():
-                path.write_text(json.dumps(run_config(data, run, out, name, args.minutes), indent=1))
+                path.write_text(json.dumps(run_config(data, run, out, name, args.minutes, not args.no_tta),
+                                           indent=1))
             res[name] = json.loads(path.read_text())
             rows.append(_row(key, res[name]))
         a, b = res["3d"], res["patch_free"]
@@ -121,7 +133,8 @@ def main() -> None:
                       f"({b['predict_s_per_case']:.1f} vs {a['predict_s_per_case']:.1f} s per case); mean Dice "
                       f"{b['mean_dice'] - a['mean_dice']:+.3f} ({b['mean_dice']:.3f} vs {a['mean_dice']:.3f})")
         gpu += gpu_plan_rows(run, key)
-    print(f"CPU, {args.minutes:g}-minute training budget per configuration, fold 0:\n")
+    print(f"CPU, {args.minutes:g}-minute training budget per configuration, fold 0"
+          + (", prediction without mirroring" if args.no_tta else "") + ":\n")
     print("| dataset | configuration | steps | s/step | fold-0 Dice per class | mean | HD95 mm | predict s/case | "
           "peak RSS GiB train / predict |")
     print("|---|---|---|---|---|---|---|---|---|")

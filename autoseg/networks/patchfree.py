@@ -146,15 +146,25 @@ class PatchFreeUNet(nn.Module):
         seg = self.seg_out(self.seg_convs(torch.cat([self.up_seg(features), r], dim=1)))
         return seg, self.sr_out(r)
 
-    def _patch_heads(self, features: torch.Tensor, lo: list[int], size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`heads` of one sample ``(1, f0, *low)`` inside the low-resolution box ``lo``, ``size``,
-        computed on the box plus :attr:`margin` and cropped, so that it equals the whole region's heads there."""
+    def patch_heads(self, features: torch.Tensor, corners: list[list[int]],
+                    size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`heads` of each sample of ``features`` ``(B, f0, *low)`` inside its low-resolution box at
+        ``corners[i]`` of edges ``size``, equal to the whole region's heads there.
+
+        Each box is evaluated inside a window of the same size for every sample (the box plus :attr:`margin`,
+        shifted inward where it would leave the region, whose border then pads as the whole region's does), so
+        the samples go through the heads as one batch: on a CPU, PyTorch's fast (oneDNN) convolution is used for
+        a batch of several where a single small sample falls back to a path 3-5 times slower."""
         shape = features.shape[2:]
-        a = [max(0, c - m) for c, m in zip(lo, self.margin)]
-        b = [min(n, c + e + m) for n, c, e, m in zip(shape, lo, size, self.margin)]
-        seg, sr = self.heads(features[:, :, a[0]:b[0], a[1]:b[1], a[2]:b[2]])
-        keep = tuple(slice((c - s) * f, (c - s + e) * f) for c, s, e, f in zip(lo, a, size, self.factor))
-        return seg[(slice(None), slice(None), *keep)], sr[(slice(None), slice(None), *keep)]
+        window = [min(e + 2 * m, n) for e, m, n in zip(size, self.margin, shape)]
+        starts = [[min(max(c - m, 0), n - w) for c, m, n, w in zip(cs, self.margin, shape, window)] for cs in corners]
+        crops = torch.cat([features[i:i + 1, :, a[0]:a[0] + window[0], a[1]:a[1] + window[1], a[2]:a[2] + window[2]]
+                           for i, a in enumerate(starts)])
+        seg, sr = self.heads(crops)
+        keep = [tuple(slice((c - a) * f, (c - a + e) * f) for c, a, e, f in zip(cs, st, size, self.factor))
+                for cs, st in zip(corners, starts)]
+        return (torch.cat([seg[(slice(i, i + 1), slice(None), *k)] for i, k in enumerate(keep)]),
+                torch.cat([sr[(slice(i, i + 1), slice(None), *k)] for i, k in enumerate(keep)]))
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor | PatchFreeOutput:
         """Eval: full-resolution logits ``(B, K, *x.shape[2:])``. Training: a :class:`PatchFreeOutput`, the
@@ -168,10 +178,10 @@ class PatchFreeUNet(nn.Module):
         if guide is None:
             guide = torch.tensor([[(n - s) // 2 for n, s in zip(low.shape[2:], size)]] * x.shape[0])
         corners = [[int(v) for v in g] for g in guide.tolist()]
-        outs = [self._patch_heads(features[i:i + 1], c, size) for i, c in enumerate(corners)]
+        seg, rec = self.patch_heads(features, corners, size)
         full = [[c * f for c, f in zip(cs, self.factor)] for cs in corners]
         edge = [s * f for s, f in zip(size, self.factor)]
         image = torch.cat([x[i:i + 1, :, c[0]:c[0] + edge[0], c[1]:c[1] + edge[1], c[2]:c[2] + edge[2]]
                            for i, c in enumerate(full)])
-        return PatchFreeOutput(logits, torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), image,
-                               torch.tensor(full, dtype=torch.int64), self.reconstruction_weight)
+        return PatchFreeOutput(logits, seg, rec, image, torch.tensor(full, dtype=torch.int64),
+                               self.reconstruction_weight)

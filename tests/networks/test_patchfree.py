@@ -57,11 +57,12 @@ def test_guidance_patch_equals_the_whole_regions_output_there(factor):
     with torch.no_grad():
         features, _ = net.body.decode(net.low_resolution(x))
         seg, rec = net.heads(features)
-        for lo in ([0, 0, 0], [5, 3, 7], [8, 8, 8]):  # a corner, inside, the far corner
-            s, r = net._patch_heads(features, lo, [8, 8, 8])
+        corners = [[0, 0, 0], [5, 3, 7], [8, 8, 8], [1, 8, 0]]  # a corner, inside, the far corner, mixed
+        s, r = net.patch_heads(features.expand(len(corners), -1, -1, -1, -1), corners, [8, 8, 8])
+        for i, lo in enumerate(corners):  # one batch through the heads, each sample's box as the whole region's
             box = tuple(slice(a * f, (a + 8) * f) for a, f in zip(lo, factor))
-            torch.testing.assert_close(s, seg[(slice(None), slice(None), *box)], rtol=0, atol=1e-5)
-            torch.testing.assert_close(r, rec[(slice(None), slice(None), *box)], rtol=0, atol=1e-5)
+            torch.testing.assert_close(s[i:i + 1], seg[(slice(None), slice(None), *box)], rtol=0, atol=1e-5)
+            torch.testing.assert_close(r[i:i + 1], rec[(slice(None), slice(None), *box)], rtol=0, atol=1e-5)
 
 
 def test_training_output_follows_the_guide_and_every_parameter_learns():
