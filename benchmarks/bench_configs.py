@@ -43,10 +43,17 @@ def run_config(dataset: Path, run: Path, out: Path, name: str, minutes: float, t
     return {**r, "s_per_step": round(r["train_s"] / max(r["steps"], 1), 3)}
 
 
-def _row(ds: str, r: dict) -> str:
+#: the header of the per-configuration table (:func:`config_row`); bench_patch_free.py prints the same table
+TABLE_HEAD = ("| dataset | configuration | steps | s/step | fold-0 Dice per class | mean | HD95 mm | predict s/case | "
+              "peak RSS GiB train / predict |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def config_row(ds: str, r: dict) -> str:
+    """One configuration's row of :data:`TABLE_HEAD` (prediction marked when it was not mirrored)."""
     dice = "  ".join(f"{k} {v:.3f}" for k, v in r["dice"].items())
+    mirrored = "" if r.get("predict_mirrored", True) else " (no mirroring)"
     return (f"| {ds} | {r['configuration']} | {r['steps']} | {r['s_per_step']:.2f} | {dice} | **{r['mean_dice']:.3f}** "
-            f"| {r['hd95_mean_mm']:.1f} | {r['predict_s_per_case']:.1f} | {r['peak_rss_gib']['train']:.1f} / "
+            f"| {r['hd95_mean_mm']:.1f} | {r['predict_s_per_case']:.1f}{mirrored} | {r['peak_rss_gib']['train']:.1f} / "
             f"{r['peak_rss_gib']['predict']:.1f} |")
 
 
@@ -68,13 +75,11 @@ def main() -> None:
             path = out / f"{name}.json"
             if not path.is_file():
                 path.write_text(json.dumps(run_config(ds.resolve(), run, out, name, args.minutes), indent=1))
-            rows.append(_row(ds.name, json.loads(path.read_text())))
+            rows.append(config_row(ds.name, json.loads(path.read_text())))
         fb = subprocess.run([sys.executable, "-m", "autoseg", "find-best", "--run", str(run), "--no-progress"],
                             capture_output=True, text=True)
         tables.append(f"{ds.name}:\n{fb.stdout or fb.stderr}")
-    print("| dataset | configuration | steps | s/step | fold-0 Dice per class | mean | HD95 mm | predict s/case | "
-          "peak RSS GiB train / predict |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     print("\n".join(rows))
     print("\n" + "\n".join(tables))
 

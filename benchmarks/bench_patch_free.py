@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench_configs import plan_once, run_config
+from bench_configs import TABLE_HEAD, config_row, plan_once, run_config
 from bench_datasets import _autoseg, make_big_dataset
 
 from autoseg.device import DeviceInfo
@@ -87,14 +87,6 @@ def tiled_prediction(data: Path, run: Path, out: Path) -> dict:
             "whole_mean_dice": _evaluate(out / "pred_patch_free", data / "labelsTr", refs)}
 
 
-def _row(ds: str, r: dict) -> str:
-    dice = "  ".join(f"{k} {v:.3f}" for k, v in r["dice"].items())
-    return (f"| {ds} | {r['configuration']} | {r['steps']} | {r['s_per_step']:.2f} | {dice} | **{r['mean_dice']:.3f}** "
-            f"| {r['hd95_mean_mm']:.1f} | {r['predict_s_per_case']:.1f}"
-            f"{'' if r.get('predict_mirrored', True) else ' (no mirroring)'} | {r['peak_rss_gib']['train']:.1f} / "
-            f"{r['peak_rss_gib']['predict']:.1f} |")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, metavar="DIR", help="results and runs (kept)")
@@ -120,7 +112,7 @@ def main() -> None:
                 path.write_text(json.dumps(run_config(data, run, out, name, args.minutes, not args.no_tta),
                                            indent=1))
             res[name] = json.loads(path.read_text())
-            rows.append(_row(key, res[name]))
+            rows.append(config_row(key, res[name]))
         a, b = res["3d"], res["patch_free"]
         tiled_path = out / "patch_free_tiles.json"
         if not tiled_path.is_file():
@@ -135,9 +127,7 @@ def main() -> None:
         gpu += gpu_plan_rows(run, key)
     print(f"CPU, {args.minutes:g}-minute training budget per configuration, fold 0"
           + (", prediction without mirroring" if args.no_tta else "") + ":\n")
-    print("| dataset | configuration | steps | s/step | fold-0 Dice per class | mean | HD95 mm | predict s/case | "
-          "peak RSS GiB train / predict |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     print("\n".join(rows))
     print("\n" + "\n".join(ratios))
     print("\nOn a 24 GiB GPU (the planner's cost model, not run):\n")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoseg.networks.patchfree import guidance_size
 from autoseg.plans import AugmentationPlan
 from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
 
@@ -130,8 +131,6 @@ class Guidance:
         """One low-resolution corner per sample of the (augmented) label regions ``(B, *region)``, int64
         ``(B, 3)``: with probability ``oversample`` the patch is centred (as far as it fits) on a voxel of a
         random foreground class present, otherwise placed uniformly."""
-        from autoseg.networks.patchfree import guidance_size
-
         low = [n // f for n, f in zip(labels.shape[1:], self.factor)]
         size = guidance_size(low, self.share)
         room = [n - s for n, s in zip(low, size)]

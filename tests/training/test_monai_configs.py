@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,11 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main
 from autoseg.plans import configuration_names, load_plans
 from autoseg.runconfig import Overrides
-from autoseg.training.interrupt import TrainingInterrupted
 from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
 
 from ..inference.test_predict import scans
+from .stopping import train_until_signalled
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +75,9 @@ def test_unetr_resumes_exactly_and_predicts(monai_run, tmp_path, monkeypatch):
     overrides = Overrides("both", 1, 2, None)  # zoom-in 1 x 2 steps, zoom-out 1 x 2 steps
     rt = Runtime(torch.device("cpu"), workers=0, progress=False)
     Trainer(reference, "0", overrides, rt, configuration=config, say=lambda s: None).fit()
-    agree, calls = Trainer._agree_to_stop, {"n": 0}
-
-    def stop_inside_zoom_out(self: Trainer, batch: dict | None, where: str) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 2 + 2:  # the zoom-out stage's second step
-            self.stop.handle(signal.SIGTERM, None)
-        return agree(self, batch, where)
-
-    monkeypatch.setattr(Trainer, "_agree_to_stop", stop_inside_zoom_out)
-    with pytest.raises(TrainingInterrupted):
-        Trainer(monai_run, "0", overrides, rt, configuration=config, say=lambda s: None).fit()
+    train_until_signalled(monkeypatch, monai_run, overrides, rt, config, 2 + 2)  # the zoom-out stage's second step
     fold = monai_run / config / "fold_0"
     assert load_checkpoint(fold / "checkpoint_latest.pt")["state"].stage == 1
-    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
     Trainer(monai_run, "0", overrides, rt, configuration=config, say=lambda s: None).fit()
     a = load_checkpoint(fold / "checkpoint_final.pt")["network"]
     b = load_checkpoint(reference / config / "fold_0" / "checkpoint_final.pt")["network"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -19,11 +18,11 @@ from autoseg.cli import main
 from autoseg.plans import load_plans, select_configuration
 from autoseg.runconfig import Overrides
 from autoseg.training.data import BatchDataset, Guidance, PatchSampler
-from autoseg.training.interrupt import TrainingInterrupted
 from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
 
 from ..inference.test_predict import scans
+from .stopping import train_until_signalled
 
 CONFIG = "patch_free"
 
@@ -56,18 +55,7 @@ def test_trains_resumes_exactly_validates_and_predicts_in_one_pass(free_run, tmp
     overrides = Overrides("both", 1, 2, None)  # zoom-in 1 x 2 steps, zoom-out 1 x 2 steps
     rt = Runtime(torch.device("cpu"), workers=0, progress=False)
     Trainer(reference, "0", overrides, rt, configuration=CONFIG, say=lambda s: None).fit()
-    agree, calls = Trainer._agree_to_stop, {"n": 0}
-
-    def stop_inside_zoom_out(self: Trainer, batch: dict | None, where: str) -> bool:
-        calls["n"] += 1
-        if calls["n"] == 2 + 2:
-            self.stop.handle(signal.SIGTERM, None)
-        return agree(self, batch, where)
-
-    monkeypatch.setattr(Trainer, "_agree_to_stop", stop_inside_zoom_out)
-    with pytest.raises(TrainingInterrupted):
-        Trainer(free_run, "0", overrides, rt, configuration=CONFIG, say=lambda s: None).fit()
-    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
+    train_until_signalled(monkeypatch, free_run, overrides, rt, CONFIG, 2 + 2)  # the zoom-out stage's second step
     fold = free_run / CONFIG / "fold_0"
     assert load_checkpoint(fold / "checkpoint_latest.pt")["state"].stage == 1
     # resumed through the command, which also validates the fold on its full-resolution cases
