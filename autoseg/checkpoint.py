@@ -39,6 +39,11 @@ class TrainState:
     epoch_seconds: float = 0.0
     #: optimiser steps skipped in this epoch because the gradients were not finite (AMP overflow)
     epoch_skipped: int = 0
+    #: early stopping: EMA pseudo-Dice per foreground class (NaN: never seen), and this stage's best mean EMA
+    #: with the epochs since it
+    class_ema: list[float] = field(default_factory=list)
+    stage_best_ema: float = -1.0
+    epochs_without_gain: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
 
     def log(self, **values: float) -> None:

@@ -25,6 +25,10 @@ class Overrides:
     Attributes:
         deterministic: cuDNN in deterministic mode and without autotuning (``--deterministic``): a resumed
             run on a GPU then takes exactly the steps of an uninterrupted one, at some cost in speed.
+        stop_at_dice: early stopping (``--stop-at-dice``): a stage ends once the EMA pseudo-Dice of every
+            foreground class reaches its bar; one bar for all classes or one per class; empty: off.
+        patience: early stopping (``--patience``): a stage ends after this many epochs without a new best EMA
+            pseudo-Dice; None: off.
     """
 
     stage: StageChoice
@@ -32,6 +36,8 @@ class Overrides:
     iterations_per_epoch: int | None
     time_budget_minutes: float | None
     deterministic: bool = False
+    stop_at_dice: list[float] = field(default_factory=list)
+    patience: int | None = None
 
     def describe(self) -> str:
         """The options as typed on the command line, e.g. ``--stage both --epochs 8``."""
@@ -44,6 +50,10 @@ class Overrides:
             parts.append(f"--time-budget {self.time_budget_minutes:g}")
         if self.deterministic:
             parts.append("--deterministic")
+        if self.stop_at_dice:
+            parts.append("--stop-at-dice " + ",".join(f"{b:g}" for b in self.stop_at_dice))
+        if self.patience is not None:
+            parts.append(f"--patience {self.patience}")
         return " ".join(parts)
 
 
@@ -96,6 +106,8 @@ class TrainConfig:
     validation_tta: bool = True
     #: the plan's configuration this fold trains (``3d``, ``2d``)
     configuration: str = TOP_CONFIGURATION
+    #: stages that early stopping ended (``--stop-at-dice``, ``--patience``): stage name -> why, at which epoch
+    early_stops: dict[str, str] = field(default_factory=dict)
 
 
 def fold_dir_name(fold: str) -> str:

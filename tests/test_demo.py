@@ -1,24 +1,63 @@
-"""``autoseg demo``, the README's first command: the whole pipeline on generated data, end to end."""
+"""``autoseg demo``, the README's first command: the whole pipeline end to end (on generated data here; the
+shipped real scans are checked for completeness and licence, and run by hand: docs/report.md has the figures)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
 from autoseg.cli import main
+from autoseg.demo import demo_dataset
 
 
 def test_demo_runs_the_pipeline_and_segments_held_out_cases(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    assert main(["demo", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
+    assert main(["demo", "--synthetic", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
     out = capsys.readouterr().out
-    for step in ("autoseg plan", "autoseg preprocess", "autoseg train 0", "autoseg predict", "autoseg evaluate"):
+    for step in ("autoseg plan", "autoseg preprocess", "autoseg train 0", "autoseg predict", "autoseg evaluate",
+                 "autoseg summarize", "autoseg report"):
         assert f"$ {step}" in out, step
     dice = float(re.search(r"mean Dice on the 4 held-out cases: ([0-9.]+)", out).group(1))
     assert dice > 0.8, out[-3000:]
     metrics = json.loads((out_dir / "predictions" / "metrics.json").read_text())
     assert metrics["n_cases"] == 4 and abs(metrics["mean"]["dice"] - dice) < 1e-3
+    assert sorted(p.name for p in (out_dir / "overlays").iterdir()) == [f"case_{i:03d}.png" for i in range(4)]
+    assert (out_dir / "report.html").stat().st_size > 10_000
     # a second demo reuses everything that is done
-    assert main(["demo", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
+    assert main(["demo", "--synthetic", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
     out = capsys.readouterr().out
     assert "wrote a synthetic dataset" not in out and "already trained" in out and "skipped 4 already done" in out
+
+
+def test_the_shipped_real_scans_are_complete_licensed_and_verify(capsys):
+    data = demo_dataset()
+    meta = json.loads((data / "dataset.json").read_text())
+    train = sorted(p.name for p in (data / "imagesTr").iterdir())
+    held = sorted(p.name for p in (data / "imagesTs").iterdir())
+    assert len(train) == meta["numTraining"] == 30 and len(held) == meta["numTest"] == 6
+    assert not set(train) & set(held)
+    assert sorted(p.name for p in (data / "labelsTr").iterdir()) == train
+    assert sorted(p.name for p in (data / "labelsTs").iterdir()) == held
+    assert "CC BY-SA 4.0" in (data / "DATA_LICENSE.md").read_text() and (data / "SOURCE.md").is_file()
+    sums = dict(reversed(line.split()) for line in (data / "SHA256SUMS").read_text().splitlines())
+    assert len(sums) == 72
+    for name, digest in list(sums.items())[:5]:
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest
+    assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) < 4 * 2**20  # a small wheel
+    assert main(["verify", str(data)]) == 0, capsys.readouterr()
+
+
+def test_the_short_budget_schedule_edits_only_the_zoom_in_stage(tmp_path):
+    from autoseg.demo import make_synthetic_dataset, short_budget_schedule
+    from autoseg.plans import load_plans
+
+    data = make_synthetic_dataset(tmp_path / "data", n_cases=5)
+    run = tmp_path / "run"
+    assert main(["plan", str(data), "-o", str(run), "--device", "cpu", "--folds", "2", "--no-progress"]) == 0
+    before = load_plans(run / "plans.json")
+    line = short_budget_schedule(run)
+    after = load_plans(run / "plans.json")  # still a valid plan
+    assert "adam at lr 0.003" in line
+    assert (after.stages[0].optimizer, after.stages[0].learning_rate) == ("adam", 3e-3)
+    assert after.stages[1] == before.stages[1] and after.network == before.network

@@ -24,6 +24,7 @@ from autoseg.atomic import atomic_path
 from autoseg.device import is_out_of_memory
 from autoseg.inference.predictor import Prediction, Predictor, first_line
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
+from autoseg.overlays import OverlayRow, largest_structure_slices, render_overlays
 from autoseg.parallel import CaseError
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.verify import geometry_mismatch
@@ -160,10 +161,27 @@ def load_probabilities(path: Path) -> tuple[np.ndarray, list[int], Geometry]:
 
 
 def _finish_and_write(predictor: Predictor, case: ScanCase, probs: np.ndarray, props: CaseProperties,
-                      probabilities: bool, out_dir: Path) -> None:
+                      probabilities: bool, out_dir: Path, overlay_dir: Path | None) -> None:
     """Back to the scan's grid, arg-max, post-processing, then the files (in the writer thread)."""
-    _write(case, predictor.finish(probs, props, probabilities), sorted(predictor.plans.labels), props.geometry,
-           out_dir)
+    pred = predictor.finish(probs, props, probabilities)
+    if overlay_dir is not None:
+        write_overlay(case, pred.labels, predictor.plans.labels, predictor.plans.channel_names, overlay_dir)
+    _write(case, pred, sorted(predictor.plans.labels), props.geometry, out_dir)
+
+
+def write_overlay(case: ScanCase, labels: np.ndarray, names: dict[int, str], channel_names: list[str],
+                  overlay_dir: Path) -> Path:
+    """``overlay_dir/<case>.png``: the predicted ``labels`` over the scan's first channel (read again from its
+    file), three planes through the largest predicted structure, at the scan's physical aspect ratio."""
+    image, geometry = _read(case, len(channel_names))
+    png = render_overlays([OverlayRow(f"{case.case_id}\n{channel_names[0]} (channel 0)", image[0], labels)],
+                          geometry.spacing_zyx, largest_structure_slices(labels), names,
+                          heading=f"{case.case_id}: autoseg prediction")
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    path = overlay_dir / f"{case.case_id}.png"
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return path
 
 
 def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geometry, out_dir: Path) -> None:
@@ -173,8 +191,10 @@ def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geomet
 
 
 def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite: bool = False,
-                   probabilities: bool = False, progress: bool = True) -> FolderReport:
+                   probabilities: bool = False, progress: bool = True,
+                   overlay_dir: Path | None = None) -> FolderReport:
     """Predict every case of ``in_dir`` into ``out_dir``; a failing case is recorded and the others go on.
+    With ``overlay_dir``, also a PNG per case there (:func:`write_overlay`).
 
     A sticky GPU error (:func:`is_sticky_device_error`) stops the run instead: the case before it is still
     written, nothing is written for the failing case, later cases are not attempted.
@@ -196,7 +216,8 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
     todo = []
     for c in cases:
         done = (out_dir / f"{c.case_id}{c.ending}").is_file() and (
-            not probabilities or (out_dir / f"{c.case_id}.npz").is_file())
+            not probabilities or (out_dir / f"{c.case_id}.npz").is_file()) and (
+            overlay_dir is None or (overlay_dir / f"{c.case_id}.png").is_file())
         (report.skipped.append(c.case_id) if done and not overwrite else todo.append(c))
     stopped: tuple[str, str, int] | None = None  # case, error and cases not attempted after a sticky device error
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
@@ -214,7 +235,7 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
                 report.failed[case.case_id] = f"case {case.case_id}: {_describe(e)}"
                 continue
             pending.append((case, writer.submit(_finish_and_write, predictor, case, probs, props, probabilities,
-                                                out_dir)))
+                                                out_dir, overlay_dir)))
             _settle(pending, report, keep=1)  # at most one finished prediction waits for its write
         _settle(pending, report, keep=0)  # also after a stop: the previous case's prediction is complete
     if stopped is not None:

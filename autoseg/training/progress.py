@@ -6,7 +6,7 @@ from pathlib import Path
 
 from autoseg.atomic import atomic_path
 
-__all__ = ["epoch_line", "append_log", "plot_progress"]
+__all__ = ["epoch_line", "append_log", "plot_progress", "progress_png"]
 
 
 def epoch_line(stage: str, epoch: int, epochs: int, h: dict[str, list[float]], dice: list[float]) -> str:
@@ -25,7 +25,19 @@ def append_log(path: Path, line: str) -> None:
 
 
 def plot_progress(h: dict[str, list[float]], path: Path) -> None:
-    """Losses, mean pseudo-Dice and its EMA, learning rate and epoch time against the epoch, atomically."""
+    """:func:`progress_png` written to ``path``, atomically (nothing before the first epoch)."""
+    png = progress_png(h)
+    if png is None:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+
+
+def progress_png(h: dict[str, list[float]], title: str = "") -> bytes | None:
+    """Losses, pseudo-Dice (per class, mean and its EMA), learning rate and epoch time against the epoch, a
+    dotted line at each stage boundary; None before the first epoch."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,17 +45,21 @@ def plot_progress(h: dict[str, list[float]], path: Path) -> None:
 
     epochs = list(range(1, len(h.get("train_loss", [])) + 1))
     if not epochs:
-        return
+        return None
     fig, axes = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
     ax = axes[0]
     ax.plot(epochs, h["train_loss"], label="train loss")
     ax.plot(epochs, h["val_loss"], label="validation loss")
     ax2 = ax.twinx()
-    ax2.plot(epochs, h["mean_dice"], "g.", label="pseudo-Dice")
+    for c in range(1, 100):
+        if f"dice_{c}" not in h:
+            break
+        ax2.plot(epochs, h[f"dice_{c}"], lw=0.8, alpha=0.6, label=f"pseudo-Dice class {c}")
+    ax2.plot(epochs, h["mean_dice"], "g.", label="pseudo-Dice (mean)")
     ax2.plot(epochs, h["ema"], "g-", label="pseudo-Dice (EMA)")
     ax2.set_ylim(0, 1)
     ax.legend(loc="upper left")
-    ax2.legend(loc="upper right")
+    ax2.legend(loc="lower right", fontsize=7)
     for x, (a, b) in enumerate(zip(h["stage"], h["stage"][1:])):
         if a != b:
             for axis in axes:
@@ -53,8 +69,12 @@ def plot_progress(h: dict[str, list[float]], path: Path) -> None:
     axes[2].plot(epochs, h["epoch_seconds"], label="epoch (s)")
     axes[2].plot(epochs, [s * w for s, w in zip(h["epoch_seconds"], h["data_wait_share"])], label="data wait (s)")
     axes[2].legend()
-    axes[2].set_xlabel("epoch")
+    axes[2].set_xlabel("epoch (dotted: stage boundary)")
+    axes[2].xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
+    return buf.getvalue()

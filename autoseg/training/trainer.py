@@ -45,6 +45,7 @@ from autoseg.training.progress import append_log, epoch_line, plot_progress
 from autoseg.training.runtime import Runtime, configure_backends, rank_batch_sizes
 from autoseg.training.schedules import learning_rate, make_optimizer
 from autoseg.training.step import NonFiniteGuard, Stepper, guard_out_of_memory
+from autoseg.training.stopping import early_stop_reason, expand_bars, record_early_stop, start_stage
 from autoseg.training.validation import nanmean, pseudo_dice
 
 __all__ = ["Trainer", "TrainingInterrupted", "STOP_GRACE_SECONDS"]
@@ -80,6 +81,7 @@ class Trainer:
         self.restart, self.say, self.validation_probe = restart, say, validation_probe
         self.plans: Plans = select_configuration(load_plans(self.run_dir / PLANS_FILE), configuration)
         self.fold_dir = model_dir(self.run_dir, self.plans.configuration) / fold_dir_name(fold)
+        self.class_names = [self.plans.labels[c] for c in sorted(self.plans.labels)[1:]]
         self.folder = self.run_dir / PREPROCESSED_DIR
         self.stop = StopRequest(STOP_GRACE_SECONDS if runtime.distributed else None)
         self.resumed = False  # a checkpoint was resumed: the config's budget no longer describes this process
@@ -88,6 +90,7 @@ class Trainer:
         self._loss_finite = True  # this rank's last loss, until every rank has learnt of it
         self.non_finite = NonFiniteGuard()
         self.network: nn.Module | None = None
+        self.bars: list[float] = []  # early stopping: the Dice bar of each foreground class (empty: none)
 
     @property
     def amp(self) -> bool:
@@ -115,6 +118,7 @@ class Trainer:
         measuring the step times and, with a ``validation_probe``, the final validation)."""
         train, val = fold_cases(self.plans, self.fold)
         self._check_preprocessed(train + val)
+        expand_bars(self.overrides.stop_at_dice, self.class_names)  # a wrong count is refused before any work
         if self.restart and self.fold_dir.exists():
             shutil.rmtree(self.fold_dir)
         path = self.fold_dir / CONFIG_FILE
@@ -165,6 +169,7 @@ class Trainer:
         """
         configure_backends(self.rt.device, self.overrides.deterministic)  # before any kernel runs, the budget's too
         cfg = self.config = self.rt.from_main(self._prepare)
+        self.bars = expand_bars(cfg.overrides.stop_at_dice, self.class_names)
         torch.manual_seed(self.plans.training.seed)
         net = self.network = self._new_network().to(self.rt.device)
         final = self.fold_dir / "checkpoint_final.pt"
@@ -241,6 +246,8 @@ class Trainer:
         t_mark = time.perf_counter()
         check_budget = (self.overrides.time_budget_minutes is not None and not self.resumed
                         and run.name not in cfg.budget_checks and run.epochs > BUDGET_CHECK_EPOCH)
+        if state.step == 0:
+            start_stage(state)
         try:
             while state.step < run.total_steps:
                 t0 = time.perf_counter()
@@ -272,8 +279,10 @@ class Trainer:
                     bar = None
                     state.epoch_seconds += time.perf_counter() - t_mark
                     stepper.check_weights(where)
-                    self._guard(f"{run.name} validation", run.patch_size, b, self._end_epoch, cfg, si, net, val_ds,
-                                stepper, state)
+                    if (why := self._guard(f"{run.name} validation", run.patch_size, b, self._end_epoch, cfg, si,
+                                           net, val_ds, stepper, state)) is not None:
+                        self._stop_early(cfg, si, state, why)
+                        break
                     if check_budget and state.step == BUDGET_CHECK_EPOCH * iters:
                         if self._refit_budget(cfg, si, time.perf_counter() - t_mark):
                             loader.close()  # the stage's length changed: batches from here to its new end
@@ -329,7 +338,9 @@ class Trainer:
         return guard_out_of_memory(self.rt.device, what, patch, batch, est, work, *args)
 
     def _end_epoch(self, cfg: TrainConfig, si: int, net: nn.Module, val_ds: BatchDataset, stepper: Stepper,
-                   state: TrainState) -> None:
+                   state: TrainState) -> str | None:
+        """Pseudo-Dice, log line, best and periodic checkpoints; returns why the stage stops early (None: it
+        goes on)."""
         run, t = cfg.stages[si], self.plans.training
         epoch = state.step // run.iterations_per_epoch
         val_loss, per_class = pseudo_dice(net, val_ds, stepper.loss_fn, self.rt, self.amp, t.validation_iterations,
@@ -344,8 +355,11 @@ class Trainer:
             state.log(**{f"dice_{c}": d})
         state.epoch_loss_sum, state.epoch_loss_count, state.epoch_data_wait = 0.0, 0, 0.0
         state.epoch_seconds, state.epoch_skipped = 0.0, 0
+        reason = early_stop_reason(state, per_class, t.ema_momentum, self.bars, self.class_names,
+                                   self.overrides.patience)
+        reason = reason if epoch < run.epochs else None  # the stage's last epoch ends it anyway
         if not self.rt.main:
-            return
+            return reason
         line = epoch_line(run.name, epoch, run.epochs, state.history, per_class)
         self.say(line)
         append_log(self.fold_dir / "training_log.txt", line)
@@ -354,6 +368,16 @@ class Trainer:
             save_checkpoint(self.fold_dir / "checkpoint_best.pt", net, None, None, state)
         if epoch % t.checkpoint_every_epochs == 0 or epoch == run.epochs:
             save_checkpoint(self.latest, net, stepper.opt, stepper.scaler, state)
+            plot_progress(state.history, self.fold_dir / "progress.png")
+        return reason
+
+    def _stop_early(self, cfg: TrainConfig, si: int, state: TrainState, reason: str) -> None:
+        """Record in ``config.json``, the console and the log that stage ``si`` ends here."""
+        line = record_early_stop(cfg, si, state.step // cfg.stages[si].iterations_per_epoch, reason)
+        if self.rt.main:
+            self.say(line)
+            append_log(self.fold_dir / "training_log.txt", line)
+            save_config(cfg, self.fold_dir / CONFIG_FILE)
             plot_progress(state.history, self.fold_dir / "progress.png")
 
     def _refit_budget(self, cfg: TrainConfig, si: int, epoch_seconds: float) -> bool:

@@ -78,7 +78,7 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     probabilities on the preprocessed grid (``probabilities/``, for find-best) and ``metrics.json`` to
     ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg evaluate``,
     per-class mean Dice by class name, the mean over foreground classes, and whether the predictions were
-    mirrored."""
+    mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice)."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     refs = reference_labels(run_dir)
@@ -100,7 +100,7 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
         cases[cid] = {}
         for c in classes:
             s = score_case(cid, seg, ref, c, props.geometry.spacing_zyx)
-            cases[cid][plans.labels[c]] = {m: getattr(s, m) for m in METRICS}
+            cases[cid][plans.labels[c]] = {**{m: getattr(s, m) for m in METRICS}, "tp": s.tp, "fp": s.fp, "fn": s.fn}
     means = {plans.labels[c]: float(np.mean([v[plans.labels[c]]["dice"] for v in cases.values()])) for c in classes}
     metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases, "mean_per_class": means,
                "mean_foreground_dice": float(np.mean(list(means.values()))), "mirroring": tta}
