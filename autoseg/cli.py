@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early stopping: a stage ends at the first epoch where the EMA pseudo-Dice of every "
                    "foreground class reaches D (one bar for all classes, or one per class in label order, comma-"
                    "separated); a zoom-in stage that stops moves on to zoom-out, a zoom-out stage that stops ends "
-                   "training. Time saved is not spent elsewhere: with --time-budget, training ends early")
+                   "training. With --time-budget, the time a stopped zoom-in stage leaves is given to the zoom-out "
+                   "stage by its budget check (after its second epoch), unless that stage stops first")
     t.add_argument("--patience", type=int, default=None, metavar="N",
                    help="early stopping: a stage ends after N epochs in a row without a new best EMA pseudo-Dice "
                    "within it")
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "3e-3 edited into plans.json: the default SGD needs more steps than a few CPU minutes give), "
                        "predict the held-out scans (with overlay "
                        "PNGs), evaluate them against their labels, summarize and write the HTML report. Prints the "
-                       "held-out Dice and where the report is. About 5 minutes on a 2-core CPU; a rerun reuses what "
+                       "held-out Dice and where the report is. About 4 minutes on a 2-core CPU; a rerun reuses what "
                        "is done. --synthetic uses generated ellipsoid organs instead (a quick check any method "
                        "passes).")
     d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
