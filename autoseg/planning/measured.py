@@ -6,7 +6,8 @@ data, so a 3D network costs milliseconds whatever the patch, and counts:
 
 - the bytes autograd keeps for backward (every tensor a ``saved_tensors_hooks`` pack sees, each once, weights
   excluded): the activations term of the memory model;
-- the floating-point operations of forward and backward (``torch.utils.flop_counter``);
+- the floating-point operations of forward and backward (``torch.utils.flop_counter``'s formulas, summed by
+  :class:`_FlopCount`);
 - the parameters.
 
 It does so at small patches (2 and 3 times the network's total stride per axis) and fits ``c + a v`` in the
@@ -74,9 +75,40 @@ def measure_steps(net: NetworkPlan, patches: list[list[int]], in_channels: int, 
     return [_measure(model, patch, in_channels, device, n_params) for patch in patches]
 
 
-def _measure(model: torch.nn.Module, patch: list[int], in_channels: int, device: str, n_params: int) -> Measurement:
-    from torch.utils.flop_counter import FlopCounterMode
+class _FlopCount:
+    """FLOPs of a piece of code: the ops torch's flop counter has formulas for (convolutions, matrix products,
+    attention) summed as it sums them. Unlike ``torch.utils.flop_counter.FlopCounterMode`` it neither tracks
+    modules nor decomposes the other ops to look for counted ones inside (autograd has already decomposed the
+    composite ones it could reach), which made it most of the planning time for MONAI's networks; a test checks
+    that both count the same."""
 
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+        self.flops = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.flops += int(formula(*args, **kwargs, out_val=out))
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self) -> _FlopCount:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+
+
+def _measure(model: torch.nn.Module, patch: list[int], in_channels: int, device: str, n_params: int) -> Measurement:
     params = {id(p) for p in model.parameters()}
     saved: dict[int, tuple[torch.Tensor, int]] = {}
 
@@ -86,11 +118,11 @@ def _measure(model: torch.nn.Module, patch: list[int], in_channels: int, device:
         return t
 
     x = torch.zeros(1, in_channels, *patch, device=device)
-    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _FlopCount() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outs = _tensors(model(x))
         torch.stack([o.sum() for o in outs if o.is_floating_point()]).sum().backward()
     model.zero_grad(set_to_none=True)
-    return Measurement(float(sum(b for _, b in saved.values())), float(counter.get_total_flops()), n_params)
+    return Measurement(float(sum(b for _, b in saved.values())), float(counter.flops), n_params)
 
 
 def _tensors(out: object) -> list[torch.Tensor]:

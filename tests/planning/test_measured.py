@@ -83,3 +83,24 @@ def test_step_cost_adds_batch_loss_and_optimiser_like_our_model(plans):
     assert two.parameter_bytes == one.parameter_bytes == 3 * 4 * fitted_step(p.network, patch, 1, 3).parameters
     amp = network_step_cost(p.network, patch, 1, 1, 3, amp=True)
     assert amp.activation_bytes == pytest.approx(one.activation_bytes / 2, abs=1)
+
+
+@pytest.mark.parametrize("name", ["3d", "segresnet", "attention_unet", "unetr"])
+def test_our_flop_count_equals_torchs_flop_counter(plans, name):
+    """The lean counter (no module tracking, no decomposition of uncounted ops) counts exactly what
+    ``FlopCounterMode`` counts, forward and backward, on every architecture the planner measures."""
+    from autoseg.planning.measured import _FlopCount
+
+    p = select_configuration(plans["brain"], name)
+    patch = [2 * s for s in p.network.total_stride]
+    totals = []
+    for counter_type in (_FlopCount, lambda: FlopCounterMode(display=False)):
+        with torch.device("meta"):
+            net = build_network(p.network, 1, 3).train()
+            x = torch.zeros(1, 1, *patch)
+        with counter_type() as counter:
+            out = net(x)
+            outs = out if isinstance(out, list) else [out]
+            torch.stack([o.sum() for o in outs]).sum().backward()
+        totals.append(counter.flops if isinstance(counter, _FlopCount) else counter.get_total_flops())
+    assert totals[0] == totals[1] > 0
