@@ -21,7 +21,7 @@ from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, ratio
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
 from autoseg.inference.choice import CHOICE_FILE
-from autoseg.io import read_image
+from autoseg.io import ImageReadError, read_image
 from autoseg.overlays import OverlayRow, largest_disagreement_slices, render_overlays
 from autoseg.planning.summary import format_summary
 from autoseg.plans import PLANS_FILE, load_plans, select_configuration
@@ -155,8 +155,13 @@ def _overlays(cases: list[CaseResult], dataset_dir: Path, folder: Path, class_na
     worst = ranked[:n_shown]
     best = [c for c in ranked[::-1][:n_shown] if c not in worst]
     shown = [(c, "worst") for c in worst] + [(c, "best") for c in best]
-    figures = [_case_overlay(c, kind, images, labels, folder, class_names, channel)
-               for c, kind in tqdm(shown, desc="overlays", unit="case", disable=not progress, leave=False)]
+    figures = []
+    for c, kind in tqdm(shown, desc="overlays", unit="case", disable=not progress, leave=False):
+        try:
+            figures.append(_case_overlay(c, kind, images, labels, folder, class_names, channel))
+        except (KeyError, OSError, ValueError, ImageReadError) as e:  # one case that cannot be drawn, said so
+            why = f"not in the dataset's case list ({e})" if isinstance(e, KeyError) else str(e)
+            figures.append(f"<p>Case {html.escape(c.case_id)} ({kind}) cannot be drawn: {html.escape(why)}</p>")
     return "".join(figures)
 
 

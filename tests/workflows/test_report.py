@@ -152,6 +152,16 @@ def test_a_moved_dataset_leaves_out_the_scans_only(tmp_path, trained_run, monkey
     assert "is not here, so the scans cannot be shown" in page and "<h3>fold_0</h3>" in page
 
 
+def test_a_case_that_cannot_be_drawn_is_named_and_the_rest_is_drawn(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    worst = min(gather_cases(run), key=lambda c: c.mean_dice)
+    (run / "fold_0" / "validation" / f"{worst.case_id}.nii.gz").write_bytes(b"not an image")
+    page = build_report(run, n_shown=1, progress=False)
+    assert f"Case {worst.case_id} (worst) cannot be drawn" in page
+    assert page.count("<img") == 2  # the curves and the best case
+
+
 def test_class_summary_without_counts_has_no_micro_dice(trained_run):
     cases = gather_cases(trained_run)
     for c in cases:
