@@ -20,12 +20,12 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, ratio
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
-from autoseg.inference.choice import CHOICE_FILE
+from autoseg.inference.choice import load_choice
 from autoseg.io import ImageReadError, read_image
 from autoseg.overlays import OverlayRow, largest_disagreement_slices, render_overlays
 from autoseg.planning.summary import format_summary
 from autoseg.plans import PLANS_FILE, load_plans, select_configuration
-from autoseg.runconfig import CONFIG_FILE, model_dir
+from autoseg.runconfig import CONFIG_FILE, load_config, model_dir
 from autoseg.training.progress import progress_png
 from autoseg.workflows.validate import VALIDATION_DIR, validated_folds
 
@@ -75,10 +75,8 @@ def _curves(folder: Path) -> str:
         png = progress_png(history, title=f"{fold.name} ({ckpt.stem.removeprefix('checkpoint_')})")
         if png is None:
             continue
-        stops = ""
-        if (fold / CONFIG_FILE).is_file():
-            early = json.loads((fold / CONFIG_FILE).read_text()).get("early_stops", {})
-            stops = "".join(f"<li>early stop of {html.escape(k)}: {html.escape(v)}</li>" for k, v in early.items())
+        early = load_config(fold / CONFIG_FILE).early_stops if (fold / CONFIG_FILE).is_file() else {}
+        stops = "".join(f"<li>early stop of {html.escape(k)}: {html.escape(v)}</li>" for k, v in early.items())
         parts.append(f"<h3>{fold.name}</h3>{_png_tag(png, f'training curves {fold.name}')}"
                      + (f"<ul>{stops}</ul>" if stops else ""))
     return "".join(parts) or "<p>No fold has a checkpoint yet (autoseg train).</p>"
@@ -228,12 +226,8 @@ def build_report(run_dir: Path, configuration: str | None = None, n_shown: int =
 
 def _chosen(run_dir: Path) -> str | None:
     """find-best's choice when it is one configuration (a pair has no folds of its own to report)."""
-    path = run_dir / CHOICE_FILE
-    if path.is_file():
-        configs = json.loads(path.read_text()).get("configurations", [])
-        if len(configs) == 1:
-            return str(configs[0])
-    return None
+    choice = load_choice(run_dir)
+    return choice.configurations[0] if choice is not None and len(choice.configurations) == 1 else None
 
 
 def write_report(run_dir: Path, out: Path | None = None, configuration: str | None = None, n_shown: int = 3,

@@ -14,10 +14,10 @@ from autoseg.training.trainer import Trainer
 
 
 def train_until_signalled(monkeypatch: pytest.MonkeyPatch, run: Path, overrides: Overrides, rt: Runtime,
-                          configuration: str, at_step: int) -> None:
-    """Train ``configuration`` of ``run`` fold 0 and send it SIGTERM when it reaches its ``at_step``-th step
-    (counted from 1 over both stages); checks that training stops with :class:`TrainingInterrupted`, then
-    restores the trainer."""
+                          configuration: str | None, at_step: int) -> None:
+    """Train ``configuration`` of ``run`` fold 0 (None: the plan's default) and send it SIGTERM when it reaches
+    its ``at_step``-th step (counted from 1 over both stages); checks that training stops with
+    :class:`TrainingInterrupted`, then restores the trainer."""
     agree, calls = Trainer._agree_to_stop, {"n": 0}
 
     def signal_at_step(self: Trainer, batch: dict | None, where: str) -> bool:

@@ -25,6 +25,8 @@ from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
 from autoseg.workflows.fold import train_fold
 
+from .stopping import train_until_signalled
+
 
 def cpu(workers: int = 0) -> Runtime:
     return Runtime(torch.device("cpu"), workers=workers, progress=False)
@@ -97,23 +99,11 @@ def test_stopped_at_a_stage_boundary_or_inside_a_stage_resumes_exactly(tiny_run,
     reference = tmp_path / "reference"
     shutil.copytree(tiny_run, reference)
     Trainer(reference, "0", overrides, cpu()).fit()
-    calls = {"n": 0}
-    agree = Trainer._agree_to_stop
-
-    def signal_before_chosen_step(self: Trainer, batch: dict | None, where: str) -> bool:
-        calls["n"] += 1
-        if calls["n"] == stop_before:
-            self.stop.handle(signal.SIGTERM, None)
-        return agree(self, batch, where)
-
-    monkeypatch.setattr(Trainer, "_agree_to_stop", signal_before_chosen_step)
-    with pytest.raises(TrainingInterrupted):
-        Trainer(tiny_run, "0", overrides, cpu()).fit()
+    train_until_signalled(monkeypatch, tiny_run, overrides, cpu(), None, stop_before)
     stopped = load_checkpoint(tiny_run / "fold_0" / "checkpoint_latest.pt")["state"]
     assert (stopped.stage, stopped.step) == (stage, step)
     half_written = tiny_run / "fold_0" / ".tmp-0123abcd-checkpoint_latest.pt"  # as a kill mid-save leaves it
     half_written.write_bytes(b"\0" * 10)
-    monkeypatch.setattr(Trainer, "_agree_to_stop", agree)
     Trainer(tiny_run, "0", overrides, cpu()).fit()
     assert not half_written.exists()
     _assert_same_final_checkpoint(tiny_run, reference, epochs=3 + 1)
