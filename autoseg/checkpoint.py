@@ -7,6 +7,8 @@ training writes them, prediction reads them.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,19 @@ from typing import Any
 import torch
 
 from autoseg.atomic import atomic_path
+from autoseg.device import first_line, is_out_of_memory
 
-__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "restore_rng", "CHECKPOINTS"]
+__all__ = ["TrainState", "save_checkpoint", "load_checkpoint", "restore_rng", "CHECKPOINTS", "CheckpointError",
+           "CHECKPOINT_FORMAT"]
 
 #: checkpoint names: ``latest`` (periodic and on interruption), ``best`` (EMA pseudo-Dice), ``final``
 CHECKPOINTS = ("latest", "best", "final")
+#: the layout of the checkpoint's dictionary; a checkpoint with a larger number comes from a newer autoseg
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used (the message names the file, the cause and what to do)."""
 
 
 @dataclass
@@ -62,6 +72,7 @@ def save_checkpoint(path: Path, network: torch.nn.Module, optimizer: torch.optim
     """Write weights, optimiser and grad-scaler state, the :class:`TrainState` and the RNG states of torch
     (CPU, and every CUDA device that was used)."""
     payload = {
+        "format": CHECKPOINT_FORMAT,
         "network": network.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else {},
         "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {},
@@ -79,17 +90,48 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     optimiser moves its state to its parameters' device, and torch's RNG setters want CPU byte tensors.
 
     Raises:
-        ValueError: unreadable or not an autoseg checkpoint (names the file).
+        CheckpointError: the file cannot be used; the message says why and advises deleting it only when it is
+            truly corrupt or truncated (a newer format, pickled objects, permissions or memory are told apart).
     """
+    path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (MemoryError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_load_failure(path, e)}") from None
+    if not isinstance(payload, dict) or not {"network", "state"} <= set(payload):
+        raise CheckpointError(f"{path}: not an autoseg checkpoint (no network weights and training state); "
+                              "if it came from another program, move it away")
+    version = payload.get("format", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: written by a newer autoseg (checkpoint format {version}; this version reads "
+                              f"up to {CHECKPOINT_FORMAT}); upgrade autoseg (pip install -U autoseg) to use it")
+    try:
         payload["state"] = TrainState(**payload["state"])
-        payload.setdefault("cuda_rng", [])
-    except Exception as e:  # torch raises many types for corrupt files
-        raise ValueError(f"{path}: not a readable autoseg checkpoint ({type(e).__name__}: {e}); delete it or "
-                         "train with --restart") from None
+    except TypeError as e:
+        raise CheckpointError(f"{path}: its training state does not match this autoseg version ({e}); it was "
+                              "probably written by another version: use that one, or train with --restart") from None
+    payload.setdefault("cuda_rng", [])
     payload["network"] = {k: v.to(device) for k, v in payload["network"].items()}
     return payload
+
+
+def _load_failure(path: Path, e: BaseException) -> str:
+    """Why ``torch.load`` failed, in words, with advice that fits the cause."""
+    if isinstance(e, PermissionError):
+        return "cannot be read: permission denied (check the file's owner and mode; the file itself may be fine)"
+    if isinstance(e, MemoryError) or is_out_of_memory(e):
+        return "not enough memory to load it; close other programs or load on a machine with more RAM (the file " \
+            "itself is fine)"
+    if isinstance(e, OSError) and not isinstance(e, EOFError):
+        return f"cannot be read ({e.strerror or e}); the file itself may be fine"
+    size = path.stat().st_size if path.is_file() else 0
+    whole = zipfile.is_zipfile(path)  # torch writes a zip archive: a cut file has no central directory
+    if isinstance(e, pickle.UnpicklingError) and whole:
+        return ("holds Python objects that autoseg refuses to load, because loading them could run code "
+                "(autoseg writes tensors and plain values only): not an autoseg checkpoint; move it away")
+    what = f"{first_line(e)[:120]}" if whole else "not a complete checkpoint archive"
+    return (f"corrupt or truncated ({size} bytes: {what}), for example by a crash while it was copied; delete it, "
+            "or train with --restart")
 
 
 def restore_rng(payload: dict) -> None:

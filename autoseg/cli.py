@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write DIR/<case>.png per scan: the prediction over the scan's first channel in three "
                     "planes through the largest predicted structure, at the scan's physical aspect ratio, a fixed "
                     "colour per class (for a quick look without a viewer)")
+    pr.add_argument("--fix-nonfinite", action="store_true",
+                    help="replace NaN and infinite voxels with their channel's smallest finite value and say so per "
+                    "case (default: such a scan is refused with the count of bad voxels, and the others go on)")
     pr.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -452,7 +455,7 @@ def _silent(_: str) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.inference.choice import predictor_for_run
-    from autoseg.inference.folder import DeviceFailedError, predict_folder
+    from autoseg.inference.folder import RunStoppedError, predict_folder
 
     t0 = time.perf_counter()
     predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta,
@@ -460,8 +463,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"predicting with {what}")
     try:
         r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
-                           not args.no_progress and sys.stderr.isatty(), args.overlays)
-    except DeviceFailedError as e:  # the run stopped: the cases that failed before it are still worth a line
+                           not args.no_progress and sys.stderr.isatty(), args.overlays, args.fix_nonfinite)
+    except RunStoppedError as e:  # the run stopped: the cases that failed before it are still worth a line
         for line in e.report.failed.values():
             print(f"error: {line}", file=sys.stderr)
         raise

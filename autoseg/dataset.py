@@ -145,6 +145,18 @@ def _case_from_listing(root: Path, entry: object, n_channels: int, problems: lis
     return CaseFiles(stem, (image,), label)
 
 
+def _same_ids(cases: list[CaseFiles]) -> list[str]:
+    """One problem per case id given to more than one case (MSD's list names cases by path, so two folders can
+    hold the same file name), naming their labels; every such case is dropped from ``cases``."""
+    by_id: dict[str, list[CaseFiles]] = {}
+    for c in cases:
+        by_id.setdefault(c.case_id, []).append(c)
+    twice = {cid: cs for cid, cs in by_id.items() if len(cs) > 1}
+    cases[:] = [c for c in cases if c.case_id not in twice]
+    return [f"case {cid}: {len(cs)} training entries have this id ({', '.join(str(c.label) for c in cs)}); "
+            "case ids must be unique, rename one" for cid, cs in twice.items()]
+
+
 def load_dataset(root: str | Path) -> DatasetSpec:
     """Read ``root/dataset.json`` and list the training cases.
 
@@ -191,6 +203,7 @@ def load_dataset(root: str | Path) -> DatasetSpec:
             if p.resolve() not in used:
                 case_id = re.sub(r"_\d{4}$", "", stem)
                 problems.append(f"{p}: image has no matching label (expected labelsTr/{case_id}{ending})")
+    problems += _same_ids(cases)
     if not cases:
         problems.append(f"{root}: no training cases found (looked for labelsTr/*{ending} "
                         "and the 'training' list of dataset.json)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from autoseg.parallel import available_cores
 
-__all__ = ["DeviceInfo", "detect_device", "is_out_of_memory", "is_gpu_out_of_memory"]
+__all__ = ["DeviceInfo", "detect_device", "is_out_of_memory", "is_gpu_out_of_memory", "first_line"]
 
 
 @dataclass
@@ -85,6 +85,12 @@ def detect_device(gpu_memory_gib: float | None = None, device: str = "auto") -> 
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; give --gpu-memory GB to plan "
                          "for a GPU elsewhere")
     return DeviceInfo("cpu", _cpu_name(), cores, ram, None, round(ram, 2), "detected")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (PyTorch's CUDA errors add lines of debugging advice), or its type."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

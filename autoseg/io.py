@@ -151,3 +151,22 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
     img.SetDirection(geometry.direction)
     with atomic_path(path) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
+        _check_written(tmp, array)
+
+
+def _check_written(path: Path, array: np.ndarray) -> None:
+    """Read ``path`` back and compare it with ``array``: SimpleITK's NIfTI writer reports a failed write (a full
+    disk) only on stderr and leaves a truncated file that reads back without error but with other voxels.
+
+    Raises:
+        OSError: the file does not hold ``array``.
+    """
+    import SimpleITK as sitk
+
+    try:
+        back = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        same = back.shape == array.shape and np.array_equal(back, array)
+    except RuntimeError:
+        same = False
+    if not same:
+        raise OSError(f"the file read back differs from what was written ({path.stat().st_size} bytes on disk)")

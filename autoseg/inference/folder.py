@@ -10,6 +10,7 @@ exact grid; with probabilities also ``<case>.npz`` (``probabilities`` float16 ``
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoseg.atomic import atomic_path
+from autoseg.atomic import WriteError, atomic_path
 from autoseg.device import is_out_of_memory
-from autoseg.inference.predictor import Prediction, Predictor, first_line
+from autoseg.inference.predictor import Prediction, Predictor, fill_nonfinite, first_line
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
 from autoseg.overlays import OverlayRow, largest_structure_slices, render_overlays
 from autoseg.parallel import CaseError
@@ -30,8 +31,9 @@ from autoseg.preprocessing.transform import CaseProperties
 from autoseg.verify import geometry_mismatch
 
 __all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities",
-           "DeviceFailedError", "is_sticky_device_error"]
+           "RunStoppedError", "DeviceFailedError", "OutputFailedError", "is_sticky_device_error"]
 
+log = logging.getLogger(__name__)
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -53,8 +55,8 @@ class FolderReport:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-class DeviceFailedError(CaseError):
-    """The GPU failed on a case with a sticky error and the run stopped (see :func:`is_sticky_device_error`).
+class RunStoppedError(CaseError):
+    """The run stopped on a case because every later case would fail the same way.
 
     Attributes:
         report: what had been written, skipped and failed before the stop; every written file is complete.
@@ -63,6 +65,14 @@ class DeviceFailedError(CaseError):
     def __init__(self, case_id: str, detail: str, report: FolderReport):
         super().__init__(case_id, detail)
         self.report = report
+
+
+class DeviceFailedError(RunStoppedError):
+    """The GPU failed on a case with a sticky error (see :func:`is_sticky_device_error`)."""
+
+
+class OutputFailedError(RunStoppedError):
+    """An output file could not be written (full disk, quota, permissions)."""
 
 
 def is_sticky_device_error(exc: BaseException) -> bool:
@@ -87,18 +97,30 @@ def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]
     groups: dict[str, dict[int, Path]] = {}
     singles: dict[str, Path] = {}
     endings: dict[str, str] = {}
+    cases, problems = [], []
+    twice: set[str] = set()
     for f in sorted(folder.iterdir()):
         stem = strip_suffix(f.name)
         if stem is None or f.name.startswith(".") or not f.is_file():
             continue
         m = _CHANNEL.match(stem)
         if m:
-            groups.setdefault(m["case"], {})[int(m["ch"])] = f
+            chans = groups.setdefault(m["case"], {})
+            if int(m["ch"]) in chans:
+                problems.append(f"case {m['case']}: two files for channel {m['ch']}, {chans[int(m['ch'])].name} and "
+                                f"{f.name}; keep one")
+                twice.add(m["case"])
+            chans[int(m["ch"])] = f
             endings[m["case"]] = f.name[len(stem):]
         else:
+            if stem in singles:
+                problems.append(f"case {stem}: two files, {singles[stem].name} and {f.name}; keep one")
+                twice.add(stem)
             singles[stem] = f
             endings[stem] = f.name[len(stem):]
-    cases, problems = [], []
+    for cid in twice:
+        groups.pop(cid, None)
+        singles.pop(cid, None)
     for cid, chans in groups.items():
         if 0 not in chans and n_channels == 1:  # e.g. "scan_2024": not a channel suffix
             for ch, f in chans.items():
@@ -192,19 +214,24 @@ def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geomet
 
 def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite: bool = False,
                    probabilities: bool = False, progress: bool = True,
-                   overlay_dir: Path | None = None) -> FolderReport:
+                   overlay_dir: Path | None = None, fix_nonfinite: bool = False) -> FolderReport:
     """Predict every case of ``in_dir`` into ``out_dir``; a failing case is recorded and the others go on.
-    With ``overlay_dir``, also a PNG per case there (:func:`write_overlay`).
+    With ``overlay_dir``, also a PNG per case there (:func:`write_overlay`). A scan with NaN or infinite voxels
+    fails, unless ``fix_nonfinite``: then they take their channel's minimum, with a warning per case.
 
     A sticky GPU error (:func:`is_sticky_device_error`) stops the run instead: the case before it is still
     written, nothing is written for the failing case, later cases are not attempted.
 
     Raises:
-        ValueError: ``in_dir`` is missing or holds no images.
+        ValueError: ``in_dir`` is missing, holds no images, or is ``out_dir``.
         DeviceFailedError: a sticky GPU error; its message names the case, what was written, and says to rerun.
+        OutputFailedError: an output could not be written (full disk): the same, and nothing half-written.
     """
     if not in_dir.is_dir():
         raise ValueError(f"{in_dir}: not a folder")
+    if out_dir.resolve() == in_dir.resolve():
+        raise ValueError(f"-o {out_dir} is the input folder: its label maps would be read as new scans; give "
+                         "another output folder")
     n_ch = len(predictor.plans.channel_names)
     cases, problems = find_scans(in_dir, n_ch)
     if not cases and not problems:
@@ -222,8 +249,8 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
     stopped: tuple[str, str, int] | None = None  # case, error and cases not attempted after a sticky device error
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending: list[tuple[ScanCase, Future]] = []
-        cases_ready = tqdm(_prefetch(reader, predictor, todo, n_ch), total=len(todo), unit="case", desc="predict",
-                           disable=not progress)
+        cases_ready = tqdm(_prefetch(reader, predictor, todo, n_ch, fix_nonfinite), total=len(todo), unit="case",
+                           desc="predict", disable=not progress)
         for i, (case, ready) in enumerate(cases_ready):
             try:
                 data, props = ready.result()
@@ -261,26 +288,44 @@ def _describe(exc: BaseException) -> str:
 
 
 def _settle(pending: list[tuple[ScanCase, Future]], report: FolderReport, keep: int) -> None:
+    """Wait for the oldest writes until ``keep`` are pending.
+
+    Raises:
+        OutputFailedError: a file could not be written (every later case would fail the same way).
+    """
     while len(pending) > keep:
         case, fut = pending.pop(0)
         try:
             fut.result()
             report.written.append(case.case_id)
+        except WriteError as e:
+            raise OutputFailedError(case.case_id, (
+                f"{e}. The run stopped: {len(report.written)} case(s) written in this run, {len(report.skipped)} done "
+                "before, all complete; make room and run the same command again to continue (finished cases are "
+                "skipped)"), report) from None
         except (OSError, ValueError, RuntimeError, MemoryError) as e:
             report.failed[case.case_id] = f"case {case.case_id}: writing failed: {_describe(e)}"
 
 
-def _read_and_preprocess(predictor: Predictor, case: ScanCase, n_ch: int) -> tuple[np.ndarray, CaseProperties]:
+def _read_and_preprocess(predictor: Predictor, case: ScanCase, n_ch: int,
+                         fix_nonfinite: bool) -> tuple[np.ndarray, CaseProperties]:
     image, geometry = _read(case, n_ch)
+    if fix_nonfinite:
+        image, notes = fill_nonfinite(image)
+        for note in notes:
+            log.warning("case %s: %s (--fix-nonfinite)", case.case_id, note)
     return predictor.preprocess(image, geometry=geometry)
 
 
-def _prefetch(pool: ThreadPoolExecutor, predictor: Predictor, cases: list[ScanCase],
-              n_ch: int) -> Iterator[tuple[ScanCase, Future]]:
+def _prefetch(pool: ThreadPoolExecutor, predictor: Predictor, cases: list[ScanCase], n_ch: int,
+              fix_nonfinite: bool) -> Iterator[tuple[ScanCase, Future]]:
     """Yield each case with its reading and preprocessing started, and start the next one (one case ahead)."""
-    upcoming = pool.submit(_read_and_preprocess, predictor, cases[0], n_ch) if cases else None
+    def start(case: ScanCase) -> Future:
+        return pool.submit(_read_and_preprocess, predictor, case, n_ch, fix_nonfinite)
+
+    upcoming = start(cases[0]) if cases else None
     for i, case in enumerate(cases):
         current = upcoming
-        upcoming = pool.submit(_read_and_preprocess, predictor, cases[i + 1], n_ch) if i + 1 < len(cases) else None
+        upcoming = start(cases[i + 1]) if i + 1 < len(cases) else None
         assert current is not None
         yield case, current

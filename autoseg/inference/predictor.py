@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
-from autoseg.device import is_gpu_out_of_memory, is_out_of_memory
+from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
     choose_sums_device,
@@ -41,22 +41,40 @@ from autoseg.preprocessing.transform import CaseProperties, forward, probabiliti
 from autoseg.runconfig import CONFIG_FILE, model_dir
 from autoseg.tiling import tile_boxes
 
-__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError", "first_line"]
+__all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError", "first_line",
+           "fill_nonfinite"]
 
 log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 
 
+def fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """``image`` ``(C, z, y, x)`` with each channel's NaN and infinite voxels set to that channel's smallest
+    finite value, and one line per channel changed (count and value).
+
+    Raises:
+        ValueError: a channel has no finite voxel at all.
+    """
+    bad = ~np.isfinite(image)
+    if not bad.any():
+        return image, []
+    image, notes = image.copy(), []
+    for c in range(image.shape[0]):
+        n = int(bad[c].sum())
+        if not n:
+            continue
+        if n == bad[c].size:
+            raise ValueError(f"channel {c} has no finite voxel; nothing to replace its NaN/inf values with")
+        low = float(image[c][~bad[c]].min())
+        image[c][bad[c]] = low
+        notes.append(f"channel {c}: {n} NaN/infinite voxel(s) set to the channel's minimum {low:g}")
+    return image, notes
+
+
 class PredictionMemoryError(RuntimeError):
     """A volume could not be predicted within the memory there is, after every fallback; the message is one
     line: what ran out, the volume, the patch, the device and what to do."""
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (PyTorch's CUDA errors add lines of debugging advice), or its type."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,10 @@ class Predictor:
             raise ValueError(f"image of shape {list(image.shape)}: the run expects {n_ch} channel(s) "
                              f"{self.plans.channel_names} as (C, z, y, x)")
         if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or infinite values")
+            n_nan = int(np.isnan(image).sum())
+            raise ValueError(f"contains {n_nan} NaN and {int((~np.isfinite(image)).sum()) - n_nan} infinite voxel(s) "
+                             f"of {image.size}; predict with --fix-nonfinite to replace them with each channel's "
+                             "minimum")
         if geometry is None:
             if spacing is None:
                 raise ValueError("give the voxel spacing (z, y, x) in mm, or a geometry")

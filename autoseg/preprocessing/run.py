@@ -12,12 +12,13 @@ import numpy as np
 
 from autoseg import defaults
 from autoseg.atomic import remove_temporaries
-from autoseg.dataset import CaseFiles, DatasetError, files_stamp, load_dataset
+from autoseg.dataset import CaseFiles, DatasetError, DatasetSpec, files_stamp, load_dataset
 from autoseg.fingerprint import FINGERPRINT_FILE, Fingerprint, load_fingerprint
+from autoseg.locking import JobLock
 from autoseg.parallel import choose_workers, run_over_cases
 from autoseg.planning.spacing import resampled_shape
 from autoseg.plans import PLANS_FILE, Plans, load_plans
-from autoseg.preprocessing.storage import CASE_FILES, case_is_complete, write_case
+from autoseg.preprocessing.storage import CASE_FILES, case_is_complete, store_reference, stored_references, write_case
 from autoseg.preprocessing.transform import forward
 from autoseg.typedjson import SchemaError, to_jsonable
 from autoseg.verify import read_case
@@ -64,6 +65,7 @@ def preprocess_case(case: CaseFiles, plans: Plans, folder: Path, source_key: str
     data, seg, locations, props = forward(loaded.image, loaded.label, loaded.geometry, plans, case.case_id,
                                           source_key)
     assert seg is not None
+    store_reference(case.label, folder, case.case_id)  # before the JSON that marks the case complete
     write_case(folder, data, seg, locations, props, plans.stages[-1].patch_size)
     return props.shape_after_resampling
 
@@ -83,11 +85,14 @@ def _bytes_per_worker(fp: Fingerprint, plans: Plans) -> int:
 def _remove_unplanned(folder: Path, planned: set[str]) -> None:
     """Delete stored cases that the current plan no longer has (removed from the dataset, then re-planned),
     JSON first so that a crash in between leaves no case that looks complete."""
+    references = stored_references(folder)
     for props in folder.glob("*.json"):
         case_id = props.name[: -len(".json")]
         if case_id not in planned:
             for suffix in CASE_FILES[::-1]:
                 (folder / f"{case_id}{suffix}").unlink(missing_ok=True)
+            if case_id in references:
+                references[case_id].unlink()
             log.info("removed %s: no longer in the plan", case_id)
 
 
@@ -102,6 +107,7 @@ def preprocess_run(run_dir: Path, workers: int | None = None, progress: bool = T
         SchemaError: the run has no valid plan or fingerprint.
         DatasetError: the dataset folder is gone or its cases changed beyond use.
         CaseError: a case failed (names the case).
+        LockedError: another process is preprocessing this run.
     """
     run_dir = Path(run_dir)
     for name in (PLANS_FILE, FINGERPRINT_FILE):
@@ -114,6 +120,13 @@ def preprocess_run(run_dir: Path, workers: int | None = None, progress: bool = T
     if missing:
         raise DatasetError([f"{fp.dataset_dir}: case {m} was planned but is no longer in the dataset; "
                             "re-run autoseg plan" for m in missing])
+    with JobLock(run_dir / ".preprocess.lock", f"autoseg preprocess {run_dir}"):
+        return _preprocess_locked(run_dir, plans, fp, spec, workers, progress, force)
+
+
+def _preprocess_locked(run_dir: Path, plans: Plans, fp: Fingerprint, spec: DatasetSpec, workers: int | None,
+                       progress: bool, force: bool) -> PreprocessReport:
+    """:func:`preprocess_run` once this process alone preprocesses the run."""
     folder = run_dir / PREPROCESSED_DIR
     folder.mkdir(exist_ok=True)
     removed = remove_temporaries(folder)
@@ -123,12 +136,15 @@ def preprocess_run(run_dir: Path, workers: int | None = None, progress: bool = T
     planned = {c.case_id for c in fp.cases}
     _remove_unplanned(folder, planned)
     jobs, skipped = [], []
+    references = stored_references(folder)
     for case in spec.cases:
         if case.case_id not in planned:
             continue
         key = _source_key(case, settings)
         if not force and case_is_complete(folder, case.case_id, key):
             skipped.append(case.case_id)
+            if case.case_id not in references:  # preprocessed by a version that kept no copy
+                store_reference(case.label, folder, case.case_id)
         else:
             jobs.append((case.case_id, (case, plans, folder, key)))
     n_workers = choose_workers(len(jobs), _bytes_per_worker(fp, plans), workers) if jobs else 0

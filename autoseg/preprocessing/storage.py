@@ -8,20 +8,26 @@ comes last, so its presence marks a complete case.
 
 from __future__ import annotations
 
+import shutil
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
 from autoseg.atomic import atomic_path
+from autoseg.io import strip_suffix
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["write_case", "write_b2nd", "read_case_arrays", "read_properties", "read_class_locations",
-           "case_is_complete", "chunking", "CASE_FILES"]
+           "case_is_complete", "chunking", "CASE_FILES", "store_reference", "stored_references", "REFERENCE_TAG",
+           "require_cases"]
 
 #: the files of one case; the JSON is written last
 CASE_FILES = ("_data.b2nd", "_seg.b2nd", "_locations.npy", ".json")
+#: ``<case>_reference<ending>``: a byte copy of the case's original label file, which fold validation scores
+#: against, so that a run folder copied elsewhere (a cluster) validates without the dataset
+REFERENCE_TAG = "_reference"
 #: a block (the unit blosc2 decompresses) is kept near an L2 cache; a chunk near a patch
 BLOCK_BYTES = 128 * 2**10
 CHUNK_BYTES = 4 * 2**20
@@ -64,6 +70,25 @@ def write_case(folder: Path, data: np.ndarray, seg: np.ndarray, locations: np.nd
     write_json_atomic(props, folder / f"{props.case_id}.json")
 
 
+def store_reference(label: Path, folder: Path, case_id: str) -> Path:
+    """Copy the original label file ``label`` of ``case_id`` into ``folder`` (atomically); returns the copy."""
+    stem = strip_suffix(label.name) or label.name
+    path = folder / f"{case_id}{REFERENCE_TAG}{label.name[len(stem):]}"
+    with atomic_path(path) as tmp:
+        shutil.copyfile(label, tmp)
+    return path
+
+
+def stored_references(folder: Path) -> dict[str, Path]:
+    """Case id -> the label copy :func:`store_reference` made, for every case that has one."""
+    out = {}
+    for p in folder.glob(f"*{REFERENCE_TAG}.*"):
+        stem = strip_suffix(p.name)
+        if stem is not None and stem.endswith(REFERENCE_TAG) and not p.name.startswith("."):
+            out[stem[: -len(REFERENCE_TAG)]] = p
+    return out
+
+
 def read_class_locations(folder: Path, case_id: str) -> dict[int, np.ndarray]:
     """Sampled voxel coordinates per class: class value -> ``(n, 3)`` int array (z, y, x)."""
     rows = np.load(folder / f"{case_id}_locations.npy")
@@ -95,6 +120,18 @@ def read_case_arrays(folder: Path, case_id: str):
     dparams = {"nthreads": 1}
     return (blosc2.open(str(folder / f"{case_id}_data.b2nd"), mmap_mode="r", dparams=dparams),
             blosc2.open(str(folder / f"{case_id}_seg.b2nd"), mmap_mode="r", dparams=dparams))
+
+
+def require_cases(folder: Path, cases: list[str], command: str) -> None:
+    """Make sure every case in ``cases`` is preprocessed in ``folder``.
+
+    Raises:
+        ValueError: names how many are missing, one of them, and the ``command`` that makes them.
+    """
+    missing = [c for c in cases if not (folder / f"{c}.json").is_file()]
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} case(s) not preprocessed (e.g. {missing[0]}); run '{command}' "
+                         "first")
 
 
 def case_is_complete(folder: Path, case_id: str, source_key: str) -> bool:

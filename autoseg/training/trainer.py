@@ -1,7 +1,7 @@
-"""The training loop of one fold: stages in order, epochs of optimiser steps, the pseudo-Dice after each
-epoch, checkpoints and exact resume, DistributedDataParallel when launched by torchrun. It composes parts
-that each do one job: the runtime (device, ranks, collectives), the time budget, the stop request (signals),
-the optimiser step (AMP, non-finite steps), the pseudo-Dice and the checkpoint format.
+"""The training loop of one fold: stages in order, epochs of optimiser steps, the pseudo-Dice after each epoch,
+checkpoints and exact resume, DistributedDataParallel when launched by torchrun. It composes parts that each do
+one job: the runtime (device, ranks, collectives), the time budget, the stop request (signals), the optimiser step
+(AMP, non-finite steps), the pseudo-Dice and the checkpoint format.
 
 Exactness: batch ``i`` of a stage depends only on ``(seed, stage, i, rank)`` and the learning rate only on
 ``i``, so a run resumed from any checkpoint takes the same steps on the same data as an uninterrupted one.
@@ -26,6 +26,7 @@ from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_ch
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans, select_configuration
 from autoseg.preprocessing.run import PREPROCESSED_DIR
+from autoseg.preprocessing.storage import require_cases
 from autoseg.runconfig import (
     CONFIG_FILE,
     Overrides,
@@ -42,7 +43,7 @@ from autoseg.training.data import BatchDataset, BatchError, Guidance, PatchSampl
 from autoseg.training.interrupt import StopRequest, TrainingInterrupted
 from autoseg.training.losses import planned_loss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
-from autoseg.training.runtime import Runtime, configure_backends, rank_batch_sizes
+from autoseg.training.runtime import RankFailed, Runtime, configure_backends, rank_batch_sizes
 from autoseg.training.schedules import learning_rate, make_optimizer
 from autoseg.training.step import NonFiniteGuard, Stepper, guard_out_of_memory
 from autoseg.training.stopping import early_stop_reason, expand_bars, record_early_stop, start_stage
@@ -81,6 +82,7 @@ class Trainer:
         self.restart, self.say, self.validation_probe = restart, say, validation_probe
         self.plans: Plans = select_configuration(load_plans(self.run_dir / PLANS_FILE), configuration)
         self.fold_dir = model_dir(self.run_dir, self.plans.configuration) / fold_dir_name(fold)
+        self.latest = self.fold_dir / "checkpoint_latest.pt"
         self.class_names = [self.plans.labels[c] for c in sorted(self.plans.labels)[1:]]
         self.folder = self.run_dir / PREPROCESSED_DIR
         self.stop = StopRequest(STOP_GRACE_SECONDS if runtime.distributed else None)
@@ -96,10 +98,6 @@ class Trainer:
     def amp(self) -> bool:
         return self.plans.amp and self.rt.device.type == "cuda"
 
-    @property
-    def latest(self) -> Path:
-        return self.fold_dir / "checkpoint_latest.pt"
-
     def _new_network(self) -> nn.Module:
         return build_network(self.plans.network, len(self.plans.channel_names), len(self.plans.labels))
 
@@ -107,17 +105,11 @@ class Trainer:
         return planned_loss(self.plans.training)
 
     # --- set-up (rank 0 decides, every rank learns the outcome) ---------------------------------------
-    def _check_preprocessed(self, cases: list[str]) -> None:
-        missing = [c for c in cases if not (self.folder / f"{c}.json").is_file()]
-        if missing:
-            raise ValueError(f"{self.folder}: {len(missing)} case(s) not preprocessed (e.g. {missing[0]}); run "
-                             f"'autoseg preprocess {self.run_dir}' first")
-
     def _prepare(self) -> TrainConfig:
         """Rank 0: start over if asked, then load this fold's configuration or create it (for a time budget,
         measuring the step times and, with a ``validation_probe``, the final validation)."""
         train, val = fold_cases(self.plans, self.fold)
-        self._check_preprocessed(train + val)
+        require_cases(self.folder, train + val, f"autoseg preprocess {self.run_dir}")
         expand_bars(self.overrides.stop_at_dice, self.class_names)  # a wrong count is refused before any work
         if self.restart and self.fold_dir.exists():
             shutil.rmtree(self.fold_dir)
@@ -290,8 +282,17 @@ class Trainer:
                     t_mark = time.perf_counter()
             if bar is not None:
                 bar.close()
+        except (BatchError, RankFailed) as e:  # a batch could not be built, before its step: keep the steps done
+            raise self._keep_steps(e, run.name, net, stepper, state) from None
         finally:
             loader.close()  # stops its workers now, not whenever a garbage collection finds it
+
+    def _keep_steps(self, e: ValueError, stage: str, net: nn.Module, stepper: Stepper, state: TrainState) -> ValueError:
+        """After a failed batch (a preprocessed case deleted or unreadable), write ``latest``; the error to raise."""
+        if self.rt.main:
+            save_checkpoint(self.latest, net, stepper.opt, stepper.scaler, state)
+        return type(e)(f"{e}; checkpoint_latest.pt written at {stage} step {state.step}: run 'autoseg preprocess "
+                       f"{self.run_dir}' (it redoes missing or damaged cases), then the same command to continue")
 
     def _loader(self, ds: BatchDataset, start: int, stop: int) -> Generator[dict, None, None]:
         return make_loader(ds, start, stop, self.rt.workers, self.rt.device.type == "cuda")  # type: ignore[no-any-return]
@@ -329,9 +330,8 @@ class Trainer:
         self.stop.settle()  # written: a signal from here on (a launcher stopping the ranks) costs nothing
         self.rt.barrier()  # no rank exits before rank 0's checkpoint is complete (a launcher stops all on one exit)
         sig = signal.Signals(self.stop.signum or signal.SIGINT)
-        raise TrainingInterrupted(f"{sig.name}: stopped at {stage} step {state.step} of {total}; "
-                                  "checkpoint_latest.pt written; run the same command again to continue",
-                                  128 + int(sig))
+        raise TrainingInterrupted(f"{sig.name}: stopped at {stage} step {state.step} of {total}; checkpoint_latest.pt "
+                                  "written; run the same command again to continue", 128 + int(sig))
 
     def _guard(self, what: str, patch: list[int], batch: int, work: Callable[..., T], *args: Any) -> T:
         est = next((s.estimated_memory_gib for s in self.plans.stages if list(s.patch_size) == list(patch)), None)

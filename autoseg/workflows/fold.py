@@ -10,12 +10,13 @@ from pathlib import Path
 from torch import nn
 
 from autoseg.defaults import VALIDATION_TTA_MAX_BUDGET_SHARE
+from autoseg.locking import JobLock, fold_lock_path
 from autoseg.plans import Plans
-from autoseg.runconfig import Overrides, TrainConfig
+from autoseg.runconfig import Overrides, TrainConfig, fold_cases
 from autoseg.training.progress import append_log
 from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
-from autoseg.workflows.validate import validate_fold, validation_cost
+from autoseg.workflows.validate import check_references, validate_fold, validation_cost
 
 __all__ = ["train_fold"]
 
@@ -29,6 +30,7 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
     Raises:
         TrainingInterrupted: after SIGINT/SIGTERM, once ``latest`` is written.
         ValueError: see :meth:`Trainer.fit`.
+        LockedError: another process is training this fold.
     """
     def probe(plans: Plans, cfg: TrainConfig, net: nn.Module) -> float:
         """Measure the validation; under a budget, mirror only if that fits its share of the budget."""
@@ -42,6 +44,17 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
 
     trainer = Trainer(run_dir, fold, overrides, runtime, restart, say, validation_probe=probe,
                       configuration=configuration)
+    lock = JobLock(fold_lock_path(trainer.fold_dir), f"training of {trainer.fold_dir}")
+    runtime.from_main(lock.acquire)  # every rank learns that another process trains this fold
+    try:
+        runtime.from_main(lambda: check_references(Path(run_dir), fold_cases(trainer.plans, fold)[1]))
+        return _fit_and_validate(trainer, runtime, say)
+    finally:
+        lock.release()
+
+
+def _fit_and_validate(trainer: Trainer, runtime: Runtime, say: Callable[[str], None]) -> dict | None:
+    """Train (or resume, or load the trained fold), then validate on rank 0; the metrics, None on other ranks."""
     net = trainer.fit()
     if not runtime.main:
         return None

@@ -24,12 +24,13 @@ from autoseg.inference.sliding_window import padded_shape
 from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
-from autoseg.preprocessing.storage import read_case_arrays, read_properties
+from autoseg.preprocessing.storage import read_case_arrays, read_properties, stored_references
 from autoseg.tiling import mirror_combinations, tile_boxes
 from autoseg.typedjson import write_json_atomic
 
-__all__ = ["validate_fold", "reference_labels", "validation_cost", "ValidationCost", "VALIDATION_DIR",
-           "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities", "validated_folds"]
+__all__ = ["validate_fold", "reference_labels", "check_references", "validation_cost", "ValidationCost",
+           "VALIDATION_DIR", "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities",
+           "validated_folds"]
 
 VALIDATION_DIR = "validation"
 #: under ``validation/``: each case's class probabilities on the preprocessed grid, for ``autoseg find-best``
@@ -68,8 +69,30 @@ def validated_folds(folder: Path) -> list[Path]:
 
 
 def reference_labels(run_dir: Path) -> dict[str, Path]:
-    """Label file of every case of the run's dataset."""
-    return {c.case_id: c.label for c in load_dataset(load_fingerprint(run_dir / FINGERPRINT_FILE).dataset_dir).cases}
+    """Original label file of every training case: the copy ``autoseg preprocess`` keeps in the run, else (runs
+    preprocessed before it kept copies) the file in the dataset folder, if that is still where it was planned."""
+    refs = stored_references(run_dir / PREPROCESSED_DIR)
+    dataset = Path(load_fingerprint(run_dir / FINGERPRINT_FILE).dataset_dir)
+    if (dataset / "dataset.json").is_file():
+        for c in load_dataset(dataset).cases:
+            refs.setdefault(c.case_id, c.label)
+    return refs
+
+
+def check_references(run_dir: Path, case_ids: list[str]) -> None:
+    """Make sure every case in ``case_ids`` has its original label to be scored against (before training, so
+    that a run moved without its dataset fails now and not after hours of training).
+
+    Raises:
+        ValueError: names the first missing case and what to do.
+    """
+    refs = reference_labels(run_dir)
+    missing = [c for c in case_ids if c not in refs or not refs[c].is_file()]
+    if missing:
+        dataset = load_fingerprint(run_dir / FINGERPRINT_FILE).dataset_dir
+        raise ValueError(f"{run_dir}: no original label for {len(missing)} validation case(s) (e.g. {missing[0]}): "
+                         f"the run keeps none (preprocessed by an older autoseg) and the dataset is not at {dataset} "
+                         f"any more; put it back there and run autoseg preprocess {run_dir} once, which stores copies")
 
 
 def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module,

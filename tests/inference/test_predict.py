@@ -4,15 +4,19 @@ GPU paths that a CPU can observe: the memory fallbacks, out-of-memory messages, 
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from torch import nn
 
+from autoseg.atomic import WriteError
 from autoseg.cli import main
 from autoseg.inference import predictor as predictor_module
+from autoseg.inference.choice import predictor_for_run
 from autoseg.inference.folder import find_scans, is_sticky_device_error, load_probabilities
 from autoseg.inference.predictor import PredictionMemoryError, Predictor
 from autoseg.inference.sliding_window import choose_tiles_per_batch, sums_bytes
@@ -293,3 +297,57 @@ def test_ordinary_case_error_fails_only_that_case(trained_run, tmp_path, monkeyp
     assert captured.err.strip() == "error: case scan_1: scan_1_0000.nii.gz: not a NIfTI file"
     assert "predicted 3 case(s)" in captured.out and "1 failed" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["scan_0.nii.gz", "scan_2.nii.gz", "scan_3.nii.gz"]
+
+
+def test_the_input_folder_as_output_and_nonfinite_scans(trained_run, tmp_path, capsys, caplog):
+    """-o equal to -i is refused before anything is read; a scan with a few NaN voxels is refused with their
+    count, and with --fix-nonfinite predicted as the same scan with its channel minimum there, with a line."""
+    src = tmp_path / "in"
+    shutil.copytree(trained_run.parent / "data" / "imagesTr", src)
+    assert main(["predict", "-i", str(src), "-o", str(src / "."), "--run", str(trained_run), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the input folder" in err, err
+    scan = sorted(src.glob("*.nii.gz"))[0]
+    img = sitk.ReadImage(str(scan))
+    array = sitk.GetArrayFromImage(img).astype(np.float32)
+    array[0, 0, :3] = np.nan
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(scan))
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(src), "-o", str(out), "--run", str(trained_run), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "contains 3 NaN and 0 infinite voxel(s)" in err and "--fix-nonfinite" in err, err
+    with caplog.at_level("WARNING"):
+        assert main(["predict", "-i", str(src), "-o", str(out), "--run", str(trained_run), "--no-progress",
+                     "--fix-nonfinite"]) == 0
+    assert "3 NaN/infinite voxel(s) set to the channel's minimum" in caplog.text
+    image, geometry = read_image(scan)
+    image[0, 0, 0, :3] = np.nanmin(image)
+    expected = predictor_for_run(trained_run)[0].predict(image, geometry=geometry).labels
+    np.testing.assert_array_equal(read_image(out / scan.name.replace("_0000", ""))[0][0], expected)
+
+
+def test_a_full_disk_stops_prediction_with_one_line_and_a_rerun_continues(trained_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    from autoseg.inference import folder
+
+    out = tmp_path / "out"
+    real, calls = folder.write_image, {"n": 0}
+
+    def full_after_one(array, geometry, path):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise WriteError(f"{path}: could not be written: the disk is full (0 MiB free); nothing was written in "
+                             "its place")
+        real(array, geometry, path)
+
+    monkeypatch.setattr(folder, "write_image", full_after_one)
+    images = trained_run.parent / "data" / "imagesTr"
+    assert main(["predict", "-i", str(images), "-o", str(out), "--run", str(trained_run), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and "The run stopped: 1 case(s) written" in err[0], err
+    assert len(list(out.glob("*.nii.gz"))) == 1 and not list(out.glob(".*"))
+    monkeypatch.setattr(folder, "write_image", real)
+    assert main(["predict", "-i", str(images), "-o", str(out), "--run", str(trained_run), "--no-progress"]) == 0
+    assert len(list(out.glob("*.nii.gz"))) == len(list(images.glob("*.nii.gz")))
