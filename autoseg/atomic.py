@@ -17,7 +17,7 @@ try:
 except ImportError:  # Windows: no file-size limits to name
     resource = None  # type: ignore[assignment]
 
-__all__ = ["TMP_PREFIX", "WriteError", "atomic_path", "remove_temporaries", "sync_path"]
+__all__ = ["TMP_PREFIX", "WriteError", "atomic_path", "copy_file", "remove_temporaries", "sync_path"]
 
 #: temporary files start with this; the name keeps the final file's ending, which some writers need
 TMP_PREFIX = ".tmp-"
@@ -87,7 +87,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.write_text(text)
     """
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:6]}-{path.name}")
     try:
         try:
             yield tmp
@@ -106,10 +106,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that is writing ``tmp`` (its id is in the name) still runs on this machine."""
+    pid = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit() or os.name == "nt":  # an older name without the id; Windows has no signal 0
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def remove_temporaries(folder: Path) -> int:
-    """Delete files left under temporary names in ``folder`` by a run that was killed; returns how many."""
+    """Delete files left under temporary names in ``folder`` by a process that was killed; returns how many.
+    Those of a process still running (another command writing into the same folder) are left alone."""
     n = 0
     for p in folder.glob(f"{TMP_PREFIX}*"):
+        if _writer_alive(p):
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -122,10 +122,10 @@ def _load_failure(path: Path, e: BaseException) -> str:
     if isinstance(e, MemoryError) or is_out_of_memory(e):
         return "not enough memory to load it; close other programs or load on a machine with more RAM (the file " \
             "itself is fine)"
-    if isinstance(e, OSError) and not isinstance(e, EOFError):
-        return f"cannot be read ({e.strerror or e}); the file itself may be fine"
     size = path.stat().st_size if path.is_file() else 0
     whole = zipfile.is_zipfile(path)  # torch writes a zip archive: a cut file has no central directory
+    if isinstance(e, OSError) and whole:
+        return f"cannot be read ({e.strerror or e}); the file itself may be fine"
     if isinstance(e, pickle.UnpicklingError) and whole:
         return ("holds Python objects that autoseg refuses to load, because loading them could run code "
                 "(autoseg writes tensors and plain values only): not an autoseg checkpoint; move it away")

@@ -297,6 +297,7 @@ def _configurations(text: str | None) -> list[str] | None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.atomic import remove_temporaries
     from autoseg.dataset import load_dataset
     from autoseg.device import detect_device
     from autoseg.fingerprint import fingerprint_dataset, save_fingerprint
@@ -321,6 +322,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if folds is not None:
         plans.folds = folds
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run_dir)  # left by a plan that was killed
     save_fingerprint(fp, run_dir)
     save_plans(plans, run_dir / PLANS_FILE)
     print(format_summary(fp, plans))

@@ -140,7 +140,11 @@ def _checkpoint(path: Path) -> Path:
 
 def test_a_truncated_or_empty_checkpoint_is_called_corrupt(tmp_path):
     good = _checkpoint(tmp_path / "good.pt").read_bytes()
-    for name, content in (("cut.pt", good[: len(good) // 2]), ("empty.pt", b""), ("noise.pt", os.urandom(999))):
+    big = tmp_path / "big.pt"
+    save_checkpoint(big, torch.nn.Linear(100, 100), None, None, TrainState())
+    cuts = (("cut.pt", good[: len(good) // 2]), ("cut_big.pt", big.read_bytes()[:5000]), ("empty.pt", b""),
+            ("noise.pt", os.urandom(999)))
+    for name, content in cuts:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match="corrupt or truncated .*delete it, or train with --restart"):
             load_checkpoint(tmp_path / name)
@@ -242,3 +246,18 @@ def test_references_are_stored_by_preprocess(tmp_path):
     assert sorted(refs) == sorted(c.case_id for c in load_dataset(data).cases)
     for c in load_dataset(data).cases:
         assert refs[c.case_id].read_bytes() == c.label.read_bytes()
+
+
+def test_temporaries_of_a_dead_writer_are_removed_and_a_live_writers_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = tmp_path / f"{atomic.TMP_PREFIX}{os.getpid()}-abcdef-a.json"
+    theirs = tmp_path / f"{atomic.TMP_PREFIX}{dead.pid}-abcdef-b.json"
+    old_style = tmp_path / f"{atomic.TMP_PREFIX}deadbeef-c.json"
+    for p in (mine, theirs, old_style):
+        p.write_text("half")
+    assert atomic.remove_temporaries(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [mine.name]
+    with atomic_path(tmp_path / "d.json") as tmp:
+        assert tmp.name.startswith(f"{atomic.TMP_PREFIX}{os.getpid()}-")
+        tmp.write_text("{}")

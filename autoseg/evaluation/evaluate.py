@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.atomic import atomic_path
+from autoseg.atomic import atomic_path, remove_temporaries
 from autoseg.dataset import DatasetError
 from autoseg.evaluation.distances import assd, hd95
 from autoseg.io import ImageReadError, read_image, strip_suffix
@@ -84,6 +84,7 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: list[int] | None = N
     problems = [f"{d}: not a folder" for d in (pred_dir, ref_dir) if not d.is_dir()]
     if problems:
         raise EvaluationError(problems)
+    remove_temporaries(pred_dir)  # a metrics file a killed run was writing
     preds, refs = _cases(pred_dir), _cases(ref_dir)
     if not refs:
         raise EvaluationError([f"{ref_dir}: no images (.nii.gz, .nii, .nrrd, .mha) found"])

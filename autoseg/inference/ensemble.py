@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.atomic import remove_temporaries
 from autoseg.dataset import DatasetError
 from autoseg.inference.folder import load_probabilities, save_probabilities
 from autoseg.io import write_image
@@ -39,6 +40,7 @@ def ensemble_folders(folders: list[Path], out_dir: Path, save_probs: bool = Fals
     if problems:
         raise DatasetError(problems)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir)  # what a killed run was writing
     done = []
     for cid in tqdm(sorted(every), unit="case", desc="ensemble", disable=not progress):
         total, values, geo = load_probabilities(folders[0] / f"{cid}.npz")

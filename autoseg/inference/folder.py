@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoseg.atomic import WriteError, atomic_path
+from autoseg.atomic import WriteError, atomic_path, remove_temporaries
 from autoseg.device import is_out_of_memory
 from autoseg.inference.predictor import Prediction, Predictor, fill_nonfinite, first_line
 from autoseg.io import Geometry, ImageReadError, read_image, strip_suffix, write_image
@@ -237,6 +237,9 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
     if not cases and not problems:
         raise ValueError(f"{in_dir}: no images (.nii.gz, .nii, .nrrd, .mha) found")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, overlay_dir):  # what a killed run was writing
+        if folder is not None and folder.is_dir():
+            remove_temporaries(folder)
     report = FolderReport()
     for line in problems:
         report.failed[line.split(":")[0].removeprefix("case ")] = line

@@ -8,13 +8,12 @@ comes last, so its presence marks a complete case.
 
 from __future__ import annotations
 
-import shutil
 from math import prod
 from pathlib import Path
 
 import numpy as np
 
-from autoseg.atomic import atomic_path
+from autoseg.atomic import atomic_path, copy_file
 from autoseg.io import strip_suffix
 from autoseg.preprocessing.transform import CaseProperties
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
@@ -74,8 +73,7 @@ def store_reference(label: Path, folder: Path, case_id: str) -> Path:
     """Copy the original label file ``label`` of ``case_id`` into ``folder`` (atomically); returns the copy."""
     stem = strip_suffix(label.name) or label.name
     path = folder / f"{case_id}{REFERENCE_TAG}{label.name[len(stem):]}"
-    with atomic_path(path) as tmp:
-        shutil.copyfile(label, tmp)
+    copy_file(label, path)
     return path
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from autoseg.atomic import remove_temporaries
+from autoseg.atomic import copy_file, remove_temporaries
 from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
 from autoseg.networks import build_network
 from autoseg.plans import PLANS_FILE, Plans, load_plans, select_configuration
@@ -138,7 +138,7 @@ class Trainer:
                     "validation time measurement", last.patch_size, 1, self.validation_probe, self.plans, cfg, net), 1)
             self.say(fit_budget(self.plans, cfg, minutes, time.perf_counter() - self.t_start))
         self.fold_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.run_dir / PLANS_FILE, self.fold_dir / PLANS_FILE)
+        copy_file(self.run_dir / PLANS_FILE, self.fold_dir / PLANS_FILE)
         save_config(cfg, path)
         return cfg
 

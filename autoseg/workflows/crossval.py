@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.atomic import remove_temporaries
 from autoseg.evaluation.distances import hd95
 from autoseg.io import read_image
 from autoseg.plans import PLANS_FILE, load_plans, select_configuration
@@ -33,6 +34,7 @@ def summarize_run(run_dir: Path, configuration: str | None = None) -> dict:
     plans = select_configuration(load_plans(run_dir / PLANS_FILE), configuration)
     refs = reference_labels(run_dir)
     run_dir = model_dir(run_dir, plans.configuration)
+    remove_temporaries(run_dir)
     folds = validated_folds(run_dir)
     if not folds:
         raise ValueError(f"{run_dir}: no fold has {VALIDATION_DIR}/metrics.json; train folds with autoseg train")

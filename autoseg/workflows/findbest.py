@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from autoseg.atomic import remove_temporaries
 from autoseg.evaluation.distances import hd95
 from autoseg.evaluation.evaluate import score_case
 from autoseg.inference.choice import CandidateScore, Choice, save_choice
@@ -96,6 +97,8 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
         ValueError: see :func:`_compared`.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        remove_temporaries(run_dir)
     if not (run_dir / PLANS_FILE).is_file():
         raise ValueError(f"{run_dir}: not a planned run (no {PLANS_FILE}); give the folder autoseg plan -o wrote")
     plans = load_plans(run_dir / PLANS_FILE)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from autoseg.atomic import atomic_path
+from autoseg.atomic import atomic_path, remove_temporaries
 from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
@@ -104,6 +104,9 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice)."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
+    for folder in (out_dir, out_dir / PROBABILITIES_DIR):  # what a validation that was killed was writing
+        if folder.is_dir():
+            remove_temporaries(folder)
     refs = reference_labels(run_dir)
     folder = run_dir / PREPROCESSED_DIR
     classes = sorted(plans.labels)[1:]
