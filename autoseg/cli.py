@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from autoseg import __version__
 
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--fix-nonfinite", action="store_true",
                     help="replace NaN and infinite voxels with their channel's smallest finite value and say so per "
                     "case (default: such a scan is refused with the count of bad voxels, and the others go on)")
+    pr.add_argument("--gpus", type=int, default=1, metavar="N",
+                    help="predict in N processes on this machine, one GPU each (launches torchrun; with --device "
+                    "cpu, N CPU processes sharing the cores); each takes its share of the scans, balanced by size. "
+                    "On several machines, start 'torchrun ... -m autoseg predict ...' on each instead")
     pr.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -456,28 +461,74 @@ def _silent(_: str) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import os
+
+    from autoseg.parallel import CaseError
+    from autoseg.training.runtime import distributed_runtime
+
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args.gpus, args.argv)
+    t0 = time.perf_counter()
+    rt = distributed_runtime(args.device, 0, not args.no_progress and sys.stderr.isatty())
+    try:
+        if not rt.distributed:
+            outcomes = [_predict_share(args, rt)]
+        else:  # every rank reaches the gather, whatever happened to it, so that none waits forever
+            try:
+                outcome = _predict_share(args, rt)
+            except (ValueError, OSError, CaseError) as e:
+                outcome = {"error": str(e)}
+            outcomes = rt.gather(outcome)
+    finally:
+        rt.close()
+    failed = any(o.get("error") or o["failed"] or o["stopped"] for o in outcomes)
+    if rt.main:
+        _print_predicted(args, outcomes, rt.world_size, time.perf_counter() - t0)
+    return 1 if failed else 0
+
+
+def _predict_share(args: argparse.Namespace, rt: Any) -> dict:
+    """Predict this process's share of the scans; what it wrote, skipped, failed, and why it stopped early."""
     from autoseg.inference.choice import predictor_for_run
     from autoseg.inference.folder import RunStoppedError, predict_folder
 
-    t0 = time.perf_counter()
     predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta,
                                         args.step, args.config)
-    print(f"predicting with {what}")
+    if rt.main:
+        print(f"predicting with {what}" + (f" in {rt.world_size} processes" if rt.distributed else ""))
+    stopped = None
     try:
         r = predict_folder(predictor, args.input, args.output, args.overwrite, args.save_probabilities,
-                           not args.no_progress and sys.stderr.isatty(), args.overlays, args.fix_nonfinite)
+                           rt.progress and rt.main, args.overlays, args.fix_nonfinite, rt.rank, rt.world_size)
     except RunStoppedError as e:  # the run stopped: the cases that failed before it are still worth a line
-        for line in e.report.failed.values():
+        if not rt.distributed:
+            for line in e.report.failed.values():
+                print(f"error: {line}", file=sys.stderr)
+            raise
+        r, stopped = e.report, f"rank {rt.rank}: {e}"
+    return {"written": r.written, "skipped": r.skipped, "failed": r.failed, "stopped": stopped,
+            "networks": len(predictor.networks)}
+
+
+def _print_predicted(args: argparse.Namespace, outcomes: list[dict], world: int, seconds: float) -> None:
+    """Rank 0's lines: every failure once, then the summary of all processes."""
+    for message in dict.fromkeys(o["error"] for o in outcomes if o.get("error")):
+        print(f"error: {message}", file=sys.stderr)
+    done = [o for o in outcomes if not o.get("error")]
+    for o in done:
+        for line in o["failed"].values():
             print(f"error: {line}", file=sys.stderr)
-        raise
-    for line in r.failed.values():
-        print(f"error: {line}", file=sys.stderr)
-    n = len(r.written)
-    per_case = f" ({(time.perf_counter() - t0) / n:.1f} s per case)" if n else ""
-    print(f"predicted {n} case(s) into {args.output} with {len(predictor.networks)} network(s){per_case}; skipped "
-          f"{len(r.skipped)} already done; {len(r.failed)} failed"
+        if o["stopped"]:
+            print(f"error: {o['stopped']}", file=sys.stderr)
+    if not done:
+        return
+    n = sum(len(o["written"]) for o in done)
+    per_case = f" ({seconds / n:.1f} s per case)" if n else ""
+    where = f" over {world} processes" if world > 1 else ""
+    print(f"predicted {n} case(s) into {args.output} with {done[0]['networks']} network(s){where}{per_case}; "
+          f"skipped {sum(len(o['skipped']) for o in done)} already done; "
+          f"{sum(len(o['failed']) for o in done)} failed"
           + (f"; overlays in {args.overlays}" if args.overlays is not None else ""))
-    return 1 if r.failed else 0
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
@@ -562,7 +613,7 @@ def _launch_torchrun(gpus: int, argv: list[str]) -> int:
         codes = sorted({f.exitcode for f in e.failures.values()})
         code = max(codes) if codes else 1
         if code not in (1, 130, 128 + 15):  # 1 and the interruptions were explained by the ranks themselves
-            print(f"error: {len(e.failures)} of {gpus} training processes ended with exit code(s) {codes}",
+            print(f"error: {len(e.failures)} of {gpus} processes ended with exit code(s) {codes}",
                   file=sys.stderr)
         return code if 0 < code < 256 else 1
     return 0

@@ -39,6 +39,10 @@ from autoseg.demo import make_synthetic_dataset
 from autoseg.preprocessing.storage import read_case_arrays
 
 AUTOSEG = [sys.executable, "-m", "autoseg"]
+#: one thread per process: two trials run at a time on two cores, and OpenMP threads that outnumber the cores
+#: spin (measured: 26 s per training trial with 2 threads each, against ~11 s for a run alone); the references
+#: use the same setting, so float results compare bitwise
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TRAIN = ["--epochs", "2", "--iterations-per-epoch", "3", "-j", "0", "--device", "cpu", "--no-progress"]
 
 
@@ -69,7 +73,7 @@ def run(args: list[str], limit: int | None = None, kill_after: float | None = No
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(AUTOSEG + args, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                preexec_fn=set_limit)
+                                preexec_fn=set_limit, env=ENV)
         try:
             code = proc.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
@@ -319,6 +323,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=20, help="random kill moments per command (default 20)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as the commands it starts (ENV): the in-process training compares with them
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)

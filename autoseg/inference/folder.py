@@ -31,7 +31,7 @@ from autoseg.preprocessing.transform import CaseProperties
 from autoseg.verify import geometry_mismatch
 
 __all__ = ["ScanCase", "find_scans", "predict_folder", "FolderReport", "save_probabilities", "load_probabilities",
-           "RunStoppedError", "DeviceFailedError", "OutputFailedError", "is_sticky_device_error"]
+           "RunStoppedError", "DeviceFailedError", "OutputFailedError", "is_sticky_device_error", "share_by_size"]
 
 log = logging.getLogger(__name__)
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -136,6 +136,20 @@ def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]
     return sorted(cases, key=lambda c: c.case_id), problems
 
 
+def share_by_size(cases: list[ScanCase], world: int) -> list[list[ScanCase]]:
+    """The cases of each of ``world`` processes: largest first to the process with the fewest bytes so far
+    (files' sizes on disk stand for the work), so that a few big scans do not all land on one process. The same
+    on every process, with no communication: ties go by case id."""
+    shares: list[list[ScanCase]] = [[] for _ in range(world)]
+    load = [0] * world
+    size = {c.case_id: sum(f.stat().st_size for f in c.files) for c in cases}
+    for c in sorted(cases, key=lambda c: (-size[c.case_id], c.case_id)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        shares[r].append(c)
+        load[r] += size[c.case_id]
+    return [sorted(s, key=lambda c: c.case_id) for s in shares]
+
+
 def _read(case: ScanCase, n_channels: int) -> tuple[np.ndarray, Geometry]:
     """The case's image ``(C, z, y, x)`` and geometry; channels must share the geometry."""
     arrays, geos = [], []
@@ -214,8 +228,11 @@ def _write(case: ScanCase, pred: Prediction, values: list[int], geometry: Geomet
 
 def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite: bool = False,
                    probabilities: bool = False, progress: bool = True,
-                   overlay_dir: Path | None = None, fix_nonfinite: bool = False) -> FolderReport:
+                   overlay_dir: Path | None = None, fix_nonfinite: bool = False, rank: int = 0,
+                   world: int = 1) -> FolderReport:
     """Predict every case of ``in_dir`` into ``out_dir``; a failing case is recorded and the others go on.
+    With ``world`` processes, this one (``rank``) takes its :func:`share_by_size` of the cases; only rank 0
+    reports the files that form no case.
     With ``overlay_dir``, also a PNG per case there (:func:`write_overlay`). A scan with NaN or infinite voxels
     fails, unless ``fix_nonfinite``: then they take their channel's minimum, with a warning per case.
 
@@ -241,10 +258,10 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
         if folder is not None and folder.is_dir():
             remove_temporaries(folder)
     report = FolderReport()
-    for line in problems:
+    for line in problems if rank == 0 else []:
         report.failed[line.split(":")[0].removeprefix("case ")] = line
     todo = []
-    for c in cases:
+    for c in share_by_size(cases, world)[rank]:  # shared out before skipping: every rank sees the same cases
         done = (out_dir / f"{c.case_id}{c.ending}").is_file() and (
             not probabilities or (out_dir / f"{c.case_id}.npz").is_file()) and (
             overlay_dir is None or (overlay_dir / f"{c.case_id}.png").is_file())

@@ -75,6 +75,14 @@ class Runtime:
             self._module().all_reduce(out, op=self._op(op))
         return out
 
+    def gather(self, value: Any) -> list[Any]:
+        """``value`` of every rank, in rank order, on every rank (``[value]`` in a single process)."""
+        if not self.distributed:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        self._module().all_gather_object(out, value)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None

@@ -3,8 +3,10 @@ GPU paths that a CPU can observe: the memory fallbacks, out-of-memory messages, 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -17,7 +19,7 @@ from autoseg.atomic import WriteError
 from autoseg.cli import main
 from autoseg.inference import predictor as predictor_module
 from autoseg.inference.choice import predictor_for_run
-from autoseg.inference.folder import find_scans, is_sticky_device_error, load_probabilities
+from autoseg.inference.folder import ScanCase, find_scans, is_sticky_device_error, load_probabilities, share_by_size
 from autoseg.inference.predictor import PredictionMemoryError, Predictor
 from autoseg.inference.sliding_window import choose_tiles_per_batch, sums_bytes
 from autoseg.io import read_image
@@ -351,3 +353,40 @@ def test_a_full_disk_stops_prediction_with_one_line_and_a_rerun_continues(traine
     monkeypatch.setattr(folder, "write_image", real)
     assert main(["predict", "-i", str(images), "-o", str(out), "--run", str(trained_run), "--no-progress"]) == 0
     assert len(list(out.glob("*.nii.gz"))) == len(list(images.glob("*.nii.gz")))
+
+
+def test_share_by_size_balances_bytes_not_counts(tmp_path):
+    sizes = {"a": 900, "b": 500, "c": 400, "d": 100, "e": 100}
+    cases = []
+    for cid, n in sizes.items():
+        (tmp_path / f"{cid}.nii.gz").write_bytes(b"x" * n)
+        cases.append(ScanCase(cid, (tmp_path / f"{cid}.nii.gz",), ".nii.gz"))
+    shares = share_by_size(cases, 2)
+    assert [[c.case_id for c in s] for s in shares] == [["a", "d"], ["b", "c", "e"]]  # 1000 and 1000 bytes
+    assert share_by_size(cases, 1) == [sorted(cases, key=lambda c: c.case_id)]
+    assert share_by_size(cases[:1], 3)[1:] == [[], []]
+
+
+def test_two_processes_write_exactly_the_files_of_one(trained_run, tmp_path):
+    """``--gpus 2 --device cpu``: two gloo processes share the scans, each writes its own, rank 0 prints one
+    summary; the files equal a single process's byte for byte (both with one thread per process), and a rerun
+    skips everything."""
+    images = trained_run.parent / "data" / "imagesTr"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "autoseg", "predict", "-i", str(images), "--run", str(trained_run),
+            "--save-probabilities", "--no-progress", "--device", "cpu"]
+    one = subprocess.run([*base, "-o", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*base, "-o", str(tmp_path / "two"), "--gpus", "2"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    n = len(list(images.glob("*.nii.gz")))
+    assert [ln for ln in two.stdout.splitlines() if ln.startswith("predicted")] == [
+        ln for ln in two.stdout.splitlines() if ln.startswith(f"predicted {n} case(s)") and "over 2 processes" in ln]
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 2 * n
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    again = subprocess.run([*base, "-o", str(tmp_path / "two"), "--gpus", "2"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert again.returncode == 0 and "predicted 0 case(s)" in again.stdout and f"skipped {n} already" in again.stdout
