@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "SIGTERM, a crash), the same command resumes exactly where the last checkpoint was. Under "
                        "torchrun (or with --gpus N) the fold trains on several GPUs with DistributedDataParallel.")
     t.add_argument("fold", metavar="FOLD", help="fold index 0..k-1, or 'all' (every case; validates on them)")
-    t.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run directory (autoseg plan -o)")
+    t.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, metavar="RUN_DIR",
+                   help="run directory (autoseg plan -o); under a torchrun command line of your own write --run-dir "
+                   "(torchrun's parser takes --run for its --run-path)")
     t.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="training device (default auto: CUDA if visible, else CPU)")
     t.add_argument("--stage", choices=("both", "zoom-in", "zoom-out"), default="both",
@@ -142,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the exit code is 1.")
     pr.add_argument("-i", "--input", type=Path, required=True, metavar="SCANS_DIR", help="folder of scans")
     pr.add_argument("-o", "--output", type=Path, required=True, metavar="OUT_DIR", help="folder for label maps")
-    pr.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
+    pr.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, metavar="RUN_DIR",
+                    help="trained run directory; under a torchrun command line of your own write --run-dir (torchrun's "
+                    "parser takes --run for its --run-path)")
     pr.add_argument("--folds", nargs="+", default=None, metavar="K",
                     help="folds to use (default: every fold with the checkpoint)")
     pr.add_argument("--config", default=None, metavar="NAME",

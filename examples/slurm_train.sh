@@ -26,5 +26,5 @@ gpus=${gpus##*:}
 srun --kill-on-bad-exit=1 torchrun \
     --nnodes "$SLURM_NNODES" --nproc-per-node "$gpus" \
     --rdzv-backend c10d --rdzv-endpoint "$head:29500" --rdzv-id "autoseg-$SLURM_JOB_ID" \
-    -m autoseg train "$fold" --run "$run" "${budget[@]}" --no-progress &
+    -m autoseg train "$fold" --run-dir "$run" "${budget[@]}" --no-progress &
 wait
