@@ -7,10 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from autoseg.defaults import VALIDATION_TTA_MAX_BUDGET_SHARE
 from autoseg.locking import JobLock, fold_lock_path
+from autoseg.parallel import available_cores
 from autoseg.plans import Plans
 from autoseg.runconfig import Overrides, TrainConfig, fold_cases
 from autoseg.training.progress import append_log
@@ -58,6 +60,8 @@ def _fit_and_validate(trainer: Trainer, runtime: Runtime, say: Callable[[str], N
     net = trainer.fit()
     if not runtime.main:
         return None
+    if runtime.distributed and runtime.device.type == "cpu":  # the other ranks are done: validate on every core
+        torch.set_num_threads(available_cores())
     cfg = trainer.config
     assert cfg is not None
     t0 = time.perf_counter()
