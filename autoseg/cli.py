@@ -485,7 +485,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             outcomes = rt.gather(outcome)
     finally:
         rt.close()
-    failed = any(o.get("error") or o["failed"] or o["stopped"] for o in outcomes)
+    failed = any("error" in o or o["failed"] or o["stopped"] for o in outcomes)
     if rt.main:
         _print_predicted(args, outcomes, rt.world_size, time.perf_counter() - t0)
     return 1 if failed else 0
@@ -516,9 +516,9 @@ def _predict_share(args: argparse.Namespace, rt: Any) -> dict:
 
 def _print_predicted(args: argparse.Namespace, outcomes: list[dict], world: int, seconds: float) -> None:
     """Rank 0's lines: every failure once, then the summary of all processes."""
-    for message in dict.fromkeys(o["error"] for o in outcomes if o.get("error")):
+    for message in dict.fromkeys(o["error"] for o in outcomes if "error" in o):
         print(f"error: {message}", file=sys.stderr)
-    done = [o for o in outcomes if not o.get("error")]
+    done = [o for o in outcomes if "error" not in o]
     for o in done:
         for line in o["failed"].values():
             print(f"error: {line}", file=sys.stderr)
