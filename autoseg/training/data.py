@@ -23,11 +23,17 @@ from autoseg.plans import AugmentationPlan
 from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
 
 __all__ = ["PatchSampler", "BatchDataset", "Guidance", "BatchError", "initial_patch_size", "build_augmentation",
-           "make_loader", "batch_seed"]
+           "make_loader", "batch_seed", "with_resume_advice"]
 
 
 class BatchError(ValueError):
     """Building a training batch failed; the message names the case."""
+
+
+def with_resume_advice(e: ValueError, stage: str, step: int, run_dir: Path) -> ValueError:
+    """``e`` (a batch that could not be built) saying what was kept and how to go on."""
+    return type(e)(f"{e}; checkpoint_latest.pt written at {stage} step {step}: run 'autoseg preprocess {run_dir}' "
+                   "(it redoes missing or damaged cases), then the same command to continue")
 
 
 def batch_seed(seed: int, stage: int, index: int, rank: int = 0, purpose: int = 0) -> int:

@@ -39,7 +39,7 @@ from autoseg.runconfig import (
 )
 from autoseg.training.budget import BUDGET_CHECK_EPOCH, fit_budget, measure_step_seconds, refit_epochs
 from autoseg.training.config import new_config
-from autoseg.training.data import BatchDataset, BatchError, Guidance, PatchSampler, make_loader
+from autoseg.training.data import BatchDataset, BatchError, Guidance, PatchSampler, make_loader, with_resume_advice
 from autoseg.training.interrupt import StopRequest, TrainingInterrupted
 from autoseg.training.losses import planned_loss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
@@ -291,8 +291,8 @@ class Trainer:
         """After a failed batch (a preprocessed case deleted or unreadable), write ``latest``; the error to raise."""
         if self.rt.main:
             save_checkpoint(self.latest, net, stepper.opt, stepper.scaler, state)
-        return type(e)(f"{e}; checkpoint_latest.pt written at {stage} step {state.step}: run 'autoseg preprocess "
-                       f"{self.run_dir}' (it redoes missing or damaged cases), then the same command to continue")
+        self.rt.barrier()  # no rank exits before the checkpoint is complete (a launcher stops all on one exit)
+        return with_resume_advice(e, stage, state.step, self.run_dir)
 
     def _loader(self, ds: BatchDataset, start: int, stop: int) -> Generator[dict, None, None]:
         return make_loader(ds, start, stop, self.rt.workers, self.rt.device.type == "cuda")  # type: ignore[no-any-return]
