@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg import __version__
+from autoseg.defaults import MIRRORING_MIN_GAIN
 
 __all__ = ["main", "build_parser"]
 
@@ -156,7 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "when the run has one, else the plan's default configuration")
     pr.add_argument("--checkpoint", choices=("final", "best"), default="final",
                     help="checkpoint of each fold (default final)")
-    pr.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (about 8x faster)")
+    tta = pr.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="mirroring test-time augmentation even where find-best decided it buys nothing")
+    tta.add_argument("--no-tta", dest="tta", action="store_false",
+                     help="no mirroring test-time augmentation (up to 8x faster). Default: mirror, unless autoseg "
+                     f"find-best measured on the cross-validation that mirroring raised the Dice by less than "
+                     f"{MIRRORING_MIN_GAIN:g}")
     pr.add_argument("--step", type=float, default=None, metavar="S",
                     help="sliding-window step as a share of the patch (default: the plan's, 0.5)")
     pr.add_argument("--save-probabilities", action="store_true",
@@ -201,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ensemble of every pair, on the validation cases of the folds that all of them validated "
                         "(their saved probabilities: Dice per class, mean, HD95), print the table, and write the best "
                         "(ties within 1e-4 mean Dice: the cheaper prediction) with its post-processing decision to "
-                        "RUN_DIR/best_configuration.json, which autoseg predict then follows.")
+                        "RUN_DIR/best_configuration.json, which autoseg predict then follows. It also decides "
+                        "whether prediction mirrors: only if mirroring raised the chosen configuration's validation "
+                        f"Dice by at least {MIRRORING_MIN_GAIN:g} (each fold's validation scores its cases with and "
+                        "without).")
     fb.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
     fb.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -238,13 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the whole pipeline on real scans shipped with autoseg",
                        description="Train on 30 real hippocampus MRI crops shipped with autoseg (Medical "
                        "Segmentation Decathlon Task04, CC BY-SA 4.0), then segment 6 held-out scans it never saw: "
-                       "plan, preprocess, train fold 0 within --minutes (the zoom-in stage alone, with Adam at lr "
-                       "3e-3 edited into plans.json: the default SGD needs more steps than a few CPU minutes give), "
-                       "predict the held-out scans (with overlay "
-                       "PNGs), evaluate them against their labels, summarize and write the HTML report. Prints the "
-                       "held-out Dice and where the report is. About 4 minutes on a 2-core CPU; a rerun reuses what "
-                       "is done. --synthetic uses generated ellipsoid organs instead (a quick check any method "
-                       "passes).")
+                       "plan, preprocess, train fold 0 within --minutes (the zoom-in stage alone, with the CPU "
+                       "plan's Adam), predict the held-out scans (with overlay PNGs), evaluate them against their "
+                       "labels, summarize and write the HTML report. Prints the held-out Dice and where the report "
+                       "is. About 4 minutes on a 2-core CPU; a rerun reuses what is done. --synthetic uses generated "
+                       "ellipsoid organs instead (a quick check any method passes).")
     d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
                    help="folder for the run, predictions and report (default ./autoseg_demo)")
     d.add_argument("--minutes", type=float, default=3.0, metavar="M",
@@ -354,7 +362,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import json
 
-    from autoseg.demo import demo_dataset, make_synthetic_dataset, short_budget_schedule
+    from autoseg.demo import demo_dataset, make_synthetic_dataset
 
     if args.synthetic:
         data, heldout = args.output / "data", args.output / "heldout"
@@ -383,8 +391,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         code = main(argv)
         if code:
             return code
-        if argv[0] == "plan" and not args.synthetic:
-            print(short_budget_schedule(run))
     metrics = json.loads((predictions / "metrics.json").read_text())
     print(f"\ndemo         mean Dice on the {metrics['n_cases']} held-out cases: {metrics['mean']['dice']:.3f}"
           f"\ndemo         report: {args.output / 'report.html'} (open it in a browser); overlays: "
@@ -496,7 +502,7 @@ def _predict_share(args: argparse.Namespace, rt: Any) -> dict:
     from autoseg.inference.choice import predictor_for_run
     from autoseg.inference.folder import RunStoppedError, predict_folder
 
-    predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, not args.no_tta,
+    predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, args.tta,
                                         args.step, args.config)
     if rt.main:
         print(f"predicting with {what}" + (f" in {rt.world_size} processes" if rt.distributed else ""))
@@ -581,7 +587,9 @@ def _cmd_find_best(args: argparse.Namespace) -> int:
     pp = c.postprocessing
     print(f"chosen       {' + '.join(c.configurations)}: {c.reason}")
     print(f"postprocess  largest component for classes {pp.largest_component_classes or 'none'}")
-    print(f"wrote        {args.run / CHOICE_FILE}; autoseg predict follows it unless given --config")
+    print(f"mirroring    {'on' if c.mirroring else 'off'}: {c.mirroring_reason}")
+    print(f"wrote        {args.run / CHOICE_FILE}; autoseg predict follows it unless given --config (and "
+          "--tta / --no-tta for mirroring)")
     return 0
 
 

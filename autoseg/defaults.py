@@ -51,6 +51,11 @@ CPU_MAX_FEATURES = 128
 #: presets do (M at 8 GB, L at 24 GB): (budget GiB at least, blocks), largest first.
 GPU_BLOCKS_BY_BUDGET = ((20.0, (1, 3, 4, 6, 6, 6)), (10.0, (1, 2, 3, 4, 4, 4)), (0.0, (1, 2, 2, 2, 2, 2)))
 CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
+#: our U-Nets channels-last on the CPU: oneDNN's 3D convolutions then skip their layout conversions;
+#: training steps of the Hippocampus CPU plan took 0.563 s instead of 0.607 (zoom-in) and 1.139 s instead of
+#: 1.257 (zoom-out) on the development machine (``benchmarks/bench_speed.py step``, same run). GPU plans
+#: stay contiguous (nnU-Net's layout; not measured here: ``benchmarks/gpu_check.py`` times both)
+CPU_CHANNELS_LAST = True
 
 # --- planning: memory and compute budget ----------------------------------------------------------
 #: GiB of device memory kept aside for the CUDA context, cuDNN workspaces and allocator slack
@@ -75,9 +80,13 @@ CPU_ZOOM_IN_EPOCHS = 80
 ZOOM_OUT_EPOCH_SHARE = 1 / 8
 #: the zoom-out stage starts at this share of the zoom-in learning rate (seed 000: 1e-4 / 1e-3)
 ZOOM_OUT_LR_SHARE = 0.1
-#: nnU-Net's optimiser: SGD, Nesterov, momentum 0.99, poly decay with exponent 0.9
-OPTIMIZER: Literal["sgd", "adam"] = "sgd"
-LEARNING_RATE = 1e-2
+#: the optimiser and first learning rate per device kind, with poly decay (exponent 0.9). GPU plans: nnU-Net's SGD
+#: (Nesterov, momentum 0.99) at 1e-2, made for its schedules of 250,000 steps. CPU plans: Adam at 3e-3 (seed 000's
+#: optimiser), which learns far more per step in the few thousand steps a CPU budget buys: fold 0 of Hippocampus
+#: after 15 CPU-minutes (800-900 steps), two seeds each: SGD 0.7988 / 0.8194, Adam 0.8382 / 0.8418
+#: (``benchmarks/bench_train_budget.py RUN --minutes 15 --variants sgd adam --seeds 2024 7``, docs/training.md)
+OPTIMIZER: dict[str, Literal["sgd", "adam"]] = {"cuda": "sgd", "cpu": "adam"}
+LEARNING_RATE = {"cuda": 1e-2, "cpu": 3e-3}
 MOMENTUM = 0.99
 WEIGHT_DECAY = 3e-5
 SCHEDULER: Literal["poly", "cosine_restarts", "onecycle"] = "poly"
@@ -111,6 +120,10 @@ EMA_MOMENTUM = 0.9
 #: that takes at most this share of the budget; otherwise it predicts without mirroring (recorded), which is
 #: 2^(mirror axes) times cheaper
 VALIDATION_TTA_MAX_BUDGET_SHARE = 0.25
+#: ``autoseg find-best`` keeps mirroring at prediction only if, on the cross-validation cases, it raised the
+#: mean per-case, per-class Dice by at least this much over the same network without mirroring: below that, it
+#: buys nothing measurable for 2^(mirror axes) times the forward passes
+MIRRORING_MIN_GAIN = 0.001
 #: seed of patch sampling and augmentation; batch ``i`` depends on (seed, stage, i) only
 TRAINING_SEED = 2024
 

@@ -11,19 +11,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-__all__ = ["make_synthetic_dataset", "synthetic_case", "demo_dataset", "short_budget_schedule",
-           "DEMO_OPTIMIZER", "DEMO_LEARNING_RATE"]
-
-#: the real demo's zoom-in stage, edited into its plans.json as a user would: measured on this project's 2-core
-#: CPU with a 3.5-minute zoom-in-only budget on these scans, the plan's SGD (lr 0.01, momentum 0.99, poly) had
-#: fold-0 validation Dice 0.12 after 250 steps, Adam at 3e-3 0.77 after 200 (docs/report.md)
-DEMO_OPTIMIZER: Literal["sgd", "adam"] = "adam"
-DEMO_LEARNING_RATE = 3e-3
-
+__all__ = ["make_synthetic_dataset", "synthetic_case", "demo_dataset"]
 
 def demo_dataset() -> Path:
     """The shipped real dataset's folder (MSD layout, read only).
@@ -59,22 +50,6 @@ def synthetic_case(rng: np.random.Generator, shape: tuple[int, int, int], n_chan
         for c in range(n_channels):
             image[c][blob & body] += 60.0 * k
     return image, label
-
-
-def short_budget_schedule(run_dir: Path) -> str:
-    """Edit ``run_dir/plans.json`` for a training of a few minutes: the default configuration's zoom-in stage
-    trains with :data:`DEMO_OPTIMIZER` at :data:`DEMO_LEARNING_RATE` (the demo trains that stage alone).
-    Returns the line that says so."""
-    from dataclasses import replace
-
-    from autoseg.plans import PLANS_FILE, load_plans, save_plans
-
-    path = Path(run_dir) / PLANS_FILE
-    plans = load_plans(path)
-    first = replace(plans.stages[0], optimizer=DEMO_OPTIMIZER, learning_rate=DEMO_LEARNING_RATE)
-    save_plans(replace(plans, stages=[first, *plans.stages[1:]]), path)
-    return (f"demo         edited {path}: zoom-in stage with {DEMO_OPTIMIZER} at lr {DEMO_LEARNING_RATE:g}, trained "
-            "alone (the plan's SGD needs more steps than a few minutes give on a CPU)")
 
 
 def make_synthetic_dataset(root: str | Path, n_cases: int = 8, shape: tuple[int, int, int] = (24, 32, 28),

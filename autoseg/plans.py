@@ -60,7 +60,9 @@ class NetworkPlan:
     axis and a super-resolution loss weighted ``reconstruction_weight`` (:mod:`autoseg.networks.patchfree`);
     stage patches are full-resolution regions, the network's input is the region divided by the factor; with
     ``whole_volume_prediction`` a scan is predicted in one pass where its memory estimate fits the plan's budget
-    (else by sliding the zoom-out region).
+    (else by sliding the zoom-out region). ``channels_last``: our U-Nets keep weights and activations
+    channels-last (``torch.channels_last_3d``); planned for the CPU, where it was measured faster
+    (:data:`autoseg.defaults.CPU_CHANNELS_LAST`); the values are the same either way.
     """
 
     architecture: str
@@ -78,6 +80,7 @@ class NetworkPlan:
     guidance_share: float = 0.0
     reconstruction_weight: float = 0.0
     whole_volume_prediction: bool = False
+    channels_last: bool = False
 
     @property
     def total_stride(self) -> list[int]:

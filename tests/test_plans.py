@@ -33,6 +33,14 @@ def test_round_trip(plan_file):
     assert not [p for p in plan_file.parent.iterdir() if p.name != "plans.json"]  # no temporary left
 
 
+def test_a_plan_written_before_the_memory_layout_field_loads_contiguous(tmp_path):
+    path = tmp_path / "plans.json"
+    save_plans(make_plan(PROSTATE, device("cpu", 16)), path)
+    assert load_plans(path).network.channels_last is True
+    edit(path, lambda d: d["network"].pop("channels_last"))
+    assert load_plans(path).network.channels_last is False
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda d: d["stages"][1].update(batch_size="2"), "stages[1].batch_size: expected an integer"),
     (lambda d: d["stages"][0]["patch_size"].__setitem__(2, 65.5), "stages[0].patch_size[2]: expected an integer"),

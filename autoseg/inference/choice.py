@@ -34,7 +34,11 @@ class CandidateScore:
 
 @dataclass
 class Choice:
-    """find-best's decision: what to predict with, on which folds' validation cases it was decided, and why."""
+    """find-best's decision: what to predict with, on which folds' validation cases it was decided, and why.
+
+    ``mirroring``: whether prediction mirrors (test-time augmentation); ``mirroring_gain``: the mean Dice
+    mirroring added on the compared cases (None: not measured, e.g. folds validated without mirroring), and
+    ``mirroring_reason`` the decision in words. Choices written before these fields existed mirror."""
 
     configurations: list[str]
     folds: list[str]
@@ -42,6 +46,9 @@ class Choice:
     postprocessing: Postprocessing
     candidates: list[CandidateScore]
     reason: str
+    mirroring: bool = True
+    mirroring_gain: float | None = None
+    mirroring_reason: str = ""
 
 
 def load_choice(run_dir: Path) -> Choice | None:
@@ -73,21 +80,24 @@ class ConfigurationEnsemble(Predictor):
 
 
 def predictor_for_run(run_dir: Path, folds: list[str] | None = None, checkpoint: str = "final",
-                      device: str = "auto", tta: bool = True, step: float | None = None,
+                      device: str = "auto", tta: bool | None = None, step: float | None = None,
                       configuration: str | None = None) -> tuple[Predictor, str]:
     """The predictor ``autoseg predict`` uses, and a few words saying which: ``configuration`` when given
     (with its own ``postprocessing.json``); else find-best's choice when the run has one; else the plan's
-    default configuration.
+    default configuration. ``tta`` None: mirror as find-best's choice decided (always, without a choice).
 
     Raises:
         ValueError: see :meth:`Predictor.from_run`.
     """
     choice = None if configuration is not None else load_choice(run_dir)
     if choice is None:
-        p = Predictor.from_run(run_dir, folds, checkpoint, device, tta, step, configuration)
+        p = Predictor.from_run(run_dir, folds, checkpoint, device, tta is not False, step, configuration)
         return p, f"configuration {p.plans.configuration}"
-    members = [Predictor.from_run(run_dir, folds, checkpoint, device, tta, step, c) for c in choice.configurations]
+    mirror = choice.mirroring if tta is None else tta
+    members = [Predictor.from_run(run_dir, folds, checkpoint, device, mirror, step, c) for c in choice.configurations]
     what = f"find-best's choice {' + '.join(choice.configurations)} ({CHOICE_FILE}; --config NAME overrides)"
+    if tta is None and not choice.mirroring:
+        what += f", without mirroring ({choice.mirroring_reason}; --tta mirrors)"
     if len(members) == 1:
         members[0].postprocessing = choice.postprocessing
         return members[0], what

@@ -28,7 +28,7 @@ def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Modu
 
         return ResidualUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
                             net.blocks_per_stage, net.decoder_convs, net.deep_supervision,
-                            residual=net.architecture == "residual_unet")
+                            residual=net.architecture == "residual_unet", channels_last=net.channels_last)
     if net.architecture == "patch_free":
         from autoseg.networks.patchfree import PatchFreeUNet
 

@@ -182,8 +182,9 @@ def measured_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channe
 
 
 def network_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, n_classes: int,
-                      amp: bool) -> StepCost:
-    """The step's cost for any architecture: our U-Net's exact model, else the measured fit."""
+                      amp: bool, optimizer: str = "sgd") -> StepCost:
+    """The step's cost for any architecture: our U-Net's exact model, else the measured fit; ``optimizer``
+    decides the optimiser state per parameter."""
     if net.architecture in ("residual_unet", "plain_unet"):
-        return step_cost(net, patch, batch, in_channels, n_classes, amp)
-    return measured_step_cost(net, patch, batch, in_channels, n_classes, amp)
+        return step_cost(net, patch, batch, in_channels, n_classes, amp, optimizer)
+    return measured_step_cost(net, patch, batch, in_channels, n_classes, amp, optimizer)

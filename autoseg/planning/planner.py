@@ -85,7 +85,8 @@ def _network(topo: Topology, device: DeviceInfo) -> NetworkPlan:
         blocks = next(b for least, b in defaults.GPU_BLOCKS_BY_BUDGET if device.budget_gib >= least)
     n = len(topo.strides)
     return NetworkPlan("residual_unet", [min(base * 2**s, cap) for s in range(n)], topo.kernel_sizes, topo.strides,
-                       [blocks[min(s, len(blocks) - 1)] for s in range(n)], 1, True)
+                       [blocks[min(s, len(blocks) - 1)] for s in range(n)], 1, True,
+                       channels_last=not gpu and defaults.CPU_CHANNELS_LAST)
 
 
 def _monai_network(arch: str, patch: list[int], spacing: list[float], device: DeviceInfo) -> NetworkPlan:
@@ -148,7 +149,7 @@ class _Fitter:
             net = replace(_network(topo, self.device), architecture="patch_free", upsample_factor=factor,
                           guidance_share=defaults.PATCH_FREE_GUIDANCE_SHARE,
                           reconstruction_weight=defaults.PATCH_FREE_RECONSTRUCTION_WEIGHT,
-                          whole_volume_prediction=defaults.PATCH_FREE_WHOLE_VOLUME)
+                          whole_volume_prediction=defaults.PATCH_FREE_WHOLE_VOLUME, channels_last=False)
             return [p * f for p, f in zip(topo.patch, factor)], net
         if self._fixed is None:
             self._fixed = _monai_network(self.arch, patch, self.spacing, self.device)
@@ -156,7 +157,8 @@ class _Fitter:
         return [max(s, -(-p // s) * s) for p, s in zip(patch, stride)], self._fixed
 
     def cost(self, net: NetworkPlan, patch: list[int], batch: int) -> StepCost:
-        return network_step_cost(net, patch, batch, self.in_ch, self.n_cls, self.amp)
+        return network_step_cost(net, patch, batch, self.in_ch, self.n_cls, self.amp,
+                                 defaults.OPTIMIZER[self.device.kind])
 
     def fits(self, net: NetworkPlan, patch: list[int], batch: int) -> bool:
         c = self.cost(net, patch, batch)
@@ -233,7 +235,7 @@ def _stage(f: _Fitter, net: NetworkPlan, name: Literal["zoom_in", "zoom_out"], p
     iters = defaults.GPU_ITERATIONS_PER_EPOCH if f.device.kind == "cuda" else defaults.CPU_ITERATIONS_PER_EPOCH
     share = prod(min(p, m) for p, m in zip(patch, median_shape)) / prod(median_shape)
     return StagePlan(name, list(patch), batch, round(share, 4), round(c.total_bytes / 2**30, 3),
-                     round(c.flops / 1e9, 2), epochs, iters, defaults.OPTIMIZER, lr, defaults.MOMENTUM,
+                     round(c.flops / 1e9, 2), epochs, iters, defaults.OPTIMIZER[f.device.kind], lr, defaults.MOMENTUM,
                      defaults.WEIGHT_DECAY, defaults.SCHEDULER, init_from)
 
 
@@ -298,11 +300,12 @@ def _stages(f: _Fitter, net: NetworkPlan, out_patch: list[int], n_cases: int,
     in_patch = _zoom_in_patch(out_patch, net, f.spacing, defaults.ZOOM_IN_FRACTION)
     batch = _batch_size(f, net, out_patch, n_cases, median_shape)
     zoom_in_epochs = defaults.GPU_ZOOM_IN_EPOCHS if f.device.kind == "cuda" else defaults.CPU_ZOOM_IN_EPOCHS
+    lr = defaults.LEARNING_RATE[f.device.kind]
     return [
-        _stage(f, net, "zoom_in", in_patch, batch, median_shape, zoom_in_epochs, defaults.LEARNING_RATE, None),
+        _stage(f, net, "zoom_in", in_patch, batch, median_shape, zoom_in_epochs, lr, None),
         _stage(f, net, "zoom_out", out_patch, batch, median_shape,
-               max(1, round(zoom_in_epochs * defaults.ZOOM_OUT_EPOCH_SHARE)),
-               defaults.LEARNING_RATE * defaults.ZOOM_OUT_LR_SHARE, "zoom_in"),
+               max(1, round(zoom_in_epochs * defaults.ZOOM_OUT_EPOCH_SHARE)), lr * defaults.ZOOM_OUT_LR_SHARE,
+               "zoom_in"),
     ]
 
 

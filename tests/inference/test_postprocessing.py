@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -66,7 +68,9 @@ def test_a_far_island_is_removed_at_equal_dice_when_it_sets_the_hd95():
     assert decide_postprocessing([(pred, ref)], [1], hd95, [(1.0, 1.0, 1.0)]).largest_component_classes == []
 
 
-def test_summarize_writes_decision_and_predict_applies_it(trained_run, capsys):
+def test_summarize_writes_decision_and_predict_applies_it(trained_run, tmp_path, capsys):
+    # a copy: the decision it writes would otherwise apply to every later test of the session's trained run
+    trained_run = Path(shutil.copytree(trained_run, tmp_path / "run", symlinks=True))
     assert main(["summarize", "--run", str(trained_run)]) == 0
     out = capsys.readouterr().out
     assert "fold_0" in out and "fold_1" in out and "postprocess" in out

@@ -70,3 +70,36 @@ def test_bad_arguments():
         ResidualUNet(1, 2, [8, 16], [[3, 3, 3]], [[1, 1, 1], [2, 2, 2]], [1, 1])
     with pytest.raises(ValueError, match="first stage cannot downsample"):
         ResidualUNet(1, 2, [8, 16], [[3, 3, 3]] * 2, [[2, 2, 2], [2, 2, 2]], [1, 1])
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_channels_last_computes_the_same_values_and_gradients(residual):
+    """The channels-last network (the CPU plans' layout) is the same function with the same gradients as the
+    contiguous one; only the memory layout of its weights and activations differs."""
+    args = (2, 3, [8, 16, 32], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [1, 1, 1])
+    torch.manual_seed(0)
+    plain = ResidualUNet(*args, residual=residual)
+    last = ResidualUNet(*args, residual=residual, channels_last=True)
+    last.load_state_dict(plain.state_dict())
+    convs = [m.weight for m in last.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    x = torch.randn(2, 2, 8, 32, 32)
+    outs_plain, outs_last = plain.train()(x), last.train()(x)
+    for a, b in zip(outs_plain, outs_last):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert outs_last[0].is_contiguous(memory_format=torch.channels_last_3d)
+    sum(o.square().mean() for o in outs_plain).backward()
+    sum(o.square().mean() for o in outs_last).backward()
+    for (name, p), q in zip(plain.named_parameters(), last.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+    torch.testing.assert_close(last.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_plans_are_channels_last_and_gpu_plans_contiguous():
+    from autoseg.plans import NetworkPlan
+
+    assert make_plan(BRAIN, device("cpu", 16)).network.channels_last is True
+    assert make_plan(BRAIN, device("cuda", 24)).network.channels_last is False
+    assert NetworkPlan("residual_unet", [8], [[3, 3, 3]], [[1, 1, 1]], [1], 1, True).channels_last is False
+    net = build_network(make_plan(PROSTATE, device("cpu", 16)).network, 1, 3)
+    assert net.channels_last is True

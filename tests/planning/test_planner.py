@@ -86,6 +86,9 @@ def test_plan_invariants(key):
     assert all(a <= b for a, b in zip(zin.patch_size, zout.patch_size))
     # zoom-out: a tenth of the learning rate, an eighth of the epochs, initialised from zoom-in
     assert zout.learning_rate == pytest.approx(zin.learning_rate / 10)
+    # the optimiser by device: nnU-Net's SGD at 1e-2 on a GPU, Adam at 3e-3 for a CPU's short budgets
+    optimizer, lr = ("sgd", 1e-2) if kind == "cuda" else ("adam", 3e-3)
+    assert zin.optimizer == zout.optimizer == optimizer and zin.learning_rate == pytest.approx(lr)
     assert zout.epochs == round(zin.epochs / 8)
     assert zout.init_from == "zoom_in" and zin.init_from is None
     # zoom-out patch never exceeds the median shape by more than one stride step

@@ -197,7 +197,9 @@ def test_single_stage_zoom_out_uses_the_zoom_in_rate(tiny_run):
     Trainer(tiny_run, "1", Overrides("zoom-out", 1, 2, None), cpu()).fit()
     cfg = json.loads((tiny_run / "fold_1" / "config.json").read_text())
     (run,) = cfg["stages"]
-    assert run["name"] == "zoom_out" and run["init_from"] is None and run["learning_rate"] == 0.01
+    plan = json.loads((tiny_run / "plans.json").read_text())
+    assert run["name"] == "zoom_out" and run["init_from"] is None
+    assert run["learning_rate"] == plan["stages"][0]["learning_rate"] == 3e-3  # a CPU plan's Adam
 
 
 def test_a_budget_too_short_for_one_epoch_is_refused_with_the_reason(tiny_run):
@@ -309,7 +311,8 @@ def test_a_failing_batch_ends_every_rank_with_one_line(tiny_run):
 
 def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkeypatch):
     """validation_seconds = every case's tiles x mirrorings x one forward pass, plus the way back to the
-    scan's grid, writing and scoring, timed on the median case and scaled by voxel count."""
+    scan's grid, writing and scoring, timed on the median case and scaled by voxel count; mirrored, also one
+    unmirrored forward pass per tile and one more way back to the scan's grid (to score it)."""
     import autoseg.workflows.validate as validate_module
     from autoseg.plans import load_plans
     from autoseg.preprocessing.storage import read_properties
@@ -317,7 +320,7 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
     plans = load_plans(tiny_run / "plans.json")
     cases = sorted(c for f in plans.folds for c in f.val)[:3]
     patch = list(plans.stages[-1].patch_size)
-    clock = iter([100.0, 112.5])  # the median case's way back and scoring: 12.5 s
+    clock = iter([100.0, 102.0, 112.5])  # the median case's way back 2 s; with writing and scoring 12.5 s
     monkeypatch.setattr(validate_module, "_clock", lambda: next(clock))
     monkeypatch.setattr(validate_module, "_forward_seconds", lambda net, shape, device, amp: 0.5)
     net = Trainer(tiny_run, "0", Overrides("both", 1, 2, None), cpu())._new_network()
@@ -327,13 +330,14 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
                 for shape in shapes)
     flips = 2 ** len(plans.inference.mirror_axes)
     sizes = sorted(int(torch.tensor(shape).prod()) for shape in shapes)
-    assert cost.seconds(True) == pytest.approx(tiles * flips * 0.5 + 12.5 * sum(sizes) / sizes[1])
+    assert cost.seconds(True) == pytest.approx(tiles * (flips + 1) * 0.5 + (12.5 + 2.0) * sum(sizes) / sizes[1])
     assert cost.seconds(False) == pytest.approx(tiles * 0.5 + 12.5 * sum(sizes) / sizes[1])
 
 
 def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch):
     """A validation whose mirroring would take more than a quarter of the budget (here measured as 100 tiles
-    x 8 mirrorings x 0.02 s + 1 s = 17 s of 45 s) runs without mirroring: 100 x 0.02 + 1 = 3 s planned."""
+    x (8 mirrorings + the unmirrored prediction it also scores) x 0.02 s + 1 s = 19 s of 45 s) runs without
+    mirroring: 100 x 0.02 + 1 = 3 s planned."""
     import autoseg.workflows.fold as fold_module
     from autoseg.workflows.validate import ValidationCost
 
@@ -343,7 +347,7 @@ def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, 
     cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
     assert cfg["validation_tta"] is False and cfg["measured_validation_seconds"] == 3.0
     assert json.loads((tiny_run / "fold_0" / "validation" / "metrics.json").read_text())["mirroring"] is False
-    assert any(x.startswith("validation  without mirroring: with it, it would take ~17 s") for x in lines)
+    assert any(x.startswith("validation  without mirroring: with it, it would take ~19 s") for x in lines)
     assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
     assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
     assert cfg["measured_validation_seconds"] > 0
