@@ -22,7 +22,8 @@ from autoseg.evaluation.distances import assd, hd95
 from autoseg.io import ImageReadError, read_image, strip_suffix
 from autoseg.typedjson import write_json_atomic
 
-__all__ = ["CaseScores", "score_case", "evaluate_folders", "EvaluationError", "METRICS", "format_table", "ratio"]
+__all__ = ["CaseScores", "score_case", "dice_score", "evaluate_folders", "EvaluationError", "METRICS", "format_table",
+           "ratio"]
 
 METRICS = ("dice", "hd95_mm", "assd_mm", "tpr", "precision")
 
@@ -54,12 +55,23 @@ class CaseScores:
     fn: int
 
 
+def _counts(pred: np.ndarray, ref: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    """The masks of ``label`` and their true-positive, false-positive and false-negative voxel counts."""
+    p, r = pred == label, ref == label
+    tp = int(np.count_nonzero(p & r))
+    return p, r, tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(r)) - tp
+
+
+def dice_score(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
+    """The Dice of ``label`` in one case, with :func:`score_case`'s convention (1 when absent from both)."""
+    _p, _r, tp, fp, fn = _counts(pred, ref, label)
+    return ratio(2 * tp, 2 * tp + fp + fn, tp + fp + fn == 0)
+
+
 def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, label: int,
                spacing: tuple[float, ...]) -> CaseScores:
     """The metrics of ``label`` in one case; ``spacing`` in array axis order (mm)."""
-    p, r = pred == label, ref == label
-    tp = int(np.count_nonzero(p & r))
-    fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(r)) - tp
+    p, r, tp, fp, fn = _counts(pred, ref, label)
     empty = tp + fp + fn == 0
     return CaseScores(case_id, label, ratio(2 * tp, 2 * tp + fp + fn, empty), hd95(p, r, spacing),
                       assd(p, r, spacing), ratio(tp, tp + fn, empty), ratio(tp, tp + fp, empty), tp, fp, fn)

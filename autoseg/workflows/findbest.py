@@ -5,7 +5,8 @@ Each fold's validation saved its cases' class probabilities on the preprocessed 
 of a plan shares; an ensemble is their mean. Every candidate goes back to the scan's grid by the prediction path
 and is scored against the original labels. Candidates are compared on the folds that all of them validated; the
 best mean Dice over foreground classes wins, and a tie (within :data:`TIE`) goes to the cheaper at prediction
-(fewer networks, fewer FLOPs per voxel).
+(fewer networks, fewer FLOPs per voxel). Mirroring at prediction is kept only where the folds' validations
+measured that it raised the chosen configurations' Dice by :data:`~autoseg.defaults.MIRRORING_MIN_GAIN` or more.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.atomic import remove_temporaries
+from autoseg.defaults import MIRRORING_MIN_GAIN
 from autoseg.evaluation.distances import hd95
 from autoseg.evaluation.evaluate import score_case
 from autoseg.inference.choice import CandidateScore, Choice, save_choice
@@ -37,7 +39,7 @@ from autoseg.workflows.validate import (
     validated_folds,
 )
 
-__all__ = ["find_best", "TIE"]
+__all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring"]
 
 #: mean Dice differences below this are ties, decided by prediction cost
 TIE = 1e-4
@@ -129,9 +131,39 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
     reason = (f"highest mean Dice {best.mean_dice:.4f} of {len(scores)} candidates over {len(cases)} cases of "
               f"{', '.join(common)}" + (f" (ties within {TIE:g} go to the cheaper prediction)"
                                         if sum(s.mean_dice >= top - TIE for s in scores) > 1 else ""))
-    choice = Choice(best.configurations, common, len(cases), pp, scores, reason)
+    gain = mirroring_gain(run_dir, best.configurations, cases)
+    mirroring, why = decide_mirroring(gain, len(cases))
+    choice = Choice(best.configurations, common, len(cases), pp, scores, reason, mirroring,
+                    None if gain is None else round(gain, 5), why)
     save_choice(choice, run_dir)
     return choice
+
+
+def mirroring_gain(run_dir: Path, configs: list[str], cases: dict[str, str]) -> float | None:
+    """Mean over ``configs``, ``cases`` (case id -> fold) and foreground classes of the Dice with mirroring minus
+    the Dice without, from the folds' ``metrics.json``; None when a fold was validated without mirroring or by
+    an autoseg that did not score the unmirrored prediction."""
+    gains = []
+    for name in configs:
+        for fold in sorted(set(cases.values())):
+            m = json.loads((model_dir(run_dir, name) / fold / VALIDATION_DIR / "metrics.json").read_text())
+            plain = m.get("without_mirroring")
+            if not m.get("mirroring") or plain is None:
+                return None
+            gains += [m["cases"][cid][k]["dice"] - d for cid, per in plain["cases"].items() if cid in cases
+                      for k, d in per.items()]
+    return float(np.mean(gains)) if gains else None
+
+
+def decide_mirroring(gain: float | None, n_cases: int) -> tuple[bool, str]:
+    """Whether prediction mirrors, and why in words: only if ``gain`` reaches :data:`MIRRORING_MIN_GAIN`."""
+    if gain is None:
+        return True, "mirroring kept: its gain was not measured (folds validated without mirroring or by an older " \
+            "autoseg)"
+    measured = f"mirroring changed the mean Dice by {gain:+.4f} on {n_cases} cases"
+    if gain >= MIRRORING_MIN_GAIN:
+        return True, f"{measured}: kept"
+    return False, f"{measured}, less than {MIRRORING_MIN_GAIN:g}: predicting without it"
 
 
 def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.ndarray:

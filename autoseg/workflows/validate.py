@@ -1,6 +1,7 @@
 """A fold's own validation: predict its validation cases from the preprocessed arrays with the same
 sliding-window path as ``autoseg predict``, take them back to the original geometry, and score them against
-the original labels with ``autoseg evaluate``'s metrics."""
+the original labels with ``autoseg evaluate``'s metrics. A mirrored validation also scores each case without
+mirroring (the Dice only), so that ``autoseg find-best`` can decide whether mirroring pays for its cost."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from autoseg.atomic import atomic_path, remove_temporaries
 from autoseg.dataset import load_dataset
-from autoseg.evaluation.evaluate import METRICS, score_case
+from autoseg.evaluation.evaluate import METRICS, dice_score, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
 from autoseg.inference.predictor import PredictionMemoryError, Predictor
 from autoseg.inference.sliding_window import padded_shape
@@ -101,7 +102,9 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     probabilities on the preprocessed grid (``probabilities/``, for find-best) and ``metrics.json`` to
     ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg evaluate``,
     per-class mean Dice by class name, the mean over foreground classes, and whether the predictions were
-    mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice)."""
+    mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice). With
+    ``tta``, ``without_mirroring`` holds the same cases' Dice predicted without mirroring (one more forward pass
+    per tile; per case and class, the per-class means and their mean)."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     for folder in (out_dir, out_dir / PROBABILITIES_DIR):  # what a validation that was killed was writing
@@ -111,14 +114,13 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     folder = run_dir / PREPROCESSED_DIR
     classes = sorted(plans.labels)[1:]
     predictor = Predictor(plans, [(net, patch)], device, tta=tta)
+    plain = Predictor(plans, [(net, patch)], device, tta=False) if tta and predictor.mirror_axes else None
     cases: dict[str, dict[str, dict[str, float]]] = {}
+    unmirrored: dict[str, dict[str, float]] = {}
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
-        try:
-            probs = predictor.predict_preprocessed(np.asarray(read_case_arrays(folder, cid)[0][:]))
-        except PredictionMemoryError as e:  # one line from the CLI, like every error a user can act on
-            raise ValueError(f"validation of case {cid}: {e}; the trained checkpoint_final.pt is kept: run the same "
-                             "command again (with --device cpu if the GPU is too small) to validate") from None
+        data = np.asarray(read_case_arrays(folder, cid)[0][:])
+        probs = _predicted(predictor, data, cid)
         save_grid_probabilities(probs, out_dir / PROBABILITIES_DIR / f"{cid}.npz")
         seg = predictor.finish(probs, props).labels
         write_image(seg, props.geometry, out_dir / f"{cid}.nii.gz")
@@ -127,37 +129,68 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
         for c in classes:
             s = score_case(cid, seg, ref, c, props.geometry.spacing_zyx)
             cases[cid][plans.labels[c]] = {**{m: getattr(s, m) for m in METRICS}, "tp": s.tp, "fp": s.fp, "fn": s.fn}
-    means = {plans.labels[c]: float(np.mean([v[plans.labels[c]]["dice"] for v in cases.values()])) for c in classes}
-    metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases, "mean_per_class": means,
-               "mean_foreground_dice": float(np.mean(list(means.values()))), "mirroring": tta}
+        if plain is not None:
+            del probs  # one case's probabilities in memory at a time, as without this second prediction
+            seg = plain.finish(_predicted(plain, data, cid), props).labels
+            unmirrored[cid] = {plans.labels[c]: dice_score(seg, ref, c) for c in classes}
+    metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases,
+               **_means({k: {n: v["dice"] for n, v in per.items()} for k, per in cases.items()}), "mirroring": tta}
+    if plain is not None:
+        metrics["without_mirroring"] = {"cases": unmirrored, **_means(unmirrored)}
     write_json_atomic(metrics, out_dir / "metrics.json")
     return metrics
 
 
+def _predicted(predictor: Predictor, data: np.ndarray, case_id: str) -> np.ndarray:
+    """``predictor``'s probabilities for one validation case.
+
+    Raises:
+        ValueError: out of memory (one line naming the case and what to do).
+    """
+    try:
+        return predictor.predict_preprocessed(data)
+    except PredictionMemoryError as e:  # one line from the CLI, like every error a user can act on
+        raise ValueError(f"validation of case {case_id}: {e}; the trained checkpoint_final.pt is kept: run the same "
+                         "command again (with --device cpu if the GPU is too small) to validate") from None
+
+
+def _means(dice: dict[str, dict[str, float]]) -> dict:
+    """``mean_per_class`` (class name -> mean Dice over the cases) and ``mean_foreground_dice`` of per-case Dice."""
+    names = list(next(iter(dice.values()))) if dice else []
+    means = {n: float(np.mean([per[n] for per in dice.values()])) for n in names}
+    return {"mean_per_class": means, "mean_foreground_dice": float(np.mean(list(means.values()))) if means else 0.0}
+
+
 @dataclass
 class ValidationCost:
-    """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored)."""
+    """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored).
+    A mirrored validation (more than one flip) also predicts every case once without mirroring and takes it back
+    to the scan's grid (``finish_seconds``, a part of ``rest_seconds``) to score its Dice."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
     flips: int
     forward_seconds: float
     rest_seconds: float
+    finish_seconds: float = 0.0
 
     def seconds(self, tta: bool) -> float:
-        return self.tiles * (self.flips if tta else 1) * self.forward_seconds + self.rest_seconds
+        if not tta or self.flips == 1:
+            return self.tiles * self.forward_seconds + self.rest_seconds
+        return self.tiles * (self.flips + 1) * self.forward_seconds + self.rest_seconds + self.finish_seconds
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
                     device: torch.device) -> ValidationCost:
     """What :func:`validate_fold` will cost for ``case_ids`` on this machine, measured in ~10 s.
 
-    Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings x the measured
-    seconds of one forward pass of ``net`` (median of 3; its weights do not matter for the time). The rest
-    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size, scaled to
-    the others by their voxel count; it is fed a random probability map and scores the reference against itself,
-    because a trained network's prediction is close to the reference while a random network's noise would make
-    the surface distances slower than they will be. On a GPU that batches tiles this overestimates.
+    Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings (+ 1 for the
+    unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
+    ``net`` (median of 3; its weights do not matter for the time). The rest (probabilities saved, back to the
+    scan's grid, written, scored): timed on the case of median size, scaled to the others by their voxel count;
+    it is fed a random probability map and scores the reference against itself, because a trained network's
+    prediction is close to the reference while a random network's noise would make the surface distances
+    slower than they will be. On a GPU that batches tiles this overestimates.
     """
     folder = run_dir / PREPROCESSED_DIR
     props = {c: read_properties(folder, c) for c in case_ids}
@@ -176,14 +209,15 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)
     t0 = _clock()
     seg = predictor.finish(probs, props[probe]).labels
+    finish = _clock() - t0
     with tempfile.TemporaryDirectory() as tmp:
         save_grid_probabilities(probs, Path(tmp) / f"{probe}.npz")
         write_image(seg, props[probe].geometry, Path(tmp) / f"{probe}.nii.gz")
     ref = read_image(reference_labels(run_dir)[probe])[0][0]
     for c in sorted(plans.labels)[1:]:
         score_case(probe, ref, ref, c, props[probe].geometry.spacing_zyx)
-    rest = (_clock() - t0) * sum(sizes.values()) / sizes[probe]
-    return ValidationCost(tiles, flips, forward, rest)
+    scale = sum(sizes.values()) / sizes[probe]
+    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from autoseg.inference.choice import CHOICE_FILE, load_choice
 from autoseg.plans import load_plans
 from autoseg.preprocessing.storage import read_case_arrays
 from autoseg.runconfig import model_dir
-from autoseg.workflows.findbest import find_best
+from autoseg.workflows.findbest import decide_mirroring, find_best
 from autoseg.workflows.validate import PROBABILITIES_DIR, VALIDATION_DIR, save_grid_probabilities
 
 from ..inference.test_predict import scans
@@ -67,6 +68,45 @@ def test_compares_on_the_folds_every_configuration_validated(tiny_run):
     assert c.folds == ["fold_1"] and c.n_cases == len(load_plans(tiny_run / "plans.json").folds[1].val)
 
 
+def _measured_mirroring(run: Path, config: str, fold: int, with_tta: float, without: float | None) -> None:
+    """Give a faked fold's metrics.json per-case Dice with mirroring and, unless ``without`` is None (a fold
+    validated by an autoseg that did not score it), without."""
+    d = model_dir(run, config) / f"fold_{fold}" / VALIDATION_DIR
+    m = json.loads((d / "metrics.json").read_text())
+    classes = ["organ1", "organ2"]
+    m["mirroring"] = True
+    m["cases"] = {c: {k: {"dice": with_tta} for k in classes} for c in m["cases"]}
+    if without is not None:
+        m["without_mirroring"] = {"cases": {c: {k: without for k in classes} for c in m["cases"]}}
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("with_tta, without, mirroring, words", [
+    (0.90, 0.80, True, "mirroring changed the mean Dice by +0.1000 on 2 cases: kept"),
+    (0.9005, 0.90, False, "mirroring changed the mean Dice by +0.0005 on 2 cases, less than 0.001: predicting "
+                          "without it"),
+    (0.89, 0.90, False, "by -0.0100"),
+    (0.90, None, True, "its gain was not measured"),
+])
+def test_mirroring_is_kept_only_where_validation_measured_a_gain(tiny_run, capsys, with_tta, without, mirroring,
+                                                                  words):
+    _fake_fold(tiny_run, "3d", 0, weak_class=None)
+    _measured_mirroring(tiny_run, "3d", 0, with_tta, without)
+    assert main(["find-best", "--run", str(tiny_run), "--no-progress"]) == 0
+    c = load_choice(tiny_run)
+    assert c is not None and c.mirroring is mirroring and words in c.mirroring_reason
+    assert c.mirroring_gain == (None if without is None else pytest.approx(with_tta - without))
+    assert f"mirroring    {'on' if mirroring else 'off'}: " in capsys.readouterr().out
+
+
+def test_decide_mirroring_at_the_threshold():
+    from autoseg.defaults import MIRRORING_MIN_GAIN
+
+    assert decide_mirroring(MIRRORING_MIN_GAIN, 5)[0] is True
+    assert decide_mirroring(MIRRORING_MIN_GAIN * 0.99, 5)[0] is False
+    assert decide_mirroring(None, 5)[0] is True
+
+
 def test_refusals_name_what_is_missing(tiny_run, capsys):
     assert main(["find-best", "--run", str(tiny_run)]) == 1
     assert "no configuration has a validated fold" in capsys.readouterr().err
@@ -103,10 +143,51 @@ def test_predict_follows_the_choice_and_config_overrides_it(tiny_run, tmp_path, 
     src = scans(tmp_path / "in")
     assert main(["predict", "-i", str(src), "-o", str(tmp_path / "a"), "--run", str(tiny_run), "--no-progress"]) == 0
     assert f"predicting with find-best's choice {' + '.join(choice.configurations)}" in capsys.readouterr().out
+    # every fold validated with mirroring also scored its cases without: find-best decided from both
+    for config in ("3d", "2d"):
+        m = json.loads((model_dir(tiny_run, config) / "fold_0" / VALIDATION_DIR / "metrics.json").read_text())
+        assert m["mirroring"] is True and set(m["without_mirroring"]["cases"]) == set(m["cases"])
+    assert choice.mirroring_gain is not None
     assert main(["predict", "-i", str(src), "-o", str(tmp_path / "b"), "--run", str(tiny_run), "--config", "2d",
                  "--no-progress"]) == 0
     assert "predicting with configuration 2d" in capsys.readouterr().out
     assert len(list((tmp_path / "a").glob("*.nii.gz"))) == len(list((tmp_path / "b").glob("*.nii.gz"))) == 2
+
+
+def test_predict_mirrors_as_the_choice_decided_unless_told(tiny_run, monkeypatch):
+    """A choice without mirroring makes predict's default unmirrored; --tta and --no-tta override it either way;
+    without a choice the default mirrors."""
+    from autoseg.inference import choice as choice_module
+    from autoseg.inference.choice import Choice, predictor_for_run, save_choice
+    from autoseg.inference.postprocessing import Postprocessing
+    from autoseg.inference.predictor import Predictor
+
+    made = []
+
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config):  # records the mirroring asked for
+        made.append(tta)
+        return SimpleNamespace(plans=SimpleNamespace(configuration=config or "3d"))
+
+    monkeypatch.setattr(Predictor, "from_run", classmethod(from_run))
+    assert predictor_for_run(tiny_run)[1] == "configuration 3d"
+    assert made.pop() is True  # no choice: mirror
+    save_choice(Choice(["3d"], ["fold_0"], 2, Postprocessing([], {}, {}, 0), [], "best", False, 0.0002,
+                       "mirroring changed the mean Dice by +0.0002 on 2 cases, less than 0.001: predicting without it"),
+                tiny_run)
+    _p, what = predictor_for_run(tiny_run)
+    assert made.pop() is False and "without mirroring (mirroring changed the mean Dice by +0.0002" in what
+    assert "--tta mirrors" in what
+    predictor_for_run(tiny_run, tta=True)
+    assert made.pop() is True
+    predictor_for_run(tiny_run, tta=False)
+    assert made.pop() is False
+    assert choice_module.load_choice(tiny_run).mirroring is False
+
+
+def test_tta_flags_exclude_each_other(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--run", str(tiny_run), "--tta", "--no-tta"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_configuration_ensemble_averages_its_members_probabilities(tiny_run):
