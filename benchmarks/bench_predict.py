@@ -7,7 +7,8 @@ Usage: python benchmarks/bench_predict.py RUN_DIR SCANS_DIR [--folds 0] [--large
 Each configuration runs in a fresh process (model loading included), timed over the whole folder, with the
 peak resident memory of the process tree (sampled every 50 ms). ``--large X Y Z`` adds one generated volume
 of that many voxels (x, y, z) at ``--large-spacing`` mm, predicted without mirroring. ``--nnunet-out`` is the
-OUT folder of ``../shared/bench/nnunet/run.sh DATASET MINUTES OUT`` (its trained fold 0): nnU-Net's
+OUT folder of ``../shared/bench/nnunet/run.sh DATASET MINUTES OUT`` (its trained fold 0, or the untrained one
+``benchmarks/nnunet_untrained_fold.py`` writes, for timing only), of ``--nnunet-config``: nnU-Net's
 ``predict`` then runs on the same scans, settings and volume, one after the other with autoseg's. Run by hand.
 """
 
@@ -31,11 +32,11 @@ def count_scans(folder: Path) -> int:
 
 def autoseg_row(run: Path, scans: Path, out: Path, folds: list[str], tta: bool) -> dict:
     cmd = [sys.executable, "-m", "autoseg", "predict", "-i", str(scans), "-o", str(out), "--run", str(run),
-           "--no-progress", "--folds", *folds] + ([] if tta else ["--no-tta"])
+           "--no-progress", "--folds", *folds, "--tta" if tta else "--no-tta"]
     return measured("autoseg", cmd, count_scans(scans), tta)
 
 
-def nnunet_row(nnunet_out: Path, venv: Path, scans: Path, out: Path, tta: bool) -> dict:
+def nnunet_row(nnunet_out: Path, venv: Path, scans: Path, out: Path, tta: bool, config: str = "3d_fullres") -> dict:
     """``nnUNetv2_predict`` (through the bench shim) with fold 0 of run.sh's training, on ``_0000`` links."""
     linked = out.parent / f"{out.name}_in"
     linked.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def nnunet_row(nnunet_out: Path, venv: Path, scans: Path, out: Path, tta: bool) 
     env = dict(os.environ, nnUNet_raw=str(nnunet_out / "raw"), nnUNet_preprocessed=str(nnunet_out / "pre"),
                nnUNet_results=str(nnunet_out / "res"), nnUNet_n_proc_DA="2")
     cmd = [str(venv / "bin" / "python"), str(SHIM), "predict", "-i", str(linked), "-o", str(out), "-d", "99",
-           "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainer_Budget", "-device", "cpu",
+           "-c", config, "-f", "0", "-tr", "nnUNetTrainer_Budget", "-device", "cpu",
            "-chk", "checkpoint_final.pth"] + ([] if tta else ["--disable_tta"])
     return measured("nnU-Net v2", cmd, count_scans(scans), tta, env)
 
@@ -86,6 +87,7 @@ def main() -> int:
     ap.add_argument("--large-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("SX", "SY", "SZ"))
     ap.add_argument("--nnunet-out", type=Path, default=None, help="run.sh's OUT folder (trained fold 0)")
     ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/.venv-nnunet"))
+    ap.add_argument("--nnunet-config", default="3d_fullres", help="nnU-Net configuration of the fold")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -94,12 +96,14 @@ def main() -> int:
         for tta in (True, False):
             rows.append(autoseg_row(args.run_dir, args.scans, tmp / f"a_{tta}", args.folds, tta))
             if args.nnunet_out:
-                rows.append(nnunet_row(args.nnunet_out, args.nnunet_venv, args.scans, tmp / f"n_{tta}", tta))
+                rows.append(nnunet_row(args.nnunet_out, args.nnunet_venv, args.scans, tmp / f"n_{tta}", tta,
+                                       args.nnunet_config))
         if large is not None:
             what = f"one {'x'.join(map(str, args.large))} volume at {'x'.join(map(str, args.large_spacing))} mm, no TTA"
             rows.append(autoseg_row(args.run_dir, large, tmp / "a_large", args.folds, False) | {"what": what})
             if args.nnunet_out:
-                rows.append(nnunet_row(args.nnunet_out, args.nnunet_venv, large, tmp / "n_large", False)
+                rows.append(nnunet_row(args.nnunet_out, args.nnunet_venv, large, tmp / "n_large", False,
+                                       args.nnunet_config)
                             | {"what": what})
     print("| tool | prediction | s per case | peak MiB |")
     print("|---|---|---|---|")

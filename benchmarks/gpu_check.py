@@ -11,7 +11,9 @@ against the same network on the CPU (fp32 on both; AMP reported beside) over a r
 several tiles; MONAI's SegResNet, Attention U-Net and UNETR planned for the device (``plan --configs all``):
 per configuration and stage a training step at the plan's patch and batch in the plan's precision, and on
 CUDA its peak memory against the plan's measured estimate; training and prediction throughput of the
-Hippocampus plan (figures only).
+Hippocampus plan (figures only; training also in the memory layout the plan did not choose, channels-last
+or contiguous, to check the plan's choice on this GPU); whether the default data workers feed the device
+(one worker's batches per second against the steps per second; on a GPU a FAIL says it would starve).
 With ``--device cpu`` (what CI runs, to keep this script from rotting) the CUDA-only rows say "skipped: no
 CUDA". Data: a generated dataset (larger on a GPU), and ``--hippocampus`` (default
 ``../shared/data/MSD_Task04_Hippocampus``) for the throughput rows when it exists.
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -45,13 +48,15 @@ from autoseg.demo import make_synthetic_dataset
 from autoseg.device import detect_device
 from autoseg.inference.predictor import Predictor
 from autoseg.networks import build_network
+from autoseg.parallel import available_cores
 from autoseg.plans import Plans, configuration_names, load_plans, select_configuration
 from autoseg.runconfig import Overrides
 from autoseg.training.budget import measure_step_seconds
 from autoseg.training.config import stage_runs
+from autoseg.training.data import BatchDataset, PatchSampler
 from autoseg.training.interrupt import TrainingInterrupted
 from autoseg.training.losses import planned_loss
-from autoseg.training.runtime import Runtime, configure_backends, distributed_runtime
+from autoseg.training.runtime import Runtime, configure_backends, data_workers, distributed_runtime
 from autoseg.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,17 +325,20 @@ def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, devic
     k, c = len(plans.labels), len(plans.channel_names)
     amp = plans.amp and device.type == "cuda"
     rows = []
-    for deterministic in (False, True):
+    other = dataclasses.replace(plans.network, channels_last=not plans.network.channels_last)
+    for deterministic, network in ((False, plans.network), (True, plans.network), (False, other)):
         configure_backends(device, deterministic)
         rates = []
         for st in plans.stages:
-            net = build_network(plans.network, c, k)
+            net = build_network(network, c, k)
             loss = planned_loss(plans.training)
             run_st = next(r for r in stage_runs(plans, Overrides("both", None, None, None)) if r.name == st.name)
             sec = measure_step_seconds(net, loss, run_st, st.batch_size, c, k, device, amp, warmup=2, timed=steps)
             rates.append(f"{st.name} {1 / sec:.1f} steps/s ({'x'.join(map(str, st.patch_size))}, batch "
                          f"{st.batch_size})")
         mode = "deterministic" if deterministic else "cudnn.benchmark" if device.type == "cuda" else "default"
+        if network is other:  # the plan's choice of memory layout against the other one (docs/training.md)
+            mode += ", " + ("channels-last" if other.channels_last else "contiguous") + " (not the plan's layout)"
         rows.append(Row(f"training throughput, {mode}", "PASS", f"{label}: " + "; ".join(rates)))
     configure_backends(device, False)
     torch.use_deterministic_algorithms(False)
@@ -346,6 +354,47 @@ def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, devic
                     f"{label}: {per_case:.2f} s per median case "
                     f"({'x'.join(map(str, plans.median_shape_after_resampling))}, mirroring, one fold)"))
     return rows
+
+
+def check_feeding(hippocampus: Path | None, fallback: Path, root: Path, device: torch.device,
+                  batches: int) -> Row:
+    """Whether the default data workers keep the device busy: per stage, one worker's batches per second
+    (sampling + augmentation, one thread, as in a worker) against the device's training steps per second at the
+    plan's patch and batch, the workers that takes, and the workers ``autoseg train`` starts here. On a GPU with
+    Hippocampus at hand, its plan (preprocessed here); otherwise the generated run's."""
+    run = fallback
+    if hippocampus is not None and device.type == "cuda":
+        run = root / "hippocampus_feeding"
+        cli("plan", str(hippocampus), "-o", str(run), "--device", device.type, "--no-progress")
+        cli("preprocess", str(run), "--no-progress")
+    plans = load_plans(run / "plans.json")
+    k, c = len(plans.labels), len(plans.channel_names)
+    amp = plans.amp and device.type == "cuda"
+    chosen = data_workers(device, available_cores(), None)
+    parts, enough = [], True
+    for si, st in enumerate(plans.stages):
+        run_st = next(r for r in stage_runs(plans, Overrides("both", None, None, None)) if r.name == st.name)
+        steps = 1 / measure_step_seconds(build_network(plans.network, c, k), planned_loss(plans.training), run_st,
+                                         st.batch_size, c, k, device, amp, warmup=2, timed=3)
+        sampler = PatchSampler(run / "preprocessed", plans.folds[0].train, list(st.patch_size),
+                               plans.training.oversample_foreground)
+        ds = BatchDataset(sampler, st.batch_size, plans.training.augmentation, 0, si, True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            ds[0]  # opens the files
+            t0 = time.perf_counter()
+            for i in range(1, batches + 1):
+                ds[i]
+            per_worker = batches / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+        need = math.ceil(steps / per_worker)
+        enough = enough and need <= max(chosen, 1)
+        parts.append(f"{st.name} {steps:.1f} steps/s, one worker {per_worker:.1f} batches/s -> {need} worker(s)")
+    label = "Hippocampus plan" if run != fallback else "generated plan"
+    return Row("data workers feed the device", "PASS" if enough or device.type != "cuda" else "FAIL",
+               f"{label}: " + "; ".join(parts) + f"; autoseg train starts {chosen} here")
 
 
 def _safe(name: str, fn: Callable[[], Row | tuple[Row, ...] | list[Row]]) -> list[Row]:
@@ -399,6 +448,7 @@ def main() -> int:
     rows += _safe("MONAI configurations", lambda: check_monai(run, root, device))
     hippo = args.hippocampus if args.hippocampus.is_dir() else None
     rows += _safe("throughput", lambda: check_throughput(hippo, run, root, device, 10 if gpu else 2))
+    rows += _safe("data workers feed the device", lambda: check_feeding(hippo, run, root, device, 20 if gpu else 4))
     print_table(rows)
     print(f"\n{sum(r.status == 'PASS' for r in rows)} passed, {sum(r.status == 'FAIL' for r in rows)} failed, "
           f"{sum(r.status.startswith('skipped') for r in rows)} skipped in {time.perf_counter() - t0:.0f} s "

@@ -1,0 +1,32 @@
+"""Write an untrained fold-0 ``checkpoint_final.pth`` for nnU-Net v2, to time its prediction without training it.
+
+Run with the nnU-Net venv's python after ``../shared/bench/nnunet/run.sh DATASET 0 OUT`` (plan and preprocess
+only), with that run's ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` exported:
+
+    nnUNet_raw=OUT/raw nnUNet_preprocessed=OUT/pre nnUNet_results=OUT/res \\
+        /work/.venv-nnunet/bin/python benchmarks/nnunet_untrained_fold.py [3d_fullres|2d]
+
+nnU-Net's time per predicted case does not depend on its weights (same network, tiles, mirrorings, resampling
+and export), while one epoch of its CPU training takes half an hour on a 2-core machine. The checkpoint holds
+its planned network, freshly initialised, under the benchmark trainer's name (``nnUNetTrainer_Budget``), where
+``benchmarks/bench_predict.py --nnunet-out OUT`` looks. Its labels are meaningless: only its time counts.
+"""
+
+import os
+import sys
+
+import torch
+from nnunetv2.run import run_training
+from nnunetv2.training.nnUNetTrainer.variants.nnUNetTrainer_Budget import nnUNetTrainer_Budget
+
+if __name__ == "__main__":
+    config = sys.argv[1] if len(sys.argv) > 1 else "3d_fullres"
+    # as the bench shim does: a CPU-only torch cannot import every trainer module to find this one by name
+    run_training.recursive_find_trainer_class_by_name = lambda name, *a, **k: nnUNetTrainer_Budget
+    trainer = run_training.get_trainer_from_args("99", config, 0, "nnUNetTrainer_Budget",
+                                                 device=torch.device("cpu"))
+    trainer.initialize()
+    os.makedirs(trainer.output_folder, exist_ok=True)
+    path = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    trainer.save_checkpoint(path)
+    print(path)
