@@ -13,9 +13,11 @@ its planned network, freshly initialised, under the benchmark trainer's name (``
 """
 
 import os
+import shutil
 import sys
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import save_json
 from nnunetv2.run import run_training
 from nnunetv2.training.nnUNetTrainer.variants.nnUNetTrainer_Budget import nnUNetTrainer_Budget
 
@@ -27,6 +29,12 @@ if __name__ == "__main__":
                                                  device=torch.device("cpu"))
     trainer.initialize()
     os.makedirs(trainer.output_folder, exist_ok=True)
+    # what nnU-Net's training writes beside its folds at its start, and its predictor reads
+    base = trainer.output_folder_base
+    save_json(trainer.plans_manager.plans, os.path.join(base, "plans.json"), sort_keys=False)
+    save_json(trainer.dataset_json, os.path.join(base, "dataset.json"), sort_keys=False)
+    shutil.copyfile(os.path.join(trainer.preprocessed_dataset_folder_base, "dataset_fingerprint.json"),
+                    os.path.join(base, "dataset_fingerprint.json"))
     path = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     trainer.save_checkpoint(path)
     print(path)
