@@ -82,7 +82,7 @@ class ResidualUNet(nn.Module):
         channels_last: keep the weights and every activation channels-last (``torch.channels_last_3d``): on
             the CPU the convolutions then skip their layout conversions (7-9 % faster training steps on the
             development machine, ``benchmarks/bench_speed.py step``). The input is converted in
-            :meth:`forward`; the outputs come out channels-last (their values are the same).
+            :meth:`forward`; outputs may come out channels-last (their values are the same).
     """
 
     def __init__(self, in_channels: int, n_classes: int, features: list[int], kernel_sizes: list[list[int]],
