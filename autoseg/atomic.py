@@ -128,7 +128,8 @@ def _writer_alive(tmp: Path) -> bool:
 
 def remove_temporaries(folder: Path) -> int:
     """Delete files left under temporary names in ``folder`` by a process that was killed; returns how many.
-    Those of a process still running (another command writing into the same folder) are left alone."""
+    Those of a process still running (another command writing into the same folder) are left alone; a folder
+    that does not exist has none."""
     n = 0
     for p in folder.glob(f"{TMP_PREFIX}*"):
         if _writer_alive(p):

@@ -53,7 +53,7 @@ GPU_BLOCKS_BY_BUDGET = ((20.0, (1, 3, 4, 6, 6, 6)), (10.0, (1, 2, 3, 4, 4, 4)), 
 CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
 #: our U-Nets channels-last on the CPU: oneDNN's 3D convolutions then skip their layout conversions;
 #: training steps of the Hippocampus CPU plan took 0.563 s instead of 0.607 (zoom-in) and 1.139 s instead of
-#: 1.257 (zoom-out) on the development machine (``benchmarks/bench_speed.py step``, same run). GPU plans
+#: 1.257 (zoom-out) on a 2-core AVX2 EPYC host (``benchmarks/bench_speed.py step``, same run). GPU plans
 #: stay contiguous (nnU-Net's layout; not measured here: ``benchmarks/gpu_check.py`` times both)
 CPU_CHANNELS_LAST = True
 

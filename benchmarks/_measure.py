@@ -1,12 +1,14 @@
-"""Wall time and peak memory of a command and all the processes it starts (Linux /proc), for benchmarks."""
+"""Measurements the benchmarks share: wall time and peak memory of a command and all the processes it starts
+(Linux /proc), and the rate at which one data worker makes batches."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import time
+from collections.abc import Callable
 
-__all__ = ["tree_rss_bytes", "run_measured"]
+__all__ = ["tree_rss_bytes", "run_measured", "batches_per_second"]
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -42,3 +44,21 @@ def run_measured(cmd: list[str], env: dict | None = None, stdout=subprocess.DEVN
         peak = max(peak, tree_rss_bytes(proc.pid))
         time.sleep(0.05)
     return time.perf_counter() - t0, peak, proc.returncode
+
+
+def batches_per_second(batch: Callable[[int], object], batches: int) -> float:
+    """Batches per second one data worker makes: ``batch(i)`` for ``i`` in ``1..batches`` on one intra-op
+    thread, as in a worker process, after ``batch(0)`` as a warm-up (it opens the files). The thread count is
+    restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batch(0)
+        t0 = time.perf_counter()
+        for i in range(1, batches + 1):
+            batch(i)
+        return batches / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)

@@ -71,17 +71,17 @@ def run(args: list[str], limit: int | None = None, kill_after: float | None = No
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(AUTOSEG + args, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-                                preexec_fn=set_limit, env=ENV)
-        try:
-            code = proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = -9
-        err.seek(0)
-        return Outcome(code, err.read(), time.perf_counter() - t0)
+    # stderr through a pipe: a file would be under the same size limit and cut the error message short
+    proc = subprocess.Popen(AUTOSEG + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=set_limit, env=ENV)
+    try:
+        err = proc.communicate(timeout=kill_after)[1]
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        err = proc.communicate()[1]
+        code = -9
+    return Outcome(code, err, time.perf_counter() - t0)
 
 
 def clear(stderr: str) -> bool:
@@ -133,6 +133,8 @@ class Job:
     args: Callable[[Path], list[str]]
     output: Callable[[Path], Path]
     same: Callable[[Path, Path], bool]
+    #: the reference folder holding what the command writes (its smallest file sets the disk-full limit)
+    result: Path
 
 
 def build(root: Path) -> dict[str, Path]:
@@ -169,16 +171,17 @@ def jobs(ref: dict[str, Path]) -> list[Job]:
 
     return [
         Job("preprocess", copy_of("planned"), lambda w: ["preprocess", str(w / "run"), "--no-progress"],
-            lambda w: w / "run", lambda w: same_preprocessed(w / "run", ref["preprocessed"])),
+            lambda w: w / "run", lambda w: same_preprocessed(w / "run", ref["preprocessed"]),
+            ref["preprocessed"] / "preprocessed"),
         Job("train", copy_of("preprocessed"), lambda w: ["train", "0", "--run", str(w / "run"), *TRAIN],
-            lambda w: w / "run", lambda w: same_training(w / "run", ref["trained"])),
+            lambda w: w / "run", lambda w: same_training(w / "run", ref["trained"]), ref["trained"] / "fold_0"),
         Job("predict", nothing, lambda w: ["predict", "-i", str(ref["scans"]), "-o", str(w / "out"), "--run",
                                            str(ref["trained"]), "--folds", "0", "--save-probabilities",
                                            "--no-progress"],
-            lambda w: w / "out", lambda w: same_files(w / "out", ref["pred_a"])),
+            lambda w: w / "out", lambda w: same_files(w / "out", ref["pred_a"]), ref["pred_a"]),
         Job("ensemble", nothing, lambda w: ["ensemble", str(ref["pred_a"]), str(ref["pred_b"]), "-o", str(w / "out"),
                                             "--no-progress"],
-            lambda w: w / "out", lambda w: same_files(w / "out", ref["ensembled"])),
+            lambda w: w / "out", lambda w: same_files(w / "out", ref["ensembled"]), ref["ensembled"]),
     ]
 
 
@@ -207,15 +210,15 @@ def kills(job: Job, work: Path, n: int, rng: random.Random) -> Row:
     return Row(f"{job.name}: kill -9 at a random moment", n, *(sum(r[k] for r in results) for k in range(3)))
 
 
-def disk_full(job: Job, ref: dict[str, Path], work: Path) -> Row:
-    """The command under a file-size limit too small for its outputs, then again without it. The limit is
-    1000 bytes; for ``ensemble``, half its smallest reference output if that is smaller: a nearly empty label
-    map compresses below 1000 bytes, and a command whose outputs all fit would meet no full disk."""
+def disk_full(job: Job, work: Path) -> Row:
+    """The command under a file-size limit too small for any of its outputs, then again without it. The limit
+    is half the smallest file the command wrote in the reference run (at most 1000 bytes): the first output it
+    writes, whichever it is, meets a full disk (a nearly empty label map compresses to a few hundred bytes)."""
     row = Row(f"{job.name}: disk full (RLIMIT_FSIZE)")
     w = work / f"{job.name}_full"
     w.mkdir()
     job.fresh(w)
-    sizes = [p.stat().st_size for p in ref["ensembled"].glob("*.nii.gz")] if job.name == "ensemble" else []
+    sizes = [p.stat().st_size for p in job.result.rglob("*") if p.is_file() and p.stat().st_size]
     full = run(job.args(w), limit=min([1000] + [s // 2 for s in sizes]))
     again = run(job.args(w))
     row.runs = 1
@@ -339,7 +342,7 @@ def main() -> None:
         t_built = time.perf_counter()
         steps: list[Callable[[], list[Row]]] = []
         for job in jobs(ref):
-            steps += [lambda job=job: [kills(job, work, args.kills, rng)], lambda job=job: [disk_full(job, ref, work)]]
+            steps += [lambda job=job: [kills(job, work, args.kills, rng)], lambda job=job: [disk_full(job, work)]]
         steps += [lambda: checkpoint_faults(ref, work), lambda: [plan_edited(ref, work)],
                   lambda: [case_deleted(ref, work)]]
         for step in steps:

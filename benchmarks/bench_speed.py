@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import batches_per_second
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main as autoseg_main
@@ -245,17 +246,12 @@ def _samples_per_second(plan: Plans, folder: Path, cases: list[str], batches: in
     for si, st in enumerate(plan.stages):
         sampler = PatchSampler(folder, cases, list(st.patch_size), plan.training.oversample_foreground)
         ds = BatchDataset(sampler, st.batch_size, plan.training.augmentation, 0, si, True)
-        ds[0]  # warm-up: opens the files
-        t0 = time.perf_counter()
-        for i in range(1, batches + 1):
-            ds[i]
         out.append((f"{st.name} {'x'.join(map(str, st.patch_size))} batch {st.batch_size}",
-                    batches * st.batch_size / (time.perf_counter() - t0)))
+                    batches_per_second(ds.__getitem__, batches) * st.batch_size))
     return out
 
 
 def bench_augment(run: Path, batches: int, gpu_gib: float) -> None:
-    torch.set_num_threads(1)  # as in a data worker
     cpu_plan = load_plans(run / "plans.json")
     gpu = DeviceInfo("cuda", f"{gpu_gib:g} GiB GPU (cost model)", 8, 64.0, gpu_gib, gpu_gib, "--gpu-memory")
     gpu_plan = make_plan(load_fingerprint(run / "fingerprint.json"), gpu)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _measure import batches_per_second
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main as autoseg_main
@@ -379,16 +380,7 @@ def check_feeding(hippocampus: Path | None, fallback: Path, root: Path, device: 
         sampler = PatchSampler(run / "preprocessed", plans.folds[0].train, list(st.patch_size),
                                plans.training.oversample_foreground)
         ds = BatchDataset(sampler, st.batch_size, plans.training.augmentation, 0, si, True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            ds[0]  # opens the files
-            t0 = time.perf_counter()
-            for i in range(1, batches + 1):
-                ds[i]
-            per_worker = batches / (time.perf_counter() - t0)
-        finally:
-            torch.set_num_threads(threads)
+        per_worker = batches_per_second(ds.__getitem__, batches)
         need = math.ceil(steps / per_worker)
         enough = enough and need <= max(chosen, 1)
         parts.append(f"{st.name} {steps:.1f} steps/s, one worker {per_worker:.1f} batches/s -> {need} worker(s)")

@@ -10,6 +10,10 @@ nnU-Net's time per predicted case does not depend on its weights (same network, 
 and export), while one epoch of its CPU training takes half an hour on a 2-core machine. The checkpoint holds
 its planned network, freshly initialised, under the benchmark trainer's name (``nnUNetTrainer_Budget``), where
 ``benchmarks/bench_predict.py --nnunet-out OUT`` looks. Its labels are meaningless: only its time counts.
+
+The checkpoint must also carry the mirror axes a trained one has: nnU-Net sets them only when training starts
+(``configure_rotation_dummyDA_mirroring_and_inital_patch_size``) and its predictor mirrors along the axes the
+checkpoint names, so a checkpoint saved right after ``initialize()`` names none and predicts without TTA.
 """
 
 import os
@@ -28,6 +32,7 @@ if __name__ == "__main__":
     trainer = run_training.get_trainer_from_args("99", config, 0, "nnUNetTrainer_Budget",
                                                  device=torch.device("cpu"))
     trainer.initialize()
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # the mirror axes TTA uses
     os.makedirs(trainer.output_folder, exist_ok=True)
     # what nnU-Net's training writes beside its folds at its start, and its predictor reads
     base = trainer.output_folder_base

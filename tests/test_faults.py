@@ -256,6 +256,8 @@ def test_temporaries_of_a_dead_writer_are_removed_and_a_live_writers_kept(tmp_pa
         p.write_text("half")
     assert atomic.remove_temporaries(tmp_path) == 2
     assert [p.name for p in tmp_path.iterdir()] == [mine.name]
+    assert atomic.remove_temporaries(tmp_path / "not-there") == 0  # a folder not made yet has none
+    assert not (tmp_path / "not-there").exists()
     with atomic_path(tmp_path / "d.json") as tmp:
         assert tmp.name.startswith(f"{atomic.TMP_PREFIX}{os.getpid()}-")
         tmp.write_text("{}")

@@ -255,7 +255,7 @@ def predict_folder(predictor: Predictor, in_dir: Path, out_dir: Path, overwrite:
         raise ValueError(f"{in_dir}: no images (.nii.gz, .nii, .nrrd, .mha) found")
     out_dir.mkdir(parents=True, exist_ok=True)
     for folder in (out_dir, overlay_dir):  # what a killed run was writing
-        if folder is not None and folder.is_dir():
+        if folder is not None:
             remove_temporaries(folder)
     report = FolderReport()
     for line in problems if rank == 0 else []:

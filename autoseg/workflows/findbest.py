@@ -15,6 +15,7 @@ import itertools
 import json
 from math import prod
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -45,9 +46,13 @@ __all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring"]
 TIE = 1e-4
 
 
-def _validated_folds(run_dir: Path, name: str) -> dict[str, list[str]]:
-    """Fold folder name -> validation case ids, for the folds of configuration ``name`` that were validated."""
-    return {f.name: sorted(json.loads((f / VALIDATION_DIR / "metrics.json").read_text())["cases"])
+#: a fold's validation ``metrics.json``, parsed
+Metrics = dict[str, Any]
+
+
+def _validated_folds(run_dir: Path, name: str) -> dict[str, Metrics]:
+    """Fold folder name -> its validation metrics, for the folds of configuration ``name`` that were validated."""
+    return {f.name: json.loads((f / VALIDATION_DIR / "metrics.json").read_text())
             for f in validated_folds(model_dir(run_dir, name))}
 
 
@@ -62,8 +67,10 @@ def _cost_per_voxel(p: Plans) -> float:
     return st.estimated_step_gflops / (st.batch_size * prod(st.patch_size))
 
 
-def _compared(run_dir: Path, plans: Plans) -> tuple[list[str], list[str], dict[str, str]]:
-    """The trained configurations, the folds all of them validated, and each compared case's fold.
+def _compared(run_dir: Path,
+              plans: Plans) -> tuple[list[str], list[str], dict[str, str], dict[str, dict[str, Metrics]]]:
+    """The trained configurations, the folds all of them validated, each compared case's fold, and the validated
+    folds' metrics per configuration.
 
     Raises:
         ValueError: nothing validated, no fold in common, or a validated case without saved probabilities.
@@ -78,17 +85,17 @@ def _compared(run_dir: Path, plans: Plans) -> tuple[list[str], list[str], dict[s
         have = "; ".join(f"{n}: {', '.join(folds[n])}" for n in trained)
         raise ValueError(f"{run_dir}: no fold is validated in every trained configuration ({have}); train the "
                          "same folds of each")
-    missing = {f"{n}/{f}": [c for c in folds[n][f] if not _probabilities_path(run_dir, n, f, c).is_file()]
-               for n in trained for f in common}
+    missing = {f"{n}/{f}": [c for c in sorted(folds[n][f]["cases"])
+                            if not _probabilities_path(run_dir, n, f, c).is_file()] for n in trained for f in common}
     missing = {k: v for k, v in missing.items() if v}
     if missing:
-        what = "; ".join(f"{k}: {len(v)} of {len(folds[k.split('/')[0]][k.split('/')[1]])} cases, e.g. "
+        what = "; ".join(f"{k}: {len(v)} of {len(folds[k.split('/')[0]][k.split('/')[1]]['cases'])} cases, e.g. "
                          f"{VALIDATION_DIR}/{PROBABILITIES_DIR}/{v[0]}.npz" for k, v in missing.items())
         raise ValueError(f"fold(s) {', '.join(missing)} have no saved validation probabilities ({what}; validated "
                          "by an older autoseg, or files removed); run their autoseg train command again: a trained "
                          "fold only re-validates")
-    cases = {c: f for f in common for c in folds[trained[0]][f]}
-    return trained, common, cases
+    cases = {c: f for f in common for c in sorted(folds[trained[0]][f]["cases"])}
+    return trained, common, cases, folds
 
 
 def find_best(run_dir: Path, progress: bool = True) -> Choice:
@@ -99,12 +106,11 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
         ValueError: see :func:`_compared`.
     """
     run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        remove_temporaries(run_dir)
+    remove_temporaries(run_dir)
     if not (run_dir / PLANS_FILE).is_file():
         raise ValueError(f"{run_dir}: not a planned run (no {PLANS_FILE}); give the folder autoseg plan -o wrote")
     plans = load_plans(run_dir / PLANS_FILE)
-    trained, common, cases = _compared(run_dir, plans)
+    trained, common, cases, metrics = _compared(run_dir, plans)
     combos = [(n,) for n in trained] + list(itertools.combinations(trained, 2))
     refs = reference_labels(run_dir)
     classes = sorted(plans.labels)[1:]
@@ -131,7 +137,7 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
     reason = (f"highest mean Dice {best.mean_dice:.4f} of {len(scores)} candidates over {len(cases)} cases of "
               f"{', '.join(common)}" + (f" (ties within {TIE:g} go to the cheaper prediction)"
                                         if sum(s.mean_dice >= top - TIE for s in scores) > 1 else ""))
-    gain = mirroring_gain(run_dir, best.configurations, cases)
+    gain = mirroring_gain(metrics, best.configurations, cases)
     mirroring, why = decide_mirroring(gain, len(cases))
     choice = Choice(best.configurations, common, len(cases), pp, scores, reason, mirroring,
                     None if gain is None else round(gain, 5), why)
@@ -139,14 +145,14 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
     return choice
 
 
-def mirroring_gain(run_dir: Path, configs: list[str], cases: dict[str, str]) -> float | None:
+def mirroring_gain(metrics: dict[str, dict[str, Metrics]], configs: list[str], cases: dict[str, str]) -> float | None:
     """Mean over ``configs``, ``cases`` (case id -> fold) and foreground classes of the Dice with mirroring minus
-    the Dice without, from the folds' ``metrics.json``; None when a fold was validated without mirroring or by
-    an autoseg that did not score the unmirrored prediction."""
+    the Dice without, from the folds' validation ``metrics`` (configuration -> fold -> ``metrics.json``); None when
+    a fold was validated without mirroring or by an autoseg that did not score the unmirrored prediction."""
     gains = []
     for name in configs:
         for fold in sorted(set(cases.values())):
-            m = json.loads((model_dir(run_dir, name) / fold / VALIDATION_DIR / "metrics.json").read_text())
+            m = metrics[name][fold]
             plain = m.get("without_mirroring")
             if not m.get("mirroring") or plain is None:
                 return None

@@ -108,8 +108,7 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     for folder in (out_dir, out_dir / PROBABILITIES_DIR):  # what a validation that was killed was writing
-        if folder.is_dir():
-            remove_temporaries(folder)
+        remove_temporaries(folder)
     refs = reference_labels(run_dir)
     folder = run_dir / PREPROCESSED_DIR
     classes = sorted(plans.labels)[1:]
