@@ -25,6 +25,8 @@ from autoseg.checkpoint import load_checkpoint
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
+    CPU_FLIPS_PER_CALL,
+    choose_flips_per_call,
     choose_sums_device,
     choose_tiles_per_batch,
     cuda_free_bytes,
@@ -39,7 +41,7 @@ from autoseg.planning.measured import network_step_cost
 from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
 from autoseg.runconfig import CONFIG_FILE, model_dir
-from autoseg.tiling import tile_boxes
+from autoseg.tiling import mirror_combinations, tile_boxes
 
 __all__ = ["Predictor", "Prediction", "trained_folds", "resolve_device", "PredictionMemoryError", "first_line",
            "fill_nonfinite"]
@@ -122,6 +124,9 @@ class Predictor:
         step: sliding-window step as a share of the patch (default: the plan's).
         postprocessing: applied to the labels (``from_run`` loads the run's ``postprocessing.json``).
     """
+
+    #: most mirrored copies of a tile per network call on the CPU (1: one at a time)
+    max_flips_per_call = CPU_FLIPS_PER_CALL
 
     def __init__(self, plans: Plans, networks: list[tuple[nn.Module, list[int]]], device: torch.device,
                  tta: bool = True, step: float | None = None, postprocessing: Postprocessing | None = None):
@@ -234,7 +239,7 @@ class Predictor:
             patch = self.tile(planned, list(x.shape[1:]))
             message = None
             try:
-                p = _softmax_(self._logits(net, x, patch))
+                p = _softmax_(self._logits(net, x, patch, self.flips_per_call(patch, planned)))
                 total = p if total is None else total.add_(p)
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
@@ -260,6 +265,14 @@ class Predictor:
         need = prediction_bytes(net.features, net.upsample_factor, whole, len(self.plans.channel_names),
                                 len(self.plans.labels))
         return whole if need <= self.plans.memory_budget_gib * 2**30 else patch
+
+    def flips_per_call(self, tile: list[int], planned: list[int]) -> int:
+        """Mirrored copies of a ``tile`` per network call (:func:`choose_flips_per_call`, at most
+        ``max_flips_per_call``), bounded by the batch of the plan's stage trained at the ``planned`` patch (1 if
+        no stage was)."""
+        batch = next((st.batch_size for st in self.plans.stages if list(st.patch_size) == list(planned)), 1)
+        return choose_flips_per_call(self.device.type, len(mirror_combinations(self.mirror_axes)), tile, planned,
+                                     batch, self.max_flips_per_call)
 
     def _memory_message(self, exc: BaseException, shape: list[int], patch: list[int]) -> str:
         """One line: what ran out, for which volume, patch and device, and what to do."""
@@ -295,8 +308,9 @@ class Predictor:
                   free / 2**30, need / 2**30, "GPU memory" if on_gpu else "RAM", batch, n_tiles, per_tile / 2**30)
         return (self.device if on_gpu else CPU), batch
 
-    def _logits(self, net: nn.Module, x: torch.Tensor, patch: list[int]) -> torch.Tensor:
-        """Sliding-window logits ``(K, *spatial)``, float32 on the CPU.
+    def _logits(self, net: nn.Module, x: torch.Tensor, patch: list[int], flips_per_call: int = 1) -> torch.Tensor:
+        """Sliding-window logits ``(K, *spatial)``, float32 on the CPU; ``flips_per_call`` mirrored copies of a
+        tile per network call on the CPU (a GPU batches tiles instead).
 
         On a GPU, the fallback chain is: sums in GPU memory -> sums in RAM -> the network on the CPU. The first
         rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
@@ -309,7 +323,7 @@ class Predictor:
         """
         args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
         if self.device.type != "cuda":
-            return predict_logits(net, *args, self.device)
+            return predict_logits(net, *args, self.device, flips_per_call=flips_per_call)
         sums_on, batch = self._gpu_layout(x, patch)
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":

@@ -22,8 +22,8 @@ from torch import nn
 from autoseg.tiling import mirror_combinations, tile_boxes
 
 __all__ = ["gaussian_weights", "predict_logits", "padded_shape", "sums_bytes", "choose_sums_device",
-           "choose_tiles_per_batch", "cuda_free_bytes", "division_chunk", "divide_sums", "SUMS_SHARE",
-           "BATCH_SHARE", "MAX_TILES_PER_BATCH", "DIVISION_CHUNK_BYTES"]
+           "choose_tiles_per_batch", "choose_flips_per_call", "cuda_free_bytes", "division_chunk", "divide_sums",
+           "SUMS_SHARE", "BATCH_SHARE", "MAX_TILES_PER_BATCH", "CPU_FLIPS_PER_CALL", "DIVISION_CHUNK_BYTES"]
 
 #: share of the GPU's free memory the sums (and the input) may take; the rest is for the network's forward
 SUMS_SHARE = 0.6
@@ -31,6 +31,10 @@ SUMS_SHARE = 0.6
 BATCH_SHARE = 0.8
 #: most tiles per network call on a GPU: beyond a few, a larger batch no longer speeds a GPU up
 MAX_TILES_PER_BATCH = 8
+#: mirrored copies of a tile per network call on the CPU: on a 2-core host, the 8 flips of a Hippocampus tile
+#: (40x56x40, trained residual U-Net) took 1.45 s two at a time against 1.94 s one at a time (4 at a time 1.46 s,
+#: 8 at a time 1.61 s): a batch of two keeps both cores busier in the small deep layers (docs/predicting.md)
+CPU_FLIPS_PER_CALL = 2
 #: largest chunk (bytes) of the sums divided and copied at a time at the end (extra memory of the division)
 DIVISION_CHUNK_BYTES = 64 * 2**20
 
@@ -84,9 +88,10 @@ def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, d
 
     On a GPU: as many as ``share`` of ``free_bytes`` holds at ``bytes_per_tile`` each (the memory of one
     tile's forward pass), at least 1, at most ``cap`` and ``n_tiles``. On the CPU always 1: a convolution's
-    work grows linearly with the batch, so a batch saves no work (one thread, 8 tiles of 64^3: 10.0 s one at a
-    time and four at a time) while the activation memory grows with it (peak 430 -> 840 MiB); RAM is what a
-    CPU run of a large scan runs out of. Measurements: ``docs/predicting.md``.
+    work grows linearly with the batch, so a batch of large tiles saves no work (one thread, 8 tiles of 64^3:
+    10.0 s one at a time and four at a time) while the activation memory grows with it (peak 430 -> 840 MiB);
+    RAM is what a CPU run of a large scan runs out of. The CPU batches a tile's mirrored copies instead
+    (:func:`choose_flips_per_call`). Measurements: ``docs/predicting.md``.
 
     Args:
         bytes_per_tile: memory of one tile's forward pass (bytes), an upper bound.
@@ -102,6 +107,25 @@ def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, d
     if device_type != "cuda":
         return 1
     return max(1, min(cap, n_tiles, int(share * max(free_bytes, 0)) // bytes_per_tile))
+
+
+def choose_flips_per_call(device_type: str, n_flips: int, tile: list[int], trained_patch: list[int],
+                          training_batch: int, most: int = CPU_FLIPS_PER_CALL) -> int:
+    """How many mirrored copies of a tile go through the network in one call.
+
+    On the CPU up to ``most``, and no more than the plan's ``training_batch`` when the tile is the ``trained_patch``:
+    a forward pass of that many tiles without gradients holds less memory than the training step the plan
+    fitted to its memory budget. A tile larger than the trained patch (a patch-free network's whole volume), and
+    any GPU (which batches tiles instead, :func:`choose_tiles_per_batch`), get 1.
+
+    Raises:
+        ValueError: ``n_flips`` or ``training_batch`` not positive.
+    """
+    if n_flips <= 0 or training_batch <= 0:
+        raise ValueError(f"n_flips {n_flips} and training_batch {training_batch} must be positive")
+    if device_type != "cpu" or list(tile) != list(trained_patch):
+        return 1
+    return max(1, min(most, n_flips, training_batch))
 
 
 def division_chunk(n_classes: int, plane_voxels: int, budget_bytes: int = DIVISION_CHUNK_BYTES) -> int:
@@ -149,20 +173,21 @@ def divide_sums(acc: torch.Tensor, norm: torch.Tensor, crop: tuple[slice, ...], 
 def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: float, mirror_axes: list[int],
                    sigma_scale: float, device: torch.device, tiles_per_batch: int = 1,
                    amp: bool = False, accumulate_on: torch.device | None = None,
-                   chunk: int | None = None) -> torch.Tensor:
+                   chunk: int | None = None, flips_per_call: int = 1) -> torch.Tensor:
     """Gaussian-weighted, mirrored logits ``(K, *spatial)`` (float32, on the CPU) of ``image`` ``(C, *spatial)``.
 
-    The network runs on ``device``, ``tiles_per_batch`` tiles per call. The weighted sums, the summed weights
-    and the (padded) input live on ``accumulate_on`` (default ``device``), all float32 whatever the device,
-    so a GPU sums exactly as the CPU does. A volume smaller than the patch is zero-padded symmetrically and
+    The network runs on ``device``, ``tiles_per_batch`` tiles x ``flips_per_call`` of their mirrored copies per
+    call (the same sums as one at a time, up to float rounding in the convolutions). The weighted sums, the
+    summed weights and the (padded) input live on ``accumulate_on`` (default ``device``), all float32 whatever
+    the device, so a GPU sums exactly as the CPU does. A volume smaller than the patch is zero-padded symmetrically and
     the result cropped back. The result is divided ``chunk`` slices at a time (:func:`divide_sums`; default
     :func:`division_chunk`); sums kept on the CPU are divided in place and returned without a copy.
 
     Raises:
-        ValueError: ``tiles_per_batch`` below 1.
+        ValueError: ``tiles_per_batch`` or ``flips_per_call`` below 1.
     """
-    if tiles_per_batch < 1:
-        raise ValueError(f"tiles_per_batch {tiles_per_batch}: expected at least 1")
+    if tiles_per_batch < 1 or flips_per_call < 1:
+        raise ValueError(f"tiles_per_batch {tiles_per_batch}, flips_per_call {flips_per_call}: expected at least 1")
     acc_device = accumulate_on or device
     spatial = list(image.shape[1:])
     padded = padded_shape(spatial, patch)
@@ -181,14 +206,14 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
         group = boxes[i:i + tiles_per_batch]
         x = torch.stack([image[(slice(None), *b)] for b in group]).to(device, non_blocking=True)
         out: torch.Tensor | None = None
-        for flip in flips:
-            dims = [d + 2 for d in flip]
-            xi = torch.flip(x, dims) if dims else x
+        for j in range(0, len(flips), flips_per_call):
+            dims = [[d + 2 for d in flip] for flip in flips[j:j + flips_per_call]]
+            xs = [torch.flip(x, d) if d else x for d in dims]
             with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                y = net(xi)
-            y = y.float()
-            y = torch.flip(y, dims) if dims else y
-            out = y if out is None else out.add_(y)
+                y = net(xs[0] if len(xs) == 1 else torch.cat(xs)).float()
+            for d, yi in zip(dims, y.split(len(group))):
+                yi = torch.flip(yi, d) if d else yi
+                out = yi if out is None else out.add_(yi)
         assert out is not None
         out = out.div_(len(flips)).to(acc_device)
         if acc is None:

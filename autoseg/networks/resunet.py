@@ -80,8 +80,8 @@ class ResidualUNet(nn.Module):
         deep_supervision: in training mode, return logits at every decoder resolution (full first).
         residual: residual encoder blocks (seeds 000 and 003); False gives plain two-conv blocks.
         channels_last: keep the weights and every activation channels-last (``torch.channels_last_3d``): on
-            the CPU the convolutions then skip their layout conversions (7-9 % faster training steps on the
-            development machine, ``benchmarks/bench_speed.py step``). The input is converted in
+            the CPU the convolutions then skip their layout conversions (7-9 % faster training steps on a
+            2-core AVX2 host, ``benchmarks/bench_speed.py step``). The input is converted in
             :meth:`forward`; outputs may come out channels-last (their values are the same).
     """
 

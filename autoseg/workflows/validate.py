@@ -164,7 +164,10 @@ def _means(dice: dict[str, dict[str, float]]) -> dict:
 class ValidationCost:
     """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored).
     A mirrored validation (more than one flip) also predicts every case once without mirroring and takes it back
-    to the scan's grid (``finish_seconds``, a part of ``rest_seconds``) to score its Dice."""
+    to the scan's grid (``finish_seconds``, a part of ``rest_seconds``) to score its Dice. ``flip_seconds`` is one
+    mirrored copy's share of a network call that takes several (on the CPU,
+    :func:`autoseg.inference.sliding_window.choose_flips_per_call`); None:
+    one at a time, ``forward_seconds`` each."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
@@ -172,11 +175,13 @@ class ValidationCost:
     forward_seconds: float
     rest_seconds: float
     finish_seconds: float = 0.0
+    flip_seconds: float | None = None
 
     def seconds(self, tta: bool) -> float:
         if not tta or self.flips == 1:
             return self.tiles * self.forward_seconds + self.rest_seconds
-        return self.tiles * (self.flips + 1) * self.forward_seconds + self.rest_seconds + self.finish_seconds
+        flip = self.forward_seconds if self.flip_seconds is None else self.flip_seconds
+        return self.tiles * (self.flips * flip + self.forward_seconds) + self.rest_seconds + self.finish_seconds
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
@@ -185,11 +190,12 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
 
     Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings (+ 1 for the
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
-    ``net`` (median of 3; its weights do not matter for the time). The rest (probabilities saved, back to the
-    scan's grid, written, scored): timed on the case of median size, scaled to the others by their voxel count;
-    it is fed a random probability map and scores the reference against itself, because a trained network's
-    prediction is close to the reference while a random network's noise would make the surface distances
-    slower than they will be. On a GPU that batches tiles this overestimates.
+    ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several mirrored
+    copies in one call, a mirroring costs its share of such a call, measured the same way. The rest
+    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size, scaled to
+    the others by their voxel count; it is fed a random probability map and scores the reference against
+    itself, because a trained network's prediction is close to the reference while a random network's noise
+    would make the surface distances slower than they will be. On a GPU that batches tiles this overestimates.
     """
     folder = run_dir / PREPROCESSED_DIR
     props = {c: read_properties(folder, c) for c in case_ids}
@@ -202,7 +208,10 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     tile = {c: predictor.tile(patch, list(p.shape_after_resampling)) for c, p in props.items()}
     tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
                 * prod(tile[c]) / prod(tile[probe]) for c, p in props.items())
-    forward = _forward_seconds(net, [len(plans.channel_names), *tile[probe]], device, plans.amp)
+    shape = [len(plans.channel_names), *tile[probe]]
+    forward = _forward_seconds(net, shape, device, plans.amp)
+    per_call = predictor.flips_per_call(tile[probe], patch)
+    flip = None if per_call == 1 else _forward_seconds(net, shape, device, plans.amp, per_call) / per_call
     k = len(plans.labels)
     probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)
@@ -216,14 +225,14 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     for c in sorted(plans.labels)[1:]:
         score_case(probe, ref, ref, c, props[probe].geometry.spacing_zyx)
     scale = sum(sizes.values()) / sizes[probe]
-    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale)
+    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale, flip)
 
 
 @torch.no_grad()
-def _forward_seconds(net: nn.Module, shape: list[int], device: torch.device, amp: bool) -> float:
-    """Median seconds of one forward pass of one tile ``(C, *patch)`` (after one warm-up)."""
+def _forward_seconds(net: nn.Module, shape: list[int], device: torch.device, amp: bool, batch: int = 1) -> float:
+    """Median seconds of one forward pass of ``batch`` tiles ``(C, *patch)`` (after one warm-up)."""
     net = net.to(device).eval()
-    x = torch.randn(1, *shape, device=device)
+    x = torch.randn(batch, *shape, device=device)
     times = []
     for i in range(4):
         t0 = _clock()

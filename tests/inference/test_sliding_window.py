@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from autoseg.inference.sliding_window import (
+    CPU_FLIPS_PER_CALL,
+    choose_flips_per_call,
     choose_sums_device,
     choose_tiles_per_batch,
     divide_sums,
@@ -105,6 +107,33 @@ def test_batched_tiles_equal_one_tile_at_a_time():
     torch.testing.assert_close(chunked, one, rtol=0, atol=0)
     with pytest.raises(ValueError, match="tiles_per_batch 0"):
         predict_logits(net, x, [8, 8, 8], 0.5, [], 1 / 8, CPU, tiles_per_batch=0)
+
+
+def test_mirrored_copies_in_one_call_equal_one_at_a_time():
+    """Flips batched in one call (with several tiles per call too, and a last call holding fewer flips) sum to
+    what one flip at a time gives, up to the convolutions' float rounding."""
+    net = small_net()
+    x = torch.randn(1, 12, 16, 12)  # 12 tiles of 8^3
+    one = predict_logits(net, x, [8, 8, 8], 0.5, [0, 1, 2], 1 / 8, CPU)  # 8 flips
+    for flips, tiles in ((2, 1), (3, 1), (8, 1), (2, 5)):
+        got = predict_logits(net, x, [8, 8, 8], 0.5, [0, 1, 2], 1 / 8, CPU, tiles_per_batch=tiles,
+                             flips_per_call=flips)
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="flips_per_call 0"):
+        predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU, flips_per_call=0)
+
+
+def test_flips_per_call():
+    patch = [40, 56, 40]
+    assert CPU_FLIPS_PER_CALL == 2
+    assert choose_flips_per_call("cpu", 8, patch, patch, 2) == 2
+    assert choose_flips_per_call("cpu", 8, patch, patch, 12, most=4) == 4
+    assert choose_flips_per_call("cpu", 8, patch, patch, 1) == 1  # trained one at a time: no more in memory
+    assert choose_flips_per_call("cpu", 1, patch, patch, 2) == 1  # no mirroring
+    assert choose_flips_per_call("cpu", 8, [48, 64, 48], patch, 2) == 1  # a tile larger than the trained patch
+    assert choose_flips_per_call("cuda", 8, patch, patch, 2) == 1  # the GPU batches tiles instead
+    with pytest.raises(ValueError, match="positive"):
+        choose_flips_per_call("cpu", 0, patch, patch, 2)
 
 
 def test_divide_sums_in_chunks_equals_the_plain_division():
