@@ -98,6 +98,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (MemoryError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise CheckpointError(f"{path}: {_load_failure(path, e)}") from None
+    except Exception as e:  # torch's reader of old, non-zip files raises anything on garbage (KeyError, IndexError...)
+        if zipfile.is_zipfile(path):
+            raise
+        raise CheckpointError(f"{path}: {_load_failure(path, e)}") from None
     if not isinstance(payload, dict) or not {"network", "state"} <= set(payload):
         raise CheckpointError(f"{path}: not an autoseg checkpoint (no network weights and training state); "
                               "if it came from another program, move it away")

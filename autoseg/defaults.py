@@ -56,6 +56,11 @@ CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
 #: 1.257 (zoom-out) on a 2-core AVX2 EPYC host (``benchmarks/bench_speed.py step``, same run). GPU plans
 #: stay contiguous (nnU-Net's layout; not measured here: ``benchmarks/gpu_check.py`` times both)
 CPU_CHANNELS_LAST = True
+#: prediction on the CPU runs our U-Nets contiguous whatever layout they trained in (a copy of a channels-last
+#: network is converted; the trainer's own keeps its layout): with mirrored copies in pairs, the network part of
+#: prediction took 0.91x the channels-last time on 10 Hippocampus cases and 0.79x on 2 CHAOS cases (2d) on a
+#: 2-core AVX2 host (``benchmarks/bench_speed.py predict``, same run, labels identical)
+CPU_INFERENCE_CHANNELS_LAST = False
 
 # --- planning: memory and compute budget ----------------------------------------------------------
 #: GiB of device memory kept aside for the CUDA context, cuDNN workspaces and allocator slack

@@ -19,7 +19,8 @@ is what loading and augmenting batches costs the step, on cores the network also
 
 ``predict``: seconds per case of the network part of prediction (sliding window over the preprocessed case, the
 probabilities on its grid) for RUN_DIR's trained fold on its first ``--cases`` validation cases, per lever:
-mirroring on or off, tiles as trained or larger (up to the whole case), the planned memory layout or the other;
+mirroring on or off, mirrored copies in pairs or one per call, tiles as trained or larger (up to the whole
+case), the network contiguous (the CPU default) or channels-last at inference;
 each lever's labels are compared with the default's (agreement) and scored against the stored labels (Dice on
 the preprocessed grid, mean over foreground classes and cases).
 
@@ -205,23 +206,21 @@ def _dice(labels: np.ndarray, ref: np.ndarray, classes: range) -> float:
 
 def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
     plan, net, patch = _fold_network(run, fold)
-    _plan, other_net, _patch = _fold_network(run, fold, not plan.network.channels_last)
     cases = fold_cases(plan, fold)[1][:n_cases]
     arrays = {}
     for c in cases:
         data, seg = read_case_arrays(run / "preprocessed", c)
         arrays[c] = (np.asarray(data[:], dtype=np.float32), np.asarray(seg[:])[0])
     stride = plan.network.total_stride
-    layout = "channels-last" if plan.network.channels_last else "contiguous"
     levers: dict[str, Callable[[list[int]], Predictor]] = {
-        f"as planned (mirroring, trained tile, {layout})": lambda s: Predictor(plan, [(net, patch)], CPU),
+        "as planned (mirroring, trained tile, defaults)": lambda s: Predictor(plan, [(net, patch)], CPU),
         "no mirroring": lambda s: Predictor(plan, [(net, patch)], CPU, tta=False),
         "mirrored copies one per network call": lambda s: _one_flip_per_call(Predictor(plan, [(net, patch)], CPU)),
         "tiles up to 2x the trained patch per axis":
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 2))], CPU),
         "tiles up to 4x (whole case where it covers)":
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 4))], CPU),
-        "the other memory layout": lambda s: Predictor(plan, [(other_net, patch)], CPU),
+        "channels-last at inference": lambda s: Predictor(plan, [(net, patch)], CPU, channels_last=True),
     }
     seconds: dict[str, list[float]] = {n: [] for n in levers}
     labels: dict[str, dict[str, np.ndarray]] = {n: {} for n in levers}

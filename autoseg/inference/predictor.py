@@ -11,6 +11,7 @@ A Python API for people who embed autoseg::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import traceback
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
+from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
@@ -74,6 +76,22 @@ def fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return image, notes
 
 
+def _in_layout(net: nn.Module, device: torch.device, channels_last: bool | None) -> nn.Module:
+    """``net`` in the memory layout prediction uses (see :class:`Predictor`'s ``channels_last``): ``net`` itself
+    when it is in that layout or has no layout switch (MONAI's networks), else a converted copy."""
+    current = getattr(net, "channels_last", None)
+    if not isinstance(current, bool):
+        return net
+    want = channels_last if channels_last is not None else (
+        CPU_INFERENCE_CHANNELS_LAST if device.type == "cpu" else current)
+    if want == current:
+        return net
+    other = copy.deepcopy(net)
+    other.to(memory_format=torch.channels_last_3d if want else torch.contiguous_format)  # type: ignore[call-overload]
+    other.channels_last = want  # type: ignore[assignment]  # the flag ResidualUNet.forward reads
+    return other
+
+
 class PredictionMemoryError(RuntimeError):
     """A volume could not be predicted within the memory there is, after every fallback; the message is one
     line: what ran out, the volume, the patch, the device and what to do."""
@@ -123,21 +141,26 @@ class Predictor:
         tta: average over mirroring along the plan's mirror axes.
         step: sliding-window step as a share of the patch (default: the plan's).
         postprocessing: applied to the labels (``from_run`` loads the run's ``postprocessing.json``).
+        channels_last: memory layout of our U-Nets during prediction (None: contiguous on the CPU,
+            :data:`autoseg.defaults.CPU_INFERENCE_CHANNELS_LAST`, and as trained on a GPU); a network in the
+            other layout is copied and converted, so the caller's keeps its own.
     """
 
     #: most mirrored copies of a tile per network call on the CPU (1: one at a time)
     max_flips_per_call = CPU_FLIPS_PER_CALL
 
     def __init__(self, plans: Plans, networks: list[tuple[nn.Module, list[int]]], device: torch.device,
-                 tta: bool = True, step: float | None = None, postprocessing: Postprocessing | None = None):
+                 tta: bool = True, step: float | None = None, postprocessing: Postprocessing | None = None,
+                 channels_last: bool | None = None):
         if not networks:
             raise ValueError("a Predictor needs at least one network")
         if step is not None and not 0 < step <= 1:
             raise ValueError(f"step {step}: expected a share of the patch in (0, 1]")
-        self.plans, self.networks, self.device, self.postprocessing = plans, networks, device, postprocessing
+        self.plans, self.device, self.postprocessing = plans, device, postprocessing
+        self.networks = [(_in_layout(net, device, channels_last), patch) for net, patch in networks]
         self.mirror_axes = list(plans.inference.mirror_axes) if tta else []
         self.step = plans.inference.tile_step if step is None else step
-        for net, _ in networks:
+        for net, _ in self.networks:
             net.to(device).eval()
 
     @classmethod

@@ -209,9 +209,10 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
                 * prod(tile[c]) / prod(tile[probe]) for c, p in props.items())
     shape = [len(plans.channel_names), *tile[probe]]
-    forward = _forward_seconds(net, shape, device, plans.amp)
+    inference_net = predictor.networks[0][0]  # in the layout prediction uses
+    forward = _forward_seconds(inference_net, shape, device, plans.amp)
     per_call = predictor.flips_per_call(tile[probe], patch)
-    flip = None if per_call == 1 else _forward_seconds(net, shape, device, plans.amp, per_call) / per_call
+    flip = None if per_call == 1 else _forward_seconds(inference_net, shape, device, plans.amp, per_call) / per_call
     k = len(plans.labels)
     probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)

@@ -100,6 +100,28 @@ def test_predictor_api(trained_run):
         p.predict(image)
 
 
+def test_the_cpu_predicts_with_a_contiguous_copy_of_a_channels_last_network(trained_run):
+    """On the CPU a channels-last U-Net predicts through a contiguous copy (the caller's network keeps its
+    layout: the trainer's is still training); the probabilities match the channels-last ones to float rounding,
+    and a GPU (or channels_last=True) keeps the network as it is."""
+    from autoseg.networks.resunet import ResidualUNet
+
+    torch.manual_seed(0)
+    net = ResidualUNet(1, 3, [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], channels_last=True)
+    channels_last = torch.channels_last_3d
+    plans = load_plans(trained_run / PLANS_FILE)  # 1 channel, 3 classes
+    contiguous = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"))
+    copy = contiguous.networks[0][0]
+    assert copy is not net and copy.channels_last is False and net.channels_last is True
+    assert all(p.is_contiguous() for p in copy.parameters())
+    assert all(p.is_contiguous(memory_format=channels_last) for p in net.parameters() if p.dim() == 5)
+    same = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), channels_last=True)
+    assert same.networks[0][0] is net
+    x = np.random.default_rng(0).normal(size=(1, 12, 10, 9)).astype(np.float32)
+    np.testing.assert_allclose(contiguous.predict_preprocessed(x), same.predict_preprocessed(x), atol=1e-5)
+    assert predictor_module._in_layout(net, torch.device("cuda"), None) is net  # a GPU predicts as trained
+
+
 def test_two_folds_average_and_ensemble(trained_run, tmp_path, capsys):
     src = scans(tmp_path / "in", n=1)
     outs = {}
