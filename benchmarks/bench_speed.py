@@ -172,14 +172,13 @@ def bench_loop(run: Path, workers: list[int], iterations: int, rounds: int) -> N
                   f"{', '.join(f'{s:.3f}' for s in got[w, cl])} |")
 
 
-def _fold_network(run: Path, fold: str, channels_last: bool | None = None) -> tuple[Plans, torch.nn.Module, list[int]]:
+def _fold_network(run: Path, fold: str) -> tuple[Plans, torch.nn.Module, list[int]]:
     """The fold's plan (its configuration's), trained network (eval mode) and last stage's patch."""
     fold_dir = next(p for p in (run / f"fold_{fold}", *run.glob(f"*/fold_{fold}"))
                     if (p / "checkpoint_final.pt").is_file())
     top = load_plans(run / "plans.json")
     plan = select_configuration(top, top.configuration if fold_dir.parent == run else fold_dir.parent.name)
-    net_plan = plan.network if channels_last is None else replace(plan.network, channels_last=channels_last)
-    net = build_network(net_plan, len(plan.channel_names), len(plan.labels))
+    net = build_network(plan.network, len(plan.channel_names), len(plan.labels))
     net.load_state_dict(load_checkpoint(fold_dir / "checkpoint_final.pt", torch.device("cpu"))["network"])
     return plan, net.eval(), list(plan.stages[-1].patch_size)
 
@@ -205,7 +204,8 @@ def _dice(labels: np.ndarray, ref: np.ndarray, classes: range) -> float:
 
 
 def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
-    plan, net, patch = _fold_network(run, fold)
+    plan, trained, patch = _fold_network(run, fold)
+    net = Predictor(plan, [(trained, patch)], CPU).networks[0][0]  # in the inference layout, converted once
     cases = fold_cases(plan, fold)[1][:n_cases]
     arrays = {}
     for c in cases:
@@ -220,7 +220,7 @@ def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 2))], CPU),
         "tiles up to 4x (whole case where it covers)":
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 4))], CPU),
-        "channels-last at inference": lambda s: Predictor(plan, [(net, patch)], CPU, channels_last=True),
+        "channels-last at inference": lambda s: Predictor(plan, [(trained, patch)], CPU, channels_last=True),
     }
     seconds: dict[str, list[float]] = {n: [] for n in levers}
     labels: dict[str, dict[str, np.ndarray]] = {n: {} for n in levers}
