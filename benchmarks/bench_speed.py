@@ -188,8 +188,8 @@ def _whole_tile(shape: list[int], patch: list[int], stride: list[int], most: flo
     return [max(p, min(-(-s // t) * t, int(most * p) // t * t)) for s, p, t in zip(shape, patch, stride)]
 
 
-def _one_flip_per_call(p: Predictor) -> Predictor:
-    p.max_flips_per_call = 1
+def _one_input_per_call(p: Predictor) -> Predictor:
+    p.max_items_per_call = 1
     return p
 
 
@@ -215,7 +215,9 @@ def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
     levers: dict[str, Callable[[list[int]], Predictor]] = {
         "as planned (mirroring, trained tile, defaults)": lambda s: Predictor(plan, [(net, patch)], CPU),
         "no mirroring": lambda s: Predictor(plan, [(net, patch)], CPU, tta=False),
-        "mirrored copies one per network call": lambda s: _one_flip_per_call(Predictor(plan, [(net, patch)], CPU)),
+        "no mirroring, one tile per network call":
+            lambda s: _one_input_per_call(Predictor(plan, [(net, patch)], CPU, tta=False)),
+        "mirrored copies one per network call": lambda s: _one_input_per_call(Predictor(plan, [(net, patch)], CPU)),
         "tiles up to 2x the trained patch per axis":
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 2))], CPU),
         "tiles up to 4x (whole case where it covers)":

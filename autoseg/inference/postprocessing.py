@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from autoseg.typedjson import from_jsonable, read_json, write_json_atomic
 
@@ -38,6 +37,8 @@ class Postprocessing:
 
 def keep_largest_component(labels: np.ndarray, cls: int) -> np.ndarray:
     """``labels`` with every face-connected component of ``cls`` but the largest set to background."""
+    from scipy import ndimage  # here, not at import: ``predict`` without post-processing never needs it
+
     mask = labels == cls
     comps, n = ndimage.label(mask)
     if n <= 1:

@@ -27,10 +27,11 @@ from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
-    CPU_FLIPS_PER_CALL,
-    choose_flips_per_call,
+    CPU_ITEMS_PER_CALL,
+    choose_cpu_calls,
     choose_sums_device,
     choose_tiles_per_batch,
+    cpu_call_inputs,
     cuda_free_bytes,
     padded_shape,
     predict_logits,
@@ -146,8 +147,8 @@ class Predictor:
             other layout is copied and converted, so the caller's keeps its own.
     """
 
-    #: most mirrored copies of a tile per network call on the CPU (1: one at a time)
-    max_flips_per_call = CPU_FLIPS_PER_CALL
+    #: most inputs (mirrored copies, tiles) per network call on the CPU (1: one at a time)
+    max_items_per_call = CPU_ITEMS_PER_CALL
 
     def __init__(self, plans: Plans, networks: list[tuple[nn.Module, list[int]]], device: torch.device,
                  tta: bool = True, step: float | None = None, postprocessing: Postprocessing | None = None,
@@ -262,7 +263,7 @@ class Predictor:
             patch = self.tile(planned, list(x.shape[1:]))
             message = None
             try:
-                p = _softmax_(self._logits(net, x, patch, self.flips_per_call(patch, planned)))
+                p = _softmax_(self._logits(net, x, patch, self._cpu_calls(patch, planned, list(x.shape[1:]))))
                 total = p if total is None else total.add_(p)
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
@@ -289,13 +290,19 @@ class Predictor:
                                 len(self.plans.labels))
         return whole if need <= self.plans.memory_budget_gib * 2**30 else patch
 
-    def flips_per_call(self, tile: list[int], planned: list[int]) -> int:
-        """Mirrored copies of a ``tile`` per network call (:func:`choose_flips_per_call`, at most
-        ``max_flips_per_call``), bounded by the batch of the plan's stage trained at the ``planned`` patch (1 if
-        no stage was)."""
+    def call_inputs(self, tile: list[int], planned: list[int]) -> int:
+        """Most inputs per network call on the CPU (:func:`cpu_call_inputs`, at most ``max_items_per_call``),
+        bounded by the batch of the plan's stage trained at the ``planned`` patch (1 if no stage was); 1 on a
+        GPU, which batches tiles by its free memory instead (:meth:`_gpu_layout`)."""
+        if self.device.type != "cpu":
+            return 1
         batch = next((st.batch_size for st in self.plans.stages if list(st.patch_size) == list(planned)), 1)
-        return choose_flips_per_call(self.device.type, len(mirror_combinations(self.mirror_axes)), tile, planned,
-                                     batch, self.max_flips_per_call)
+        return cpu_call_inputs(tile, planned, batch, self.max_items_per_call)
+
+    def _cpu_calls(self, tile: list[int], planned: list[int], shape: list[int]) -> tuple[int, int]:
+        """``(tiles, mirrored copies)`` per network call for a preprocessed volume of spatial ``shape``."""
+        n_tiles = len(tile_boxes(padded_shape(shape, tile), tile, self.step))
+        return choose_cpu_calls(self.call_inputs(tile, planned), len(mirror_combinations(self.mirror_axes)), n_tiles)
 
     def _memory_message(self, exc: BaseException, shape: list[int], patch: list[int]) -> str:
         """One line: what ran out, for which volume, patch and device, and what to do."""
@@ -331,9 +338,10 @@ class Predictor:
                   free / 2**30, need / 2**30, "GPU memory" if on_gpu else "RAM", batch, n_tiles, per_tile / 2**30)
         return (self.device if on_gpu else CPU), batch
 
-    def _logits(self, net: nn.Module, x: torch.Tensor, patch: list[int], flips_per_call: int = 1) -> torch.Tensor:
-        """Sliding-window logits ``(K, *spatial)``, float32 on the CPU; ``flips_per_call`` mirrored copies of a
-        tile per network call on the CPU (a GPU batches tiles instead).
+    def _logits(self, net: nn.Module, x: torch.Tensor, patch: list[int],
+                cpu_calls: tuple[int, int] = (1, 1)) -> torch.Tensor:
+        """Sliding-window logits ``(K, *spatial)``, float32 on the CPU; ``cpu_calls`` tiles and mirrored copies
+        per network call on the CPU (:meth:`_cpu_calls`; a GPU batches tiles by its free memory instead).
 
         On a GPU, the fallback chain is: sums in GPU memory -> sums in RAM -> the network on the CPU. The first
         rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
@@ -346,7 +354,7 @@ class Predictor:
         """
         args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
         if self.device.type != "cuda":
-            return predict_logits(net, *args, self.device, flips_per_call=flips_per_call)
+            return predict_logits(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
         sums_on, batch = self._gpu_layout(x, patch)
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":

@@ -22,8 +22,9 @@ from torch import nn
 from autoseg.tiling import mirror_combinations, tile_boxes
 
 __all__ = ["gaussian_weights", "predict_logits", "padded_shape", "sums_bytes", "choose_sums_device",
-           "choose_tiles_per_batch", "choose_flips_per_call", "cuda_free_bytes", "division_chunk", "divide_sums",
-           "SUMS_SHARE", "BATCH_SHARE", "MAX_TILES_PER_BATCH", "CPU_FLIPS_PER_CALL", "DIVISION_CHUNK_BYTES"]
+           "choose_tiles_per_batch", "cpu_call_inputs", "choose_cpu_calls", "cuda_free_bytes", "division_chunk",
+           "divide_sums",
+           "SUMS_SHARE", "BATCH_SHARE", "MAX_TILES_PER_BATCH", "CPU_ITEMS_PER_CALL", "DIVISION_CHUNK_BYTES"]
 
 #: share of the GPU's free memory the sums (and the input) may take; the rest is for the network's forward
 SUMS_SHARE = 0.6
@@ -31,23 +32,36 @@ SUMS_SHARE = 0.6
 BATCH_SHARE = 0.8
 #: most tiles per network call on a GPU: beyond a few, a larger batch no longer speeds a GPU up
 MAX_TILES_PER_BATCH = 8
-#: mirrored copies of a tile per network call on the CPU: on a 2-core host, the 8 flips of a Hippocampus tile
-#: (40x56x40, trained residual U-Net) took 1.45 s two at a time against 1.94 s one at a time (4 at a time 1.46 s,
-#: 8 at a time 1.61 s): a batch of two keeps both cores busier in the small deep layers (docs/predicting.md)
-CPU_FLIPS_PER_CALL = 2
+#: inputs per network call on the CPU (mirrored copies of a tile first, then tiles): on a 2-core host, the 8 flips
+#: of a Hippocampus tile (40x56x40, trained residual U-Net) took 1.45 s two at a time against 1.94 s one at a time
+#: (4 at a time 1.46 s, 8 at a time 1.61 s): a batch of two keeps both cores busier in the small deep layers, and
+#: a one-slice tile of a 2d configuration alone takes a slow convolution path that two avoid (docs/predicting.md)
+CPU_ITEMS_PER_CALL = 2
 #: largest chunk (bytes) of the sums divided and copied at a time at the end (extra memory of the division)
 DIVISION_CHUNK_BYTES = 64 * 2**20
 
 _FLOAT32 = 4  # bytes
 
 
+def _gaussian_1d(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """What scipy's ``gaussian_filter1d`` (``mode="constant"``, default ``truncate``) makes of an impulse at
+    ``size // 2``: the normalised Gaussian kernel's weights out to ``int(truncate * sigma + 0.5)`` voxels, 0
+    beyond. Written out so that prediction need not import ``scipy.ndimage`` (~0.4 s of every command's start)."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 / (sigma * sigma) * offsets ** 2)
+    kernel /= kernel.sum()
+    d = np.arange(size) - size // 2
+    return np.where(np.abs(d) <= radius, kernel[np.clip(d + radius, 0, 2 * radius)], 0.0)
+
+
 @lru_cache(maxsize=8)
 def _gaussian(patch: tuple[int, ...], sigma_scale: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-
-    impulse = np.zeros(patch, dtype=np.float64)
-    impulse[tuple(p // 2 for p in patch)] = 1
-    g = gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
+    g = np.ones((1,) * len(patch), dtype=np.float64)
+    for axis, p in enumerate(patch):  # a separable Gaussian of an impulse: the outer product of the axes' kernels
+        shape = [1] * len(patch)
+        shape[axis] = p
+        g = g * _gaussian_1d(p, p * sigma_scale).reshape(shape)
     g = g / g.max()
     g[g == 0] = g[g > 0].min()  # no zero weights at the corners (a voxel covered only there would divide by 0)
     return g.astype(np.float32)
@@ -87,11 +101,12 @@ def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, d
     """How many tiles go through the network in one call.
 
     On a GPU: as many as ``share`` of ``free_bytes`` holds at ``bytes_per_tile`` each (the memory of one
-    tile's forward pass), at least 1, at most ``cap`` and ``n_tiles``. On the CPU always 1: a convolution's
-    work grows linearly with the batch, so a batch of large tiles saves no work (one thread, 8 tiles of 64^3:
-    10.0 s one at a time and four at a time) while the activation memory grows with it (peak 430 -> 840 MiB);
-    RAM is what a CPU run of a large scan runs out of. The CPU batches a tile's mirrored copies instead
-    (:func:`choose_flips_per_call`). Measurements: ``docs/predicting.md``.
+    tile's forward pass), at least 1, at most ``cap`` and ``n_tiles``. On the CPU 1: there a call holds at most
+    two inputs (:func:`cpu_call_inputs`, :func:`choose_cpu_calls`), as a convolution's work grows linearly with
+    the batch, so a large batch saves no work (one thread, 8 tiles of 64^3: 10.0 s one at a time and four at a
+    time) while the activation memory grows with it (peak 430 -> 840 MiB); RAM is what a CPU run of a large
+    scan runs out of.
+    Measurements: ``docs/predicting.md``.
 
     Args:
         bytes_per_tile: memory of one tile's forward pass (bytes), an upper bound.
@@ -109,23 +124,33 @@ def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, d
     return max(1, min(cap, n_tiles, int(share * max(free_bytes, 0)) // bytes_per_tile))
 
 
-def choose_flips_per_call(device_type: str, n_flips: int, tile: list[int], trained_patch: list[int],
-                          training_batch: int, most: int = CPU_FLIPS_PER_CALL) -> int:
-    """How many mirrored copies of a tile go through the network in one call.
-
-    On the CPU up to ``most``, and no more than the plan's ``training_batch`` when the tile is the ``trained_patch``:
-    a forward pass of that many tiles without gradients holds less memory than the training step the plan
-    fitted to its memory budget. A tile larger than the trained patch (a patch-free network's whole volume), and
-    any GPU (which batches tiles instead, :func:`choose_tiles_per_batch`), get 1.
+def cpu_call_inputs(tile: list[int], trained_patch: list[int], training_batch: int,
+                    most: int = CPU_ITEMS_PER_CALL) -> int:
+    """Most inputs (mirrored copies, tiles) in one network call on the CPU: ``most``, and no more than the plan's
+    ``training_batch`` when the tile is the ``trained_patch`` (a forward pass of that many tiles without gradients
+    holds less memory than the training step the plan fitted to its memory budget); 1 for a tile larger than
+    the trained patch (a patch-free network's whole volume).
 
     Raises:
-        ValueError: ``n_flips`` or ``training_batch`` not positive.
+        ValueError: ``training_batch`` not positive.
     """
-    if n_flips <= 0 or training_batch <= 0:
-        raise ValueError(f"n_flips {n_flips} and training_batch {training_batch} must be positive")
-    if device_type != "cpu" or list(tile) != list(trained_patch):
-        return 1
-    return max(1, min(most, n_flips, training_batch))
+    if training_batch <= 0:
+        raise ValueError(f"training_batch {training_batch} must be positive")
+    return max(1, min(most, training_batch)) if list(tile) == list(trained_patch) else 1
+
+
+def choose_cpu_calls(inputs: int, n_flips: int, n_tiles: int) -> tuple[int, int]:
+    """``(tiles, flips)`` per network call on the CPU for calls of up to ``inputs`` inputs
+    (:func:`cpu_call_inputs`): mirrored copies of a tile first, then, where they leave room (no mirroring), several
+    tiles. The GPU batches tiles by its free memory instead (:func:`choose_tiles_per_batch`).
+
+    Raises:
+        ValueError: an argument not positive.
+    """
+    if min(inputs, n_flips, n_tiles) <= 0:
+        raise ValueError(f"inputs {inputs}, n_flips {n_flips} and n_tiles {n_tiles} must be positive")
+    flips = min(inputs, n_flips)
+    return min(inputs // flips, n_tiles), flips
 
 
 def division_chunk(n_classes: int, plane_voxels: int, budget_bytes: int = DIVISION_CHUNK_BYTES) -> int:

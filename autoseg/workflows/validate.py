@@ -164,10 +164,11 @@ def _means(dice: dict[str, dict[str, float]]) -> dict:
 class ValidationCost:
     """Measured cost of a fold validation: forward passes and the rest (back to the grid, written, scored).
     A mirrored validation (more than one flip) also predicts every case once without mirroring and takes it back
-    to the scan's grid (``finish_seconds``, a part of ``rest_seconds``) to score its Dice. ``flip_seconds`` is one
-    mirrored copy's share of a network call that takes several (on the CPU,
-    :func:`autoseg.inference.sliding_window.choose_flips_per_call`); None:
-    one at a time, ``forward_seconds`` each."""
+    to the scan's grid (``finish_seconds``, a part of ``rest_seconds``) to score its Dice. ``item_seconds`` is one
+    input's share of a network call that takes several (on the CPU, :meth:`Predictor.call_inputs`: mirrored
+    copies of a tile, or without mirroring the tiles of a case that has several); None: one input at a time,
+    ``forward_seconds`` each. ``lone_tiles`` counts the tiles of cases that have only one: unmirrored, such a
+    tile goes through the network alone."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
@@ -175,13 +176,15 @@ class ValidationCost:
     forward_seconds: float
     rest_seconds: float
     finish_seconds: float = 0.0
-    flip_seconds: float | None = None
+    item_seconds: float | None = None
+    lone_tiles: float = 0.0
 
     def seconds(self, tta: bool) -> float:
+        item = self.forward_seconds if self.item_seconds is None else self.item_seconds
+        unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item
         if not tta or self.flips == 1:
-            return self.tiles * self.forward_seconds + self.rest_seconds
-        flip = self.forward_seconds if self.flip_seconds is None else self.flip_seconds
-        return self.tiles * (self.flips * flip + self.forward_seconds) + self.rest_seconds + self.finish_seconds
+            return unmirrored + self.rest_seconds
+        return self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
@@ -190,8 +193,9 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
 
     Prediction: the tiles of every case (from its shape after preprocessing) x the mirrorings (+ 1 for the
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
-    ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several mirrored
-    copies in one call, a mirroring costs its share of such a call, measured the same way. The rest
+    ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
+    one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
+    measured the same way. The rest
     (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size, scaled to
     the others by their voxel count; it is fed a random probability map and scores the reference against
     itself, because a trained network's prediction is close to the reference while a random network's noise
@@ -206,13 +210,16 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     # a patch-free network predicting whole volumes has one tile per case, of the case's size: its forward time
     # is measured at the median case's and scaled by voxels to the others
     tile = {c: predictor.tile(patch, list(p.shape_after_resampling)) for c, p in props.items()}
-    tiles = sum(len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
-                * prod(tile[c]) / prod(tile[probe]) for c, p in props.items())
+    n_tiles = {c: len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
+               for c, p in props.items()}
+    share = {c: prod(tile[c]) / prod(tile[probe]) for c in case_ids}
+    tiles = sum(n_tiles[c] * share[c] for c in case_ids)
+    lone = sum(share[c] for c in case_ids if n_tiles[c] == 1)
     shape = [len(plans.channel_names), *tile[probe]]
     inference_net = predictor.networks[0][0]  # in the layout prediction uses
     forward = _forward_seconds(inference_net, shape, device, plans.amp)
-    per_call = predictor.flips_per_call(tile[probe], patch)
-    flip = None if per_call == 1 else _forward_seconds(inference_net, shape, device, plans.amp, per_call) / per_call
+    inputs = predictor.call_inputs(tile[probe], patch)
+    item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
     k = len(plans.labels)
     probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)
@@ -226,7 +233,7 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     for c in sorted(plans.labels)[1:]:
         score_case(probe, ref, ref, c, props[probe].geometry.spacing_zyx)
     scale = sum(sizes.values()) / sizes[probe]
-    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale, flip)
+    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale, item, lone)
 
 
 @torch.no_grad()

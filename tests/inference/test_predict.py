@@ -122,6 +122,39 @@ def test_the_cpu_predicts_with_a_contiguous_copy_of_a_channels_last_network(trai
     assert predictor_module._in_layout(net, torch.device("cuda"), None) is net  # a GPU predicts as trained
 
 
+def test_the_cpu_puts_two_inputs_in_a_call_mirrored_copies_first_then_tiles(trained_run):
+    """On the CPU (with a plan that trained the patch at batch 2 or more) a network call takes two mirrored copies
+    of a tile, or without mirroring two tiles of the volume; the probabilities equal one input per call to float
+    rounding. A volume of one tile predicts unmirrored alone."""
+    from dataclasses import replace
+
+    from autoseg.networks.resunet import ResidualUNet
+
+    torch.manual_seed(0)
+    net = ResidualUNet(1, 3, [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1]).eval()
+    plans = load_plans(trained_run / PLANS_FILE)
+    plans = replace(plans, stages=[replace(st, patch_size=[8, 8, 8], batch_size=2) for st in plans.stages])
+    batches: list[int] = []
+    net.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    x = np.random.default_rng(0).normal(size=(1, 12, 16, 12)).astype(np.float32)  # 12 tiles of 8^3
+    flips = 2 ** len(plans.inference.mirror_axes)
+    assert flips >= 2
+    for tta, calls in ((False, 12 // 2), (True, 12 * flips // 2)):
+        paired = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), tta=tta)
+        batches.clear()
+        got = paired.predict_preprocessed(x)
+        assert batches == [2] * calls
+        alone = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), tta=tta)
+        alone.max_items_per_call = 1
+        batches.clear()
+        np.testing.assert_allclose(got, alone.predict_preprocessed(x), atol=1e-5)
+        assert set(batches) == {1}
+    one_tile = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), tta=False)
+    batches.clear()
+    one_tile.predict_preprocessed(x[:, :8, :8, :8])
+    assert batches == [1]
+
+
 def test_two_folds_average_and_ensemble(trained_run, tmp_path, capsys):
     src = scans(tmp_path / "in", n=1)
     outs = {}

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from autoseg.inference.sliding_window import (
-    CPU_FLIPS_PER_CALL,
-    choose_flips_per_call,
+    CPU_ITEMS_PER_CALL,
+    choose_cpu_calls,
     choose_sums_device,
     choose_tiles_per_batch,
+    cpu_call_inputs,
     divide_sums,
     division_chunk,
     gaussian_weights,
@@ -34,6 +35,20 @@ def test_gaussian_weights():
     assert g.max() == pytest.approx(1.0) and g[4, 4, 4] == g.max()
     assert g.min() > 0
     np.testing.assert_allclose(g, g[::-1, ::-1, ::-1])  # symmetric
+
+
+@pytest.mark.parametrize("patch", [[9, 9, 9], [40, 56, 40], [1, 256, 256], [2, 7, 160], [80, 3, 1]])
+@pytest.mark.parametrize("sigma_scale", [1 / 8, 0.3])
+def test_gaussian_weights_equal_scipys_filtered_impulse(patch, sigma_scale):
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    want = gaussian_filter(impulse, [p * sigma_scale for p in patch], mode="constant", cval=0)
+    want /= want.max()
+    want[want == 0] = want[want > 0].min()
+    np.testing.assert_allclose(gaussian_weights(patch, sigma_scale).numpy(), want.astype(np.float32), rtol=1e-6,
+                               atol=0)
 
 
 def test_one_tile_equals_a_whole_volume_forward():
@@ -123,17 +138,27 @@ def test_mirrored_copies_in_one_call_equal_one_at_a_time():
         predict_logits(net, x, [8, 8, 8], 0.5, [0], 1 / 8, CPU, flips_per_call=0)
 
 
-def test_flips_per_call():
+def test_cpu_call_inputs():
     patch = [40, 56, 40]
-    assert CPU_FLIPS_PER_CALL == 2
-    assert choose_flips_per_call("cpu", 8, patch, patch, 2) == 2
-    assert choose_flips_per_call("cpu", 8, patch, patch, 12, most=4) == 4
-    assert choose_flips_per_call("cpu", 8, patch, patch, 1) == 1  # trained one at a time: no more in memory
-    assert choose_flips_per_call("cpu", 1, patch, patch, 2) == 1  # no mirroring
-    assert choose_flips_per_call("cpu", 8, [48, 64, 48], patch, 2) == 1  # a tile larger than the trained patch
-    assert choose_flips_per_call("cuda", 8, patch, patch, 2) == 1  # the GPU batches tiles instead
+    assert CPU_ITEMS_PER_CALL == 2
+    assert cpu_call_inputs(patch, patch, 2) == 2
+    assert cpu_call_inputs(patch, patch, 12, most=4) == 4
+    assert cpu_call_inputs(patch, patch, 1) == 1  # trained one at a time: no more in memory
+    assert cpu_call_inputs([48, 64, 48], patch, 2) == 1  # a tile larger than the trained patch goes alone
     with pytest.raises(ValueError, match="positive"):
-        choose_flips_per_call("cpu", 0, patch, patch, 2)
+        cpu_call_inputs(patch, patch, 0)
+
+
+def test_choose_cpu_calls_puts_mirrored_copies_first_then_tiles():
+    assert choose_cpu_calls(2, 8, 5) == (1, 2)  # mirroring: two copies of one tile
+    assert choose_cpu_calls(2, 1, 5) == (2, 1)  # no mirroring: two tiles
+    assert choose_cpu_calls(2, 1, 1) == (1, 1)  # a single tile goes alone
+    assert choose_cpu_calls(4, 2, 7) == (2, 2)  # two tiles x their two copies
+    assert choose_cpu_calls(4, 8, 7) == (1, 4)
+    assert choose_cpu_calls(1, 8, 7) == (1, 1)
+    assert choose_cpu_calls(3, 2, 7) == (1, 2)  # a third input would split a tile's copies: left out
+    with pytest.raises(ValueError, match="positive"):
+        choose_cpu_calls(2, 0, 5)
 
 
 def test_divide_sums_in_chunks_equals_the_plain_division():

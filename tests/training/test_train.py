@@ -313,7 +313,8 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
     """validation_seconds = every case's tiles x mirrorings x one forward pass, plus the way back to the
     scan's grid, writing and scoring, timed on the median case and scaled by voxel count; mirrored, also one
     unmirrored forward pass per tile and one more way back to the scan's grid (to score it). On the CPU two
-    mirrorings share a call: each costs half a call of two (here one tile 0.8 s, two 1.2 s)."""
+    inputs share a call, each costing half a call of two (here one tile 0.8 s, two 1.2 s): two mirrorings, or
+    unmirrored two tiles of a case; a case of one tile predicts unmirrored alone."""
     import autoseg.workflows.validate as validate_module
     from autoseg.plans import load_plans
     from autoseg.preprocessing.storage import read_properties
@@ -328,12 +329,14 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
     net = Trainer(tiny_run, "0", Overrides("both", 1, 2, None), cpu())._new_network()
     cost = validate_module.validation_cost(tiny_run, plans, cases, net, patch, torch.device("cpu"))
     shapes = [read_properties(tiny_run / "preprocessed", c).shape_after_resampling for c in cases]
-    tiles = sum(len(tile_boxes([max(s, p) for s, p in zip(shape, patch)], patch, plans.inference.tile_step))
-                for shape in shapes)
+    per_case = [len(tile_boxes([max(s, p) for s, p in zip(shape, patch)], patch, plans.inference.tile_step))
+                for shape in shapes]
+    tiles, lone = sum(per_case), per_case.count(1)
     flips = 2 ** len(plans.inference.mirror_axes)
     sizes = sorted(int(torch.tensor(shape).prod()) for shape in shapes)
-    assert cost.seconds(True) == pytest.approx(tiles * (flips * 0.6 + 0.8) + (12.5 + 2.0) * sum(sizes) / sizes[1])
-    assert cost.seconds(False) == pytest.approx(tiles * 0.8 + 12.5 * sum(sizes) / sizes[1])
+    unmirrored = lone * 0.8 + (tiles - lone) * 0.6  # a case's tiles go in pairs; a case of one tile alone
+    assert cost.seconds(True) == pytest.approx(tiles * flips * 0.6 + unmirrored + (12.5 + 2.0) * sum(sizes) / sizes[1])
+    assert cost.seconds(False) == pytest.approx(unmirrored + 12.5 * sum(sizes) / sizes[1])
 
 
 def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch):
