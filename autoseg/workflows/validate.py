@@ -26,6 +26,7 @@ from autoseg.io import read_image, write_image
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.preprocessing.storage import read_case_arrays, read_properties, stored_references
+from autoseg.preprocessing.transform import CaseProperties
 from autoseg.tiling import mirror_combinations, tile_boxes
 from autoseg.typedjson import write_json_atomic
 
@@ -196,8 +197,9 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
     one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
     measured the same way. The rest
-    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size, scaled to
-    the others by their voxel count; it is fed a random probability map and scores the reference against
+    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size after one
+    untimed run (its first-time imports would otherwise be scaled to every case), scaled to the others by their
+    voxel count; it is fed a random probability map and scores the reference against
     itself, because a trained network's prediction is close to the reference while a random network's noise
     would make the surface distances slower than they will be. On a GPU that batches tiles this overestimates.
     """
@@ -220,20 +222,28 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     forward = _forward_seconds(inference_net, shape, device, plans.amp)
     inputs = predictor.call_inputs(tile[probe], patch)
     item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
-    k = len(plans.labels)
-    probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props[probe].shape_after_resampling)
+    ref = read_image(reference_labels(run_dir)[probe])[0][0]
+    _rest_seconds(predictor, props[probe], ref)  # once untimed: first-time imports and caches, scaled to every
+    finish, rest = _rest_seconds(predictor, props[probe], ref)  # case, would count dozens of times
+    scale = sum(sizes.values()) / sizes[probe]
+    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone)
+
+
+def _rest_seconds(predictor: Predictor, props: CaseProperties, ref: np.ndarray) -> tuple[float, float]:
+    """Seconds of one case's way back to its scan's grid, and of that plus saving its probabilities, writing
+    its labels and scoring every class (a random probability map; the reference scored against itself)."""
+    k = len(predictor.plans.labels)
+    probs = np.random.default_rng(0).dirichlet(np.ones(k), size=props.shape_after_resampling)
     probs = np.moveaxis(probs.astype(np.float32), -1, 0)
     t0 = _clock()
-    seg = predictor.finish(probs, props[probe]).labels
+    seg = predictor.finish(probs, props).labels
     finish = _clock() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        save_grid_probabilities(probs, Path(tmp) / f"{probe}.npz")
-        write_image(seg, props[probe].geometry, Path(tmp) / f"{probe}.nii.gz")
-    ref = read_image(reference_labels(run_dir)[probe])[0][0]
-    for c in sorted(plans.labels)[1:]:
-        score_case(probe, ref, ref, c, props[probe].geometry.spacing_zyx)
-    scale = sum(sizes.values()) / sizes[probe]
-    return ValidationCost(tiles, flips, forward, (_clock() - t0) * scale, finish * scale, item, lone)
+        save_grid_probabilities(probs, Path(tmp) / f"{props.case_id}.npz")
+        write_image(seg, props.geometry, Path(tmp) / f"{props.case_id}.nii.gz")
+    for c in sorted(predictor.plans.labels)[1:]:
+        score_case(props.case_id, ref, ref, c, props.geometry.spacing_zyx)
+    return finish, _clock() - t0
 
 
 @torch.no_grad()
