@@ -23,8 +23,8 @@ from autoseg.tiling import mirror_combinations, tile_boxes
 
 __all__ = ["gaussian_weights", "predict_logits", "padded_shape", "sums_bytes", "choose_sums_device",
            "choose_tiles_per_batch", "cpu_call_inputs", "choose_cpu_calls", "cuda_free_bytes", "division_chunk",
-           "divide_sums",
-           "SUMS_SHARE", "BATCH_SHARE", "MAX_TILES_PER_BATCH", "CPU_ITEMS_PER_CALL", "DIVISION_CHUNK_BYTES"]
+           "divide_sums", "SUMS_SHARE", "BATCH_SHARE", "MAX_TILES_PER_BATCH", "CPU_ITEMS_PER_CALL",
+           "DIVISION_CHUNK_BYTES"]
 
 #: share of the GPU's free memory the sums (and the input) may take; the rest is for the network's forward
 SUMS_SHARE = 0.6
@@ -105,8 +105,7 @@ def choose_tiles_per_batch(bytes_per_tile: int, free_bytes: int, n_tiles: int, d
     two inputs (:func:`cpu_call_inputs`, :func:`choose_cpu_calls`), as a convolution's work grows linearly with
     the batch, so a large batch saves no work (one thread, 8 tiles of 64^3: 10.0 s one at a time and four at a
     time) while the activation memory grows with it (peak 430 -> 840 MiB); RAM is what a CPU run of a large
-    scan runs out of.
-    Measurements: ``docs/predicting.md``.
+    scan runs out of. Measurements: ``docs/predicting.md``.
 
     Args:
         bytes_per_tile: memory of one tile's forward pass (bytes), an upper bound.

@@ -196,12 +196,12 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
     ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
     one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
-    measured the same way. The rest
-    (probabilities saved, back to the scan's grid, written, scored): timed on the case of median size after one
-    untimed run (its first-time imports would otherwise be scaled to every case), scaled to the others by their
-    voxel count; it is fed a random probability map and scores the reference against
-    itself, because a trained network's prediction is close to the reference while a random network's noise
-    would make the surface distances slower than they will be. On a GPU that batches tiles this overestimates.
+    measured the same way. The rest (probabilities saved, back to the scan's grid, written, scored): timed on
+    the case of median size after one untimed run (its first-time imports would otherwise be scaled to every
+    case), scaled to the others by their voxel count; it is fed a random probability map and scores the
+    reference against itself, because a trained network's prediction is close to the reference while a random
+    network's noise would make the surface distances slower than they will be. On a GPU that batches tiles this
+    overestimates.
     """
     folder = run_dir / PREPROCESSED_DIR
     props = {c: read_properties(folder, c) for c in case_ids}
@@ -223,8 +223,8 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     inputs = predictor.call_inputs(tile[probe], patch)
     item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
     ref = read_image(reference_labels(run_dir)[probe])[0][0]
-    _rest_seconds(predictor, props[probe], ref)  # once untimed: first-time imports and caches, scaled to every
-    finish, rest = _rest_seconds(predictor, props[probe], ref)  # case, would count dozens of times
+    _rest_seconds(predictor, props[probe], ref)  # untimed: first-time imports would be scaled to every case
+    finish, rest = _rest_seconds(predictor, props[probe], ref)
     scale = sum(sizes.values()) / sizes[probe]
     return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone)
 
