@@ -7,7 +7,8 @@ RUN_DIR is a planned and preprocessed run (``autoseg plan`` + ``autoseg preproce
 fold 0 in its own copy of the run (plan and fingerprint copied, ``preprocessed/`` linked) with
 ``autoseg train 0 --time-budget MINUTES``: ``both`` is zoom-in then zoom-out, ``zoom-out`` a single stage at
 the zoom-out patch. A variant edits the copied plan (``VARIANTS``: ``plan`` is the plan as written,
-``adam`` Adam at 3e-3 for the zoom-in stage and 3e-4 for the zoom-out stage); a seed replaces
+``adam`` Adam at 3e-3 for the zoom-in stage and 3e-4 for the zoom-out stage, ``cosine`` and ``onecycle``
+the seeds' learning-rate schedules in place of poly); a seed replaces
 ``training.seed`` (network initialisation, sampling and augmentation). Rows accumulate in the results
 JSON, so schedules can run one after another (each needs
 the whole machine) and the table shows all of them. nnU-Net v2's figure for the same budget comes from
@@ -32,6 +33,8 @@ VARIANTS: dict[str, dict] = {
     "sgd": {"optimizer": "sgd", "learning_rate": 1e-2},
     "adam": {"optimizer": "adam", "learning_rate": 3e-3},
     "adam1e-3": {"optimizer": "adam", "learning_rate": 1e-3},
+    "cosine": {"scheduler": "cosine_restarts"},
+    "onecycle": {"scheduler": "onecycle"},
 }
 
 
