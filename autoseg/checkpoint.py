@@ -121,6 +121,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
 
 def _load_failure(path: Path, e: BaseException) -> str:
     """Why ``torch.load`` failed, in words, with advice that fits the cause."""
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
     if isinstance(e, PermissionError):
         return "cannot be read: permission denied (check the file's owner and mode; the file itself may be fine)"
     if isinstance(e, MemoryError) or is_out_of_memory(e):

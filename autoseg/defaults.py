@@ -183,6 +183,11 @@ LOW_RESOLUTION_ZOOM = (0.5, 1.0)
 P_GAMMA = 0.3
 P_GAMMA_INVERTED = 0.1
 GAMMA_RANGE = (0.7, 1.5)
+#: where the augmentation runs, per device kind: in the data workers (batchgenerators), or on the training device
+#: (:mod:`autoseg.training.device_augment`, torch). GPU plans augment on the GPU: a CPU worker makes one
+#: 4-channel 160x224x192 sample of a 24 GiB plan in ~14 s (docs/training.md, "Feeding a GPU"), so no number of
+#: workers feeds such a plan; CPU plans keep batchgenerators in the workers, where it overlaps the training step
+AUGMENT_ON_DEVICE = {"cuda": True, "cpu": False}
 
 # --- preprocessing -------------------------------------------------------------------------------
 #: voxel coordinates kept per class and case for foreground oversampling during training

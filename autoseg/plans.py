@@ -114,6 +114,8 @@ class AugmentationPlan:
 
     Rotation is about each axis by up to ``rotation_degrees`` (per axis z, y, x); ``dummy_2d`` rotates and
     scales in-plane only (strongly anisotropic patches). Mirroring flips each of ``mirror_axes`` with p 0.5.
+    ``on_device``: the data workers only read each sample's enlarged region, and the transforms run on the
+    training device, in torch (:mod:`autoseg.training.device_augment`); else batchgenerators in the workers.
     """
 
     p_rotation: float
@@ -135,6 +137,7 @@ class AugmentationPlan:
     p_gamma_inverted: float
     gamma_range: list[float]
     mirror_axes: list[int]
+    on_device: bool = False
 
 
 @dataclass

@@ -24,10 +24,12 @@ case), the network contiguous (the CPU default) or channels-last at inference;
 each lever's labels are compared with the default's (agreement) and scored against the stored labels (Dice on
 the preprocessed grid, mean over foreground classes and cases).
 
-``augment``: samples per second of one data worker (sampling + batchgenerators augmentation, the trainer's
-``BatchDataset``, one thread as in a worker) at each stage's patch and batch of RUN_DIR's plan and of the plan
-for a ``--gpu-memory`` GiB GPU (cost model; same preprocessed data), and the workers a GPU needs to be fed at a
-given step rate.
+``augment``: samples per second of one data worker (the trainer's ``BatchDataset``, one thread as in a worker)
+at each stage's patch and batch of RUN_DIR's plan and of the plan for a ``--gpu-memory`` GiB GPU (cost model;
+same preprocessed data), augmenting in the worker (batchgenerators) or only reading the enlarged regions for
+augmentation on the device (``augmentation.on_device``); for the latter, the seconds per batch that
+:class:`~autoseg.training.device_augment.DeviceAugmenter` takes on this machine's CPU (on a GPU it is
+``benchmarks/gpu_check.py``'s "data workers feed the device" row).
 Run by hand; nothing else should run on the machine meanwhile.
 """
 
@@ -58,6 +60,7 @@ from autoseg.plans import Plans, load_plans, select_configuration
 from autoseg.preprocessing.storage import read_case_arrays
 from autoseg.runconfig import Overrides, fold_cases
 from autoseg.training.data import BatchDataset, PatchSampler
+from autoseg.training.device_augment import DeviceAugmenter
 from autoseg.training.losses import planned_loss
 from autoseg.training.runtime import Runtime
 from autoseg.training.schedules import make_optimizer
@@ -248,13 +251,26 @@ def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
               f"{100 * agree:.3f} % | {dice:.4f} |")
 
 
-def _samples_per_second(plan: Plans, folder: Path, cases: list[str], batches: int) -> list[tuple[str, float]]:
-    out = []
+def _stage_rates(plan: Plans, folder: Path, cases: list[str], batches: int,
+                 on_device: bool) -> list[tuple[str, float, float | None]]:
+    """Per stage: its label, one worker's samples per second (one thread, as in a worker), and with
+    ``on_device`` the seconds per batch of :class:`DeviceAugmenter` on this machine's CPU (all its threads)."""
+    aug = replace(plan.training.augmentation, on_device=on_device)
+    out: list[tuple[str, float, float | None]] = []
     for si, st in enumerate(plan.stages):
         sampler = PatchSampler(folder, cases, list(st.patch_size), plan.training.oversample_foreground)
-        ds = BatchDataset(sampler, st.batch_size, plan.training.augmentation, 0, si, True)
-        out.append((f"{st.name} {'x'.join(map(str, st.patch_size))} batch {st.batch_size}",
-                    batches_per_second(ds.__getitem__, batches) * st.batch_size))
+        ds = BatchDataset(sampler, st.batch_size, aug, 0, si, True)
+        rate = batches_per_second(ds.__getitem__, batches) * st.batch_size
+        device_s = None
+        if on_device:
+            augmenter = DeviceAugmenter(list(st.patch_size), aug)
+            made = [ds[i] for i in range(min(batches, 5))]
+            augmenter(made[0]["data"], made[0]["seg"].long(), 0)  # warm-up
+            t0 = time.perf_counter()
+            for b in made:
+                augmenter(b["data"], b["seg"].long(), int(b["aug_seed"]))
+            device_s = (time.perf_counter() - t0) / len(made)
+        out.append((f"{st.name} {'x'.join(map(str, st.patch_size))} batch {st.batch_size}", rate, device_s))
     return out
 
 
@@ -264,11 +280,18 @@ def bench_augment(run: Path, batches: int, gpu_gib: float) -> None:
     gpu_plan = make_plan(load_fingerprint(run / "fingerprint.json"), gpu)
     cases = fold_cases(cpu_plan, "0")[0]
     shape = "x".join(map(str, cpu_plan.median_shape_after_resampling))
-    print(f"{cpu_plan.dataset_name} ({len(cpu_plan.channel_names)} channel(s), median {shape}), one worker process")
-    print("| plan | stage | samples/s per worker | steps/s one worker feeds |\n|---|---|---|---|")
+    print(f"{cpu_plan.dataset_name} ({len(cpu_plan.channel_names)} channel(s), median {shape}), one worker process "
+          f"(one thread); augmentation on the device timed on this CPU ({torch.get_num_threads()} threads)")
+    print("| plan | stage | augmentation | samples/s per worker | steps/s one worker feeds | augmentation s/batch "
+          "in the training process (this CPU) |\n|---|---|---|---|---|---|")
     for label, plan in (("CPU", cpu_plan), (f"GPU {gpu_gib:g} GiB", gpu_plan)):
-        for (what, rate), st in zip(_samples_per_second(plan, run / "preprocessed", cases, batches), plan.stages):
-            print(f"| {label} | {what} | {rate:.1f} | {rate / st.batch_size:.2f} |")
+        for on_device in (False, True):
+            where = "on the device (torch)" if on_device else "in the workers (batchgenerators)"
+            planned = " (planned)" if on_device == plan.training.augmentation.on_device else ""
+            for (what, rate, dev), st in zip(_stage_rates(plan, run / "preprocessed", cases, batches, on_device),
+                                             plan.stages):
+                dev_s = f"{dev:.3f}" if dev is not None else "-"
+                print(f"| {label} | {what} | {where}{planned} | {rate:.1f} | {rate / st.batch_size:.2f} | {dev_s} |")
 
 
 def _planned_run(run: Path | None, tmp: str) -> Path:

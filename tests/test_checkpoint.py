@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from autoseg.checkpoint import TrainState, load_checkpoint, restore_rng, save_checkpoint
+from autoseg.checkpoint import CheckpointError, TrainState, load_checkpoint, restore_rng, save_checkpoint
 
 
 def test_rng_state_restores_when_the_weights_are_mapped_to_another_device(tmp_path):
@@ -46,3 +47,8 @@ def test_a_checkpoint_of_an_older_autoseg_without_cuda_rng_loads(tmp_path):
     payload = load_checkpoint(tmp_path / "old.pt")
     assert payload["cuda_rng"] == [] and payload["state"].step == 3
     restore_rng(payload)
+
+
+def test_a_missing_checkpoint_is_named_as_missing_not_as_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match=r"checkpoint_final\.pt: no such file$"):
+        load_checkpoint(tmp_path / "checkpoint_final.pt")

@@ -254,9 +254,9 @@ def dice_weights(fp: Fingerprint, weighting: DiceWeighting) -> list[float]:
     return [round(w * n / sum(ranks), 6) for w in ranks]
 
 
-def _augmentation(patch: list[int], lateral: int | None = None) -> AugmentationPlan:
+def _augmentation(patch: list[int], device: DeviceInfo, lateral: int | None = None) -> AugmentationPlan:
     """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``); mirroring as
-    :func:`_mirror_axes`."""
+    :func:`_mirror_axes`; on the training device for a GPU (:data:`defaults.AUGMENT_ON_DEVICE`)."""
     flat = max(patch) / patch[0] > defaults.DUMMY_2D_ASPECT
     deg = [180.0, 0.0, 0.0] if flat else [defaults.ROTATION_DEGREES] * 3
     return AugmentationPlan(
@@ -264,7 +264,7 @@ def _augmentation(patch: list[int], lateral: int | None = None) -> AugmentationP
         list(defaults.NOISE_VARIANCE), defaults.P_BLUR, list(defaults.BLUR_SIGMA), defaults.P_BRIGHTNESS,
         list(defaults.BRIGHTNESS_RANGE), defaults.P_CONTRAST, list(defaults.CONTRAST_RANGE),
         defaults.P_LOW_RESOLUTION, list(defaults.LOW_RESOLUTION_ZOOM), defaults.P_GAMMA, defaults.P_GAMMA_INVERTED,
-        list(defaults.GAMMA_RANGE), _mirror_axes(patch, lateral))
+        list(defaults.GAMMA_RANGE), _mirror_axes(patch, lateral), defaults.AUGMENT_ON_DEVICE[device.kind])
 
 
 def _mirror_axes(patch: list[int], lateral: int | None = None) -> list[int]:
@@ -291,7 +291,7 @@ def training_plan(fp: Fingerprint, device: DeviceInfo, net: NetworkPlan, patch: 
         defaults.OVERSAMPLE_FOREGROUND, defaults.GRAD_CLIP_NORM,
         defaults.GPU_VALIDATION_ITERATIONS if gpu else defaults.CPU_VALIDATION_ITERATIONS,
         defaults.CHECKPOINT_EVERY_EPOCHS, defaults.EMA_MOMENTUM, defaults.TRAINING_SEED,
-        _augmentation(patch, lateral))
+        _augmentation(patch, device, lateral))
 
 
 def _stages(f: _Fitter, net: NetworkPlan, out_patch: list[int], n_cases: int,
@@ -313,8 +313,8 @@ def _plan_2d(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | N
     """Slices as samples: the whole median slice (shrunk in-plane if even two do not fit), batch to the budget."""
     out_patch, net = _fit_zoom_out(f, median_shape, [1, median_shape[1], median_shape[2]])
     stages = _stages(f, net, out_patch, n_cases, median_shape)
-    return ConfigurationPlan("2d", net, stages, _deep_supervision_weights(net), _augmentation(out_patch, lateral),
-                             _mirror_axes(out_patch, lateral))
+    return ConfigurationPlan("2d", net, stages, _deep_supervision_weights(net),
+                             _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral))
 
 
 def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
@@ -324,8 +324,8 @@ def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int 
     if net.architecture == "unetr":
         net = replace(net, input_size=list(out_patch))
     stages = _stages(f, net, out_patch, n_cases, median_shape)
-    return ConfigurationPlan(f.arch, net, stages, _deep_supervision_weights(net), _augmentation(out_patch, lateral),
-                             _mirror_axes(out_patch, lateral))
+    return ConfigurationPlan(f.arch, net, stages, _deep_supervision_weights(net),
+                             _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral))
 
 
 def _plan_patch_free(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
@@ -335,7 +335,7 @@ def _plan_patch_free(f: _Fitter, median_shape: list[int], n_cases: int, lateral:
     out_patch, net = _fit_zoom_out(f, median_shape, list(median_shape))
     stages = _stages(f, net, out_patch, n_cases, median_shape)
     return ConfigurationPlan("patch_free", net, stages, _deep_supervision_weights(net),
-                             _augmentation(out_patch, lateral), _mirror_axes(out_patch, lateral))
+                             _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral))
 
 
 def _patch_free_reason(share: float) -> tuple[bool, str]:

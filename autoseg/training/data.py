@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from autoseg.networks.patchfree import guidance_size
-from autoseg.plans import AugmentationPlan
+from autoseg.plans import AugmentationPlan, NetworkPlan
 from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
 
 __all__ = ["PatchSampler", "BatchDataset", "Guidance", "BatchError", "initial_patch_size", "build_augmentation",
@@ -133,6 +133,11 @@ class Guidance:
     factor: list[int]
     share: float
 
+    @staticmethod
+    def planned(net: NetworkPlan) -> Guidance | None:
+        """The guidance of a patch-free network plan; None for any other architecture."""
+        return Guidance(net.upsample_factor, net.guidance_share) if net.architecture == "patch_free" else None
+
     def corners(self, labels: np.ndarray, oversample: float, rng: np.random.Generator) -> np.ndarray:
         """One low-resolution corner per sample of the (augmented) label regions ``(B, *region)``, int64
         ``(B, 3)``: with probability ``oversample`` the patch is centred (as far as it fits) on a voxel of a
@@ -200,7 +205,9 @@ class BatchDataset(torch.utils.data.Dataset):
     or ``{"error": message}`` when a case could not be read or augmented. With ``guidance`` (the patch-free
     configuration), training batches also hold ``"guide"``: int64 ``(B, 3)`` guidance-patch corners
     (:meth:`Guidance.corners`), chosen on the augmented labels, so that the network's low-resolution input, its
-    full-resolution patch and the labels all come from one augmented region.
+    full-resolution patch and the labels all come from one augmented region. When the plan augments on the
+    device (``aug.on_device``), training batches are the enlarged regions as read, with ``"aug_seed"``, the
+    batch's seed for :class:`~autoseg.training.device_augment.DeviceAugmenter` (guidance is then the trainer's).
 
     Args:
         augment: training batches (augmented, from an enlarged region); False: validation batches (the
@@ -236,6 +243,12 @@ class BatchDataset(torch.utils.data.Dataset):
             data = np.stack(images).astype(np.float32, copy=False)
             seg = np.stack(labels).astype(np.float32)
             case_id = ",".join(cases)
+            if self.augment and self.aug.on_device:  # the region as read: the trainer augments it on its device
+                labels_out = np.rint(seg[:, 0]).astype(np.int16)
+                if not np.isfinite(data).all():
+                    raise ValueError("non-finite values in the image patch")
+                return {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
+                        "seg": torch.from_numpy(labels_out), "cases": cases, "aug_seed": s}
             if self.augment:
                 if self._transform is None:
                     self._transform = build_augmentation(self.sampler.patch, self.aug)

@@ -40,6 +40,7 @@ from autoseg.runconfig import (
 from autoseg.training.budget import BUDGET_CHECK_EPOCH, fit_budget, measure_step_seconds, refit_epochs
 from autoseg.training.config import new_config
 from autoseg.training.data import BatchDataset, BatchError, Guidance, PatchSampler, make_loader, with_resume_advice
+from autoseg.training.device_augment import DeviceAugmenter, batch_tensors
 from autoseg.training.interrupt import StopRequest, TrainingInterrupted
 from autoseg.training.losses import planned_loss
 from autoseg.training.progress import append_log, epoch_line, plot_progress
@@ -226,12 +227,11 @@ class Trainer:
         b = rank_batch_sizes(run.batch_size, self.rt.world_size)[self.rt.rank]
         stepper = self._stepper(cfg, si, net, ckpt)
         sampler = PatchSampler(self.folder, cfg.train_cases, run.patch_size, t.oversample_foreground)
-        net_plan = self.plans.network
-        guidance = Guidance(net_plan.upsample_factor, net_plan.guidance_share) \
-            if net_plan.architecture == "patch_free" else None
+        guidance = Guidance.planned(self.plans.network)
         train_ds = BatchDataset(sampler, b, t.augmentation, t.seed, si, True, self.rt.rank, guidance=guidance)
         val_ds = BatchDataset(PatchSampler(self.folder, cfg.val_cases, run.patch_size, t.oversample_foreground),
                               b, t.augmentation, t.seed, si, False, self.rt.rank)
+        augmenter = DeviceAugmenter(run.patch_size, t.augmentation) if t.augmentation.on_device else None
         loader = self._loader(train_ds, state.step, run.total_steps)
         iters, plan, bar = run.iterations_per_epoch, run.as_stage_plan(), None
         net.train()
@@ -254,12 +254,11 @@ class Trainer:
                     bar = tqdm(total=iters, initial=state.step % iters, leave=False, unit="step",
                                desc=f"{run.name} {state.step // iters + 1}/{run.epochs}",
                                disable=not (self.rt.progress and self.rt.main))
-                x = batch["data"].to(self.rt.device, non_blocking=True)
-                y = batch["seg"].to(self.rt.device, non_blocking=True).long()
-                lr = learning_rate(plan, state.step, run.total_steps)
-                where = f"{run.name} step {state.step}"
-                result = self._guard(f"{run.name} training step", run.patch_size, b, stepper.step, x, y, lr, where,
-                                     batch.get("guide"))  # corners stay on the CPU: the network reads them as ints
+                x, y, guide = self._guard(f"{run.name} batch on the device", run.patch_size, b, batch_tensors, batch,
+                                          self.rt.device, augmenter, guidance, t.oversample_foreground)
+                lr, where = learning_rate(plan, state.step, run.total_steps), f"{run.name} step {state.step}"
+                result = self._guard(f"{run.name} training step", run.patch_size, b, stepper.step, x, y, lr,
+                                     where, guide)
                 state.step += 1
                 self._loss_finite = math.isfinite(result.loss)
                 state.epoch_loss_sum += result.loss if self._loss_finite else 0.0
