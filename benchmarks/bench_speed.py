@@ -15,7 +15,8 @@ hits all of them alike; the table gives the median step and the spread (min-max 
 ``loop``: seconds per step of autoseg's real training loop (``Trainer.fit``: batches sampled and augmented from
 RUN_DIR's preprocessed cases, by ``--workers`` worker processes or in the training process, each stage alone for
 one epoch of ``--iterations`` steps, in a copy of the run), beside the bare step of ``step``: the difference
-is what loading and augmenting batches costs the step, on cores the network also uses.
+is what loading and augmenting batches costs the step, on cores the network also uses. Each is run augmenting
+in the workers (batchgenerators) and in the training process (torch, ``augmentation.on_device``).
 
 ``predict``: seconds per case of the network part of prediction (sliding window over the preprocessed case, the
 probabilities on its grid) for RUN_DIR's trained fold on its first ``--cases`` validation cases, per lever:
@@ -143,14 +144,15 @@ def bench_step(plan: Plans, rounds: int, steps: int) -> None:
             print(f"| {name} | {m:.3f} | {min(ms):.3f}-{max(ms):.3f} | {m / base:.2f}x | {first[name]:.1f} s |")
 
 
-def _loop_seconds(run: Path, stage: str, workers: int, iterations: int, channels_last: bool) -> float:
-    """Seconds per step of one epoch of ``stage`` trained alone by the real trainer with ``workers``."""
+def _loop_seconds(run: Path, stage: str, workers: int, iterations: int, on_device: bool) -> float:
+    """Seconds per step of one epoch of ``stage`` trained alone by the real trainer with ``workers``, augmenting
+    in the workers (batchgenerators) or in the training process (``on_device``)."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "run"
         copy.mkdir()
         shutil.copyfile(run / "fingerprint.json", copy / "fingerprint.json")
         plan = json.loads((run / "plans.json").read_text())
-        plan["network"]["channels_last"] = channels_last
+        plan["training"]["augmentation"]["on_device"] = on_device
         (copy / "plans.json").write_text(json.dumps(plan))
         (copy / "preprocessed").symlink_to((run / "preprocessed").resolve())
         rt = Runtime(CPU, workers=workers, progress=False)
@@ -161,18 +163,21 @@ def _loop_seconds(run: Path, stage: str, workers: int, iterations: int, channels
 
 def bench_loop(run: Path, workers: list[int], iterations: int, rounds: int) -> None:
     plan = load_plans(run / "plans.json")
-    print(f"{torch.get_num_threads()} intra-op threads; one epoch of {iterations} steps per stage, {rounds} round(s)")
-    print("| stage | layout | data workers | s/step (best round) | rounds |\n|---|---|---|---|---|")
-    variants = [(w, cl) for cl in (False, True) for w in workers]
+    print(f"{torch.get_num_threads()} intra-op threads; one epoch of {iterations} steps per stage, {rounds} round(s), "
+          f"layout as planned ({'channels-last' if plan.network.channels_last else 'contiguous'})")
+    print("| stage | augmentation | data workers | s/step (best round) | rounds |\n|---|---|---|---|---|")
+    variants = [(w, dev) for dev in (False, True) for w in workers]
     for stage, st in zip(("zoom-in", "zoom-out"), plan.stages):
         got: dict[tuple[int, bool], list[float]] = {v: [] for v in variants}
         for _ in range(rounds):
-            for w, cl in variants:
-                got[w, cl].append(_loop_seconds(run, stage, w, iterations, cl))
-        for w, cl in variants:
-            print(f"| {st.name} {'x'.join(map(str, st.patch_size))} | {'channels-last' if cl else 'contiguous'} | "
-                  f"{w or 'none (in the training process)'} | {min(got[w, cl]):.3f} | "
-                  f"{', '.join(f'{s:.3f}' for s in got[w, cl])} |")
+            for w, dev in variants:
+                got[w, dev].append(_loop_seconds(run, stage, w, iterations, dev))
+        for w, dev in variants:
+            where = "training process (torch)" if dev else "workers (batchgenerators)"
+            planned = " (planned)" if dev == plan.training.augmentation.on_device else ""
+            print(f"| {st.name} {'x'.join(map(str, st.patch_size))} | {where}{planned} | "
+                  f"{w or 'none (in the training process)'} | {min(got[w, dev]):.3f} | "
+                  f"{', '.join(f'{s:.3f}' for s in got[w, dev])} |")
 
 
 def _fold_network(run: Path, fold: str) -> tuple[Plans, torch.nn.Module, list[int]]:

@@ -13,7 +13,8 @@ per configuration and stage a training step at the plan's patch and batch in the
 CUDA its peak memory against the plan's measured estimate; training and prediction throughput of the
 Hippocampus plan (figures only; training also in the memory layout the plan did not choose, channels-last
 or contiguous, to check the plan's choice on this GPU); whether the default data workers feed the device
-(one worker's batches per second against the steps per second; on a GPU a FAIL says it would starve).
+(one worker's batches per second against the steps per second, which include the augmentation on the device
+where the plan puts it there, as GPU plans do; on a GPU a FAIL says it would starve).
 With ``--device cpu`` (what CI runs, to keep this script from rotting) the CUDA-only rows say "skipped: no
 CUDA". Data: a generated dataset (larger on a GPU), and ``--hippocampus`` (default
 ``../shared/data/MSD_Task04_Hippocampus``) for the throughput rows when it exists.
@@ -55,6 +56,7 @@ from autoseg.runconfig import Overrides
 from autoseg.training.budget import measure_step_seconds
 from autoseg.training.config import stage_runs
 from autoseg.training.data import BatchDataset, PatchSampler
+from autoseg.training.device_augment import DeviceAugmenter
 from autoseg.training.interrupt import TrainingInterrupted
 from autoseg.training.losses import planned_loss
 from autoseg.training.runtime import Runtime, configure_backends, data_workers, distributed_runtime
@@ -381,12 +383,38 @@ def check_feeding(hippocampus: Path | None, fallback: Path, root: Path, device: 
                                plans.training.oversample_foreground)
         ds = BatchDataset(sampler, st.batch_size, plans.training.augmentation, 0, si, True)
         per_worker = batches_per_second(ds.__getitem__, batches)
+        aug = ""
+        if plans.training.augmentation.on_device:  # the augmentation runs between the steps, on the device
+            aug_s = _device_augment_seconds(ds, list(st.patch_size), plans, device, batches)
+            steps = 1 / (1 / steps + aug_s)
+            aug = f" (incl. {1000 * aug_s:.0f} ms augmenting on the device)"
         need = math.ceil(steps / per_worker)
         enough = enough and need <= max(chosen, 1)
-        parts.append(f"{st.name} {steps:.1f} steps/s, one worker {per_worker:.1f} batches/s -> {need} worker(s)")
+        parts.append(f"{st.name} {steps:.1f} steps/s{aug}, one worker {per_worker:.1f} batches/s -> {need} worker(s)")
     label = "Hippocampus plan" if run != fallback else "generated plan"
     return Row("data workers feed the device", "PASS" if enough or device.type != "cuda" else "FAIL",
                f"{label}: " + "; ".join(parts) + f"; autoseg train starts {chosen} here")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_augment_seconds(ds: BatchDataset, patch: list[int], plans: Plans, device: torch.device,
+                            batches: int) -> float:
+    """Seconds per batch of :class:`DeviceAugmenter` on ``device`` (batches of enlarged regions from ``ds``,
+    moved there first; one warm-up)."""
+    augmenter = DeviceAugmenter(patch, plans.training.augmentation)
+    made = [ds[i] for i in range(batches + 1)]
+    moved = [(b["data"].to(device), b["seg"].to(device).long(), int(b["aug_seed"])) for b in made]
+    augmenter(*moved[0])
+    _sync(device)
+    t0 = time.perf_counter()
+    for x, y, seed in moved[1:]:
+        augmenter(x, y, seed)
+    _sync(device)
+    return (time.perf_counter() - t0) / batches
 
 
 def _safe(name: str, fn: Callable[[], Row | tuple[Row, ...] | list[Row]]) -> list[Row]:

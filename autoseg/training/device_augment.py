@@ -218,12 +218,12 @@ def _gamma(x: torch.Tensor, gamma: float, invert: bool) -> torch.Tensor:
     """batchgenerators' gamma on the range-normalised intensities, mean and standard deviation kept."""
     if invert:
         x = -x
-    mean, std = x.mean(), x.std(unbiased=False)
+    mean, std = x.mean(), x.std(correction=0)
     lo = x.min()
     rng = x.max() - lo
     x = torch.pow((x - lo) / (rng + _GAMMA_EPS), gamma) * (rng + _GAMMA_EPS) + lo
     x = x - x.mean()
-    x = x / (x.std(unbiased=False) + 1e-8) * std + mean
+    x = x / (x.std(correction=0) + 1e-8) * std + mean
     return -x if invert else x
 
 
