@@ -2,8 +2,9 @@
 training device, for plans whose ``augmentation.on_device`` is set (planned for GPUs).
 
 A data worker then only reads the enlarged region of each sample (:func:`~autoseg.training.data.initial_patch_size`);
-rotating, scaling and cropping it to the patch, and the intensity transforms, run here on the batch, where a GPU
-does in milliseconds what takes a CPU worker seconds for a large multi-channel patch. The transforms, their order,
+rotating, scaling and cropping it to the patch, and the intensity transforms, run here on the batch, on the GPU's
+parallel hardware instead of one CPU thread per worker (which takes ~14 s for one sample of a large 4-channel GPU
+patch: docs/training.md, "Feeding a GPU"). The transforms, their order,
 probabilities and ranges are batchgenerators' as planned (nnU-Net v2's), drawn from one generator per batch
 (seeded by the batch, so a resumed run augments as an uninterrupted one would). What differs, by necessity of
 torch's samplers: images are interpolated linearly (3D) or bicubically (2D) where batchgenerators uses cubic
