@@ -243,33 +243,36 @@ class BatchDataset(torch.utils.data.Dataset):
             data = np.stack(images).astype(np.float32, copy=False)
             seg = np.stack(labels).astype(np.float32)
             case_id = ",".join(cases)
-            if self.augment and self.aug.on_device:  # the region as read: the trainer augments it on its device
-                labels_out = np.rint(seg[:, 0]).astype(np.int16)
-                if not np.isfinite(data).all():
-                    raise ValueError("non-finite values in the image patch")
-                return {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
-                        "seg": torch.from_numpy(labels_out), "cases": cases, "aug_seed": s}
-            if self.augment:
-                if self._transform is None:
-                    self._transform = build_augmentation(self.sampler.patch, self.aug)
-                np.random.seed(s)  # batchgenerators draws from numpy's and Python's global generators
-                random.seed(s)
-                if self.flat:
-                    data, seg = data[:, :, 0], seg[:, :, 0]
-                out = self._transform(data=data, seg=seg)
-                data, seg = out["data"], out["seg"]
-                if self.flat:
-                    data, seg = data[:, :, None], seg[:, :, None]
+            on_device = self.augment and self.aug.on_device  # the regions as read: the trainer augments them
+            if self.augment and not on_device:
+                data, seg = self._augment(data, seg, s)
             if not np.isfinite(data).all():
                 raise ValueError("non-finite values in the image patch")
             labels_out = np.rint(seg[:, 0]).astype(np.int16)
             out = {"data": torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
                    "seg": torch.from_numpy(labels_out), "cases": cases}
-            if self.guidance is not None and self.augment:
+            if on_device:
+                out["aug_seed"] = s
+            elif self.guidance is not None and self.augment:
                 out["guide"] = torch.from_numpy(self.guidance.corners(labels_out, self.sampler.oversample, rng))
             return out
         except Exception as e:  # reported by the main process with the case id (see module docstring)
             return {"error": f"case {case_id}: {type(e).__name__}: {e}"}
+
+
+    def _augment(self, data: np.ndarray, seg: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """batchgenerators' augmentation of a batch (:func:`build_augmentation`), seeded by ``seed``."""
+        if self._transform is None:
+            self._transform = build_augmentation(self.sampler.patch, self.aug)
+        np.random.seed(seed)  # batchgenerators draws from numpy's and Python's global generators
+        random.seed(seed)
+        if self.flat:
+            data, seg = data[:, :, 0], seg[:, :, 0]
+        out = self._transform(data=data, seg=seg)
+        data, seg = out["data"], out["seg"]
+        if self.flat:
+            data, seg = data[:, :, None], seg[:, :, None]
+        return data, seg
 
 
 def _worker_init(_: int) -> None:
