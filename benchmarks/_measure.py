@@ -1,5 +1,5 @@
 """Measurements the benchmarks share: wall time and peak memory of a command and all the processes it starts
-(Linux /proc), and the rate at which one data worker makes batches."""
+(Linux /proc), the rate at which one data worker makes batches, and what augmenting them on the device costs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["tree_rss_bytes", "run_measured", "batches_per_second"]
+if TYPE_CHECKING:
+    import torch
+
+    from autoseg.plans import AugmentationPlan
+
+__all__ = ["tree_rss_bytes", "run_measured", "batches_per_second", "device_augment_seconds"]
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -62,3 +68,29 @@ def batches_per_second(batch: Callable[[int], object], batches: int) -> float:
         return batches / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def device_augment_seconds(batch: Callable[[int], dict], patch: list[int], aug: AugmentationPlan,
+                           device: torch.device, batches: int) -> float:
+    """Seconds per batch of :class:`~autoseg.training.device_augment.DeviceAugmenter` on ``device`` (a torch
+    device): ``batch(i)`` for ``i`` in ``0..batches`` are a :class:`~autoseg.training.data.BatchDataset`'s
+    batches of enlarged regions (``aug``: its plan's augmentation, ``on_device`` set), moved to ``device`` first;
+    ``batch(0)`` is the warm-up. CUDA work is synchronised before each clock read."""
+    import torch
+
+    from autoseg.training.device_augment import DeviceAugmenter
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    augmenter = DeviceAugmenter(patch, aug)
+    moved = [(b["data"].to(device), b["seg"].to(device).long(), int(b["aug_seed"]))
+             for b in map(batch, range(batches + 1))]
+    augmenter(*moved[0])
+    sync()
+    t0 = time.perf_counter()
+    for x, y, seed in moved[1:]:
+        augmenter(x, y, seed)
+    sync()
+    return (time.perf_counter() - t0) / batches

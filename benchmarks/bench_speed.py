@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import batches_per_second
+from _measure import batches_per_second, device_augment_seconds
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main as autoseg_main
@@ -61,7 +61,6 @@ from autoseg.plans import Plans, load_plans, select_configuration
 from autoseg.preprocessing.storage import read_case_arrays
 from autoseg.runconfig import Overrides, fold_cases
 from autoseg.training.data import BatchDataset, PatchSampler
-from autoseg.training.device_augment import DeviceAugmenter
 from autoseg.training.losses import planned_loss
 from autoseg.training.runtime import Runtime
 from autoseg.training.schedules import make_optimizer
@@ -266,15 +265,8 @@ def _stage_rates(plan: Plans, folder: Path, cases: list[str], batches: int,
         sampler = PatchSampler(folder, cases, list(st.patch_size), plan.training.oversample_foreground)
         ds = BatchDataset(sampler, st.batch_size, aug, 0, si, True)
         rate = batches_per_second(ds.__getitem__, batches) * st.batch_size
-        device_s = None
-        if on_device:
-            augmenter = DeviceAugmenter(list(st.patch_size), aug)
-            made = [ds[i] for i in range(min(batches, 5))]
-            augmenter(made[0]["data"], made[0]["seg"].long(), 0)  # warm-up
-            t0 = time.perf_counter()
-            for b in made:
-                augmenter(b["data"], b["seg"].long(), int(b["aug_seed"]))
-            device_s = (time.perf_counter() - t0) / len(made)
+        device_s = device_augment_seconds(ds.__getitem__, list(st.patch_size), aug, torch.device("cpu"),
+                                          min(batches, 5)) if on_device else None
         out.append((f"{st.name} {'x'.join(map(str, st.patch_size))} batch {st.batch_size}", rate, device_s))
     return out
 

@@ -10,8 +10,8 @@ fold 0 in its own copy of the run (plan and fingerprint copied, ``preprocessed/`
 the zoom-out patch. A variant edits the copied plan (``VARIANTS``: ``plan`` is the plan as written,
 ``adam`` Adam at 3e-3 for the zoom-in stage and 3e-4 for the zoom-out stage, ``cosine`` and ``onecycle``
 the seeds' learning-rate schedules in place of poly, ``oversample50`` half the patches centred on foreground
-instead of a third, ``torchaug`` the augmentation in the training process in torch, as GPU plans run it on the
-GPU, instead of batchgenerators in the workers, ``nods`` the loss of the full-resolution output alone instead
+instead of a third, ``torchaug`` the augmentation in the training process in torch (what plans have done since
+2026-11-29), ``workeraug`` batchgenerators in the data workers (before), ``nods`` the loss of the full-resolution output alone instead
 of deep supervision's weighted sum); a seed replaces
 ``training.seed`` (network initialisation, sampling and augmentation). Rows accumulate in the results
 JSON, so schedules can run one after another (each needs
@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "onecycle": {"scheduler": "onecycle"},
     "oversample50": {"training": {"oversample_foreground": 0.5}},
     "torchaug": {"augmentation": {"on_device": True}},
+    "workeraug": {"augmentation": {"on_device": False}},
     "nods": {"full_resolution_loss_only": True},
 }
 

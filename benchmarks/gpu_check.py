@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _measure import batches_per_second
+from _measure import batches_per_second, device_augment_seconds
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main as autoseg_main
@@ -56,7 +56,6 @@ from autoseg.runconfig import Overrides
 from autoseg.training.budget import measure_step_seconds
 from autoseg.training.config import stage_runs
 from autoseg.training.data import BatchDataset, PatchSampler
-from autoseg.training.device_augment import DeviceAugmenter
 from autoseg.training.interrupt import TrainingInterrupted
 from autoseg.training.losses import planned_loss
 from autoseg.training.runtime import Runtime, configure_backends, data_workers, distributed_runtime
@@ -385,7 +384,8 @@ def check_feeding(hippocampus: Path | None, fallback: Path, root: Path, device: 
         per_worker = batches_per_second(ds.__getitem__, batches)
         aug = ""
         if plans.training.augmentation.on_device:  # the augmentation runs between the steps, on the device
-            aug_s = _device_augment_seconds(ds, list(st.patch_size), plans, device, batches)
+            aug_s = device_augment_seconds(ds.__getitem__, list(st.patch_size), plans.training.augmentation,
+                                           device, batches)
             steps = 1 / (1 / steps + aug_s)
             aug = f" (incl. {1000 * aug_s:.0f} ms augmenting on the device)"
         need = math.ceil(steps / per_worker)
@@ -394,27 +394,6 @@ def check_feeding(hippocampus: Path | None, fallback: Path, root: Path, device: 
     label = "Hippocampus plan" if run != fallback else "generated plan"
     return Row("data workers feed the device", "PASS" if enough or device.type != "cuda" else "FAIL",
                f"{label}: " + "; ".join(parts) + f"; autoseg train starts {chosen} here")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_augment_seconds(ds: BatchDataset, patch: list[int], plans: Plans, device: torch.device,
-                            batches: int) -> float:
-    """Seconds per batch of :class:`DeviceAugmenter` on ``device`` (batches of enlarged regions from ``ds``,
-    moved there first; one warm-up)."""
-    augmenter = DeviceAugmenter(patch, plans.training.augmentation)
-    made = [ds[i] for i in range(batches + 1)]
-    moved = [(b["data"].to(device), b["seg"].to(device).long(), int(b["aug_seed"])) for b in made]
-    augmenter(*moved[0])
-    _sync(device)
-    t0 = time.perf_counter()
-    for x, y, seed in moved[1:]:
-        augmenter(x, y, seed)
-    _sync(device)
-    return (time.perf_counter() - t0) / batches
 
 
 def _safe(name: str, fn: Callable[[], Row | tuple[Row, ...] | list[Row]]) -> list[Row]:

@@ -256,7 +256,7 @@ def dice_weights(fp: Fingerprint, weighting: DiceWeighting) -> list[float]:
 
 def _augmentation(patch: list[int], device: DeviceInfo, lateral: int | None = None) -> AugmentationPlan:
     """nnU-Net v2's augmentation; in-plane only for flat patches (``dummy_2d``); mirroring as
-    :func:`_mirror_axes`; on the training device for a GPU (:data:`defaults.AUGMENT_ON_DEVICE`)."""
+    :func:`_mirror_axes`; where it runs: :data:`defaults.AUGMENT_ON_DEVICE`."""
     flat = max(patch) / patch[0] > defaults.DUMMY_2D_ASPECT
     deg = [180.0, 0.0, 0.0] if flat else [defaults.ROTATION_DEGREES] * 3
     return AugmentationPlan(

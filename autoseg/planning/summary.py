@@ -58,7 +58,7 @@ def format_summary(fp: Fingerprint, p: Plans) -> str:
                                     for n in p.normalization),
         f"device       {device}; a step may use {p.memory_budget_gib:.2f} GiB"
         + (" (mixed precision)" if p.amp else ""),
-        "augment      " + ("on the training device (torch); data workers only read the regions"
+        "augment      " + ("in the training process, on its device (torch); data workers only read the regions"
                            if p.training.augmentation.on_device else "in the data workers (batchgenerators)"),
     ]
     for name in configuration_names(p):

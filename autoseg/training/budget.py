@@ -12,6 +12,8 @@ from torch import nn
 from autoseg.plans import Plans
 from autoseg.runconfig import StageRun, TrainConfig
 from autoseg.tiling import mirror_combinations, tile_starts
+from autoseg.training.data import read_size
+from autoseg.training.device_augment import DeviceAugmenter
 from autoseg.training.schedules import make_optimizer
 
 __all__ = ["budget_epochs", "measure_step_seconds", "case_prediction_seconds", "estimates", "fit_budget",
@@ -47,19 +49,24 @@ def budget_epochs(runs: list[StageRun], epoch_seconds: list[float], seconds: flo
 
 
 def measure_step_seconds(net: nn.Module, loss_fn: nn.Module, run: StageRun, batch: int, channels: int,
-                         classes: int, device: torch.device, amp: bool, warmup: int = 2, timed: int = 3) -> float:
-    """Median seconds of one optimiser step of ``run`` on ``device`` (a throw-away network, random data)."""
+                         classes: int, device: torch.device, amp: bool, augmenter: DeviceAugmenter | None = None,
+                         warmup: int = 2, timed: int = 3) -> float:
+    """Median seconds of one optimiser step of ``run`` on ``device`` (a throw-away network, random data). With
+    ``augmenter`` (the plan augments on the training device), a step includes augmenting a batch of regions as
+    the data workers read them, since that runs between the steps."""
     net = net.to(device).train()
     loss_fn = loss_fn.to(device)
     opt = make_optimizer(run.as_stage_plan(), net.parameters())
-    x = torch.randn(batch, channels, *run.patch_size, device=device)
-    y = torch.randint(0, classes, (batch, *run.patch_size), device=device)
+    size = list(run.patch_size) if augmenter is None else read_size(list(run.patch_size), augmenter.aug, True)
+    x = torch.randn(batch, channels, *size, device=device)
+    y = torch.randint(0, classes, (batch, *size), device=device)
     times = []
     for i in range(warmup + timed):
         t0 = time.perf_counter()
+        xs, ys = (x, y) if augmenter is None else augmenter(x, y, i)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=amp):
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(net(xs), ys)
         loss.backward()
         opt.step()
         if device.type == "cuda":

@@ -22,8 +22,8 @@ from autoseg.networks.patchfree import guidance_size
 from autoseg.plans import AugmentationPlan, NetworkPlan
 from autoseg.preprocessing.storage import read_case_arrays, read_class_locations
 
-__all__ = ["PatchSampler", "BatchDataset", "Guidance", "BatchError", "initial_patch_size", "build_augmentation",
-           "make_loader", "batch_seed", "with_resume_advice"]
+__all__ = ["PatchSampler", "BatchDataset", "Guidance", "BatchError", "initial_patch_size", "read_size",
+           "build_augmentation", "make_loader", "batch_seed", "with_resume_advice"]
 
 
 class BatchError(ValueError):
@@ -57,6 +57,17 @@ def initial_patch_size(patch: list[int], aug: AugmentationPlan) -> list[int]:
     if aug.p_scale > 0:
         extent = extent / 0.85
     return [int(math.ceil(e)) for e in extent]
+
+
+def read_size(patch: list[int], aug: AugmentationPlan, augment: bool) -> list[int]:
+    """The region a sample is read at: :func:`initial_patch_size` for training samples (one slice deep for a
+    one-slice patch, augmented in 2D), the patch itself for validation samples."""
+    if not augment:
+        return list(patch)
+    size = initial_patch_size(patch, aug)
+    if patch[0] == 1:
+        size[0] = 1
+    return size
 
 
 def _centre_range(shape: int, patch: int) -> tuple[int, int]:
@@ -218,10 +229,8 @@ class BatchDataset(torch.utils.data.Dataset):
                  augment: bool, rank: int = 0, length: int = 2**62, guidance: Guidance | None = None):
         self.sampler, self.batch_size, self.aug, self.guidance = sampler, batch_size, aug, guidance
         self.seed, self.stage, self.augment, self.rank, self.length = seed, stage, augment, rank, length
-        self.read_size = initial_patch_size(sampler.patch, aug) if augment else list(sampler.patch)
+        self.read_size = read_size(sampler.patch, aug, augment)
         self.flat = sampler.patch[0] == 1  # one slice deep: augmented in 2D
-        if self.flat:
-            self.read_size[0] = 1
         self._transform: Any = None
 
     def __len__(self) -> int:

@@ -1,10 +1,12 @@
 """The training augmentation of :func:`autoseg.training.data.build_augmentation`, written in torch and run on the
-training device, for plans whose ``augmentation.on_device`` is set (planned for GPUs).
+training device (the GPU, or the CPU process that trains), for plans whose ``augmentation.on_device`` is set
+(planned for every device: :data:`autoseg.defaults.AUGMENT_ON_DEVICE`).
 
 A data worker then only reads the enlarged region of each sample (:func:`~autoseg.training.data.initial_patch_size`);
-rotating, scaling and cropping it to the patch, and the intensity transforms, run here on the batch, on the GPU's
+rotating, scaling and cropping it to the patch, and the intensity transforms, run here on the batch: on a GPU's
 parallel hardware instead of one CPU thread per worker (which takes ~14 s for one sample of a large 4-channel GPU
-patch: docs/training.md, "Feeding a GPU"). The transforms, their order,
+patch: docs/training.md, "Feeding a GPU"), on a CPU on the training process's threads, 5.5-11x faster per
+sample than batchgenerators in a worker. The transforms, their order,
 probabilities and ranges are batchgenerators' as planned (nnU-Net v2's), drawn from one generator per batch
 (seeded by the batch, so a resumed run augments as an uninterrupted one would). What differs, by necessity of
 torch's samplers: images are interpolated linearly (3D) or bicubically (2D) where batchgenerators uses cubic
@@ -133,6 +135,11 @@ class DeviceAugmenter:
         self.patch = list(patch[1:]) if self.flat else list(patch)
         self.mirror = [a - 1 for a in aug.mirror_axes if a > 0] if self.flat else list(aug.mirror_axes)
         self.low_res_fixed = [0] if aug.dummy_2d and not self.flat else []
+
+    @classmethod
+    def planned(cls, patch: list[int], aug: AugmentationPlan) -> DeviceAugmenter | None:
+        """The augmenter of a stage whose plan augments on the training device, else None."""
+        return cls(patch, aug) if aug.on_device else None
 
     def __call__(self, data: torch.Tensor, seg: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``data (B, C, *region)`` float, ``seg (B, *region)`` int → ``(B, C, *patch)``, ``(B, *patch)``."""

@@ -147,7 +147,8 @@ class Trainer:
         run = next(r for r in cfg.stages if r.name == stage)
         b = rank_batch_sizes(run.batch_size, self.rt.world_size)[0]
         return measure_step_seconds(self._new_network(), self._loss(), run, b, len(self.plans.channel_names),
-                                    len(self.plans.labels), self.rt.device, self.amp)
+                                    len(self.plans.labels), self.rt.device, self.amp,
+                                    DeviceAugmenter.planned(run.patch_size, self.plans.training.augmentation))
 
     # --- the loop -----------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
@@ -231,7 +232,7 @@ class Trainer:
         train_ds = BatchDataset(sampler, b, t.augmentation, t.seed, si, True, self.rt.rank, guidance=guidance)
         val_ds = BatchDataset(PatchSampler(self.folder, cfg.val_cases, run.patch_size, t.oversample_foreground),
                               b, t.augmentation, t.seed, si, False, self.rt.rank)
-        augmenter = DeviceAugmenter(run.patch_size, t.augmentation) if t.augmentation.on_device else None
+        augmenter = DeviceAugmenter.planned(run.patch_size, t.augmentation)
         loader = self._loader(train_ds, state.step, run.total_steps)
         iters, plan, bar = run.iterations_per_epoch, run.as_stage_plan(), None
         net.train()

@@ -4,6 +4,7 @@ RUN/2d/fold_k, prediction and summary with --config 2d, and clear errors for a c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from autoseg.cli import main
 from autoseg.plans import load_plans, select_configuration
 from autoseg.preprocessing.storage import read_case_arrays
 from autoseg.training.data import BatchDataset, PatchSampler, batch_seed
+from autoseg.training.device_augment import DeviceAugmenter, batch_tensors
 
 from ..inference.test_predict import scans
 
@@ -34,13 +36,17 @@ def test_one_slice_batches_are_real_slices_and_augment_in_plane(tiny_run):
     data, _ = read_case_arrays(tiny_run / "preprocessed", case)
     z, y, x = s.centre
     np.testing.assert_array_equal(plain["data"][0, 0, 0].numpy(), np.asarray(data[0, z, y - 8:y + 8, x - 8:x + 8]))
-    aug = BatchDataset(sampler, 3, p.training.augmentation, 0, 0, augment=True)
-    assert aug.read_size[0] == 1  # never reads, rotates or scales across slices
-    for i in range(4):
-        b = aug[i]
-        assert "error" not in b, b
-        assert b["data"].shape == (3, 1, 1, 16, 16)
-        assert set(torch.unique(b["seg"]).tolist()) <= set(p.labels)
+    planned = p.training.augmentation
+    for on_device in (False, True):  # batchgenerators in the workers, or torch in the training process
+        aug = BatchDataset(sampler, 3, replace(planned, on_device=on_device), 0, 0, augment=True)
+        assert aug.read_size[0] == 1  # never reads, rotates or scales across slices
+        augmenter = DeviceAugmenter.planned([1, 16, 16], replace(planned, on_device=on_device))
+        for i in range(4):
+            b = aug[i]
+            assert "error" not in b, b
+            x, y, _ = batch_tensors(b, torch.device("cpu"), augmenter, None, 1.0)
+            assert x.shape == (3, 1, 1, 16, 16) and y.shape == (3, 1, 16, 16)
+            assert set(torch.unique(y).tolist()) <= set(p.labels)
 
 
 def test_train_predict_and_summarize_2d(tiny_run, tmp_path, capsys):

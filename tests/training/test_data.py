@@ -19,6 +19,7 @@ from autoseg.training.data import (
     initial_patch_size,
     make_loader,
 )
+from autoseg.training.device_augment import DeviceAugmenter, batch_tensors
 
 
 def _setup(run: Path, patch=None, oversample=None):
@@ -66,9 +67,11 @@ def test_no_oversampling_gives_uniform_centres_inside(tiny_run):
             assert min(0, n - p) <= lo <= max(0, n - p)
 
 
-def test_augmentation_keeps_image_and_label_aligned(tiny_run, tmp_path):
-    """Replace the image by its label map: after rotation, scaling and mirroring (intensity transforms off)
-    the image, rounded, must still equal the label."""
+@pytest.mark.parametrize("on_device", [False, True])
+def test_augmentation_keeps_image_and_label_aligned(tiny_run, tmp_path, on_device):
+    """Replace the image by its label map: after rotation, scaling and mirroring (intensity transforms off), by
+    batchgenerators in the worker or by torch in the training process, the image, rounded, must still equal the
+    label."""
     plans, _ = _setup(tiny_run)
     folder = tiny_run / "preprocessed"
     for js in folder.glob("*.json"):
@@ -76,17 +79,20 @@ def test_augmentation_keeps_image_and_label_aligned(tiny_run, tmp_path):
         seg = np.asarray(__import__("blosc2").open(str(folder / f"{cid}_seg.b2nd"))[:])
         write_b2nd(seg.astype(np.float32), folder / f"{cid}_data.b2nd", plans.stages[-1].patch_size)
     aug = replace(plans.training.augmentation, p_rotation=1.0, p_scale=1.0, p_noise=0, p_blur=0, p_brightness=0,
-                  p_contrast=0, p_low_resolution=0, p_gamma=0, p_gamma_inverted=0)
+                  p_contrast=0, p_low_resolution=0, p_gamma=0, p_gamma_inverted=0, on_device=on_device)
     _, sampler = _setup(tiny_run)
     ds = BatchDataset(sampler, 2, aug, seed=3, stage=0, augment=True)
+    augmenter = DeviceAugmenter.planned(sampler.patch, aug)
     agree = []
     for i in range(10):
         b = ds[i]
         assert "error" not in b, b
-        img, seg = b["data"][:, 0].numpy(), b["seg"].numpy()
+        x, y, _ = batch_tensors(b, torch.device("cpu"), augmenter, None, 1.0)
+        img, seg = x[:, 0].numpy(), y.numpy()
         assert img.shape == seg.shape == (2, *sampler.patch)
         agree.append(np.mean(np.rint(img) == seg))
-    # cubic interpolation of the image vs per-label linear interpolation of the label differ only at edges
+    # interpolation of the image (cubic or linear) vs per-label linear interpolation of the label differ only at
+    # edges
     assert min(agree) > 0.97, agree
 
 

@@ -13,12 +13,15 @@ import torch
 from batchgenerators.augmentations.color_augmentations import augment_contrast, augment_gamma
 from batchgenerators.augmentations.spatial_transformations import augment_spatial
 from scipy.ndimage import gaussian_filter
+from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main
+from autoseg.networks.resunet import ResidualUNet
 from autoseg.plans import AugmentationPlan, load_plans, select_configuration
-from autoseg.runconfig import Overrides
-from autoseg.training.data import BatchDataset, Guidance, PatchSampler, initial_patch_size
+from autoseg.runconfig import Overrides, StageRun
+from autoseg.training.budget import measure_step_seconds
+from autoseg.training.data import BatchDataset, Guidance, PatchSampler, initial_patch_size, read_size
 from autoseg.training.device_augment import (
     DeviceAugmenter,
     _contrast,
@@ -173,14 +176,14 @@ def test_full_augmentation_is_seeded_keeps_labels_and_handles_2d():
     assert x3.shape == (2, 2, 1, 10, 9) and y3.shape == (2, 1, 10, 9)
 
 
-def test_planned_on_the_device_for_a_gpu_only(tiny_run, tmp_path):
+def test_planned_on_the_training_device_and_old_plans_keep_the_workers(tiny_run, tmp_path):
     data = json.loads((tiny_run / "fingerprint.json").read_text())["dataset_dir"]
     assert main(["plan", data, "-o", str(tmp_path / "gpu"), "--device", "cuda", "--gpu-memory", "24",
                  "--no-progress"]) == 0
     gpu = load_plans(tmp_path / "gpu" / "plans.json")
     assert gpu.training.augmentation.on_device
     assert all(c.augmentation.on_device for c in gpu.other_configurations)
-    assert not load_plans(tiny_run / "plans.json").training.augmentation.on_device
+    assert load_plans(tiny_run / "plans.json").training.augmentation.on_device  # CPU plans too
     raw = json.loads((tiny_run / "plans.json").read_text())
     del raw["training"]["augmentation"]["on_device"]  # a plan written before the field: workers augment
     (tiny_run / "plans.json").write_text(json.dumps(raw))
@@ -248,3 +251,37 @@ def test_patch_free_guidance_is_chosen_on_the_augmented_labels(tiny_run):
             configuration="patch_free", say=lambda s: None).fit()
     assert (tiny_run / "patch_free" / "fold_0" / "checkpoint_final.pt").is_file()
 
+
+
+def test_read_size_is_the_enlarged_region_for_training_only():
+    aug = _plan(p_rotation=1.0, p_scale=1.0)
+    assert read_size([8, 12, 12], aug, True) == initial_patch_size([8, 12, 12], aug)
+    assert read_size([8, 12, 12], aug, False) == [8, 12, 12]
+    flat = read_size([1, 12, 12], replace(aug, rotation_degrees=[180.0, 0.0, 0.0], dummy_2d=True), True)
+    assert flat[0] == 1 and flat[1:] == initial_patch_size([1, 12, 12], aug)[1:]
+
+
+class _Counting(DeviceAugmenter):
+    """Records the regions it is given."""
+
+    def __init__(self, patch: list[int], aug: AugmentationPlan):
+        super().__init__(patch, aug)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, data, seg, seed):
+        self.shapes.append(tuple(data.shape))
+        return super().__call__(data, seg, seed)
+
+
+def test_the_budgets_step_measurement_includes_augmentation_on_the_device():
+    patch, aug = [8, 12, 12], _plan(p_rotation=1.0, p_scale=1.0, p_noise=1.0, mirror_axes=[0, 1, 2])
+    run = StageRun("zoom_in", patch, 2, 1, 1, "adam", 1e-3, 0.99, 0.0, "poly", None)
+    net = ResidualUNet(1, 2, [8, 16], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], deep_supervision=False)
+    loss = nn.CrossEntropyLoss()
+    counting = _Counting(patch, aug)
+    seconds = measure_step_seconds(net, loss, run, 2, 1, 2, torch.device("cpu"), False, counting, warmup=1, timed=2)
+    assert seconds > 0
+    assert counting.shapes == [(2, 1, *read_size(patch, aug, True))] * 3  # every step, on regions as read
+    assert read_size(patch, aug, True) != patch
+    assert DeviceAugmenter.planned(patch, replace(aug, on_device=False)) is None
+    assert isinstance(DeviceAugmenter.planned(patch, aug), DeviceAugmenter)

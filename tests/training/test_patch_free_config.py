@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -39,8 +40,8 @@ def test_training_batches_carry_guidance_corners_inside_the_region(free_run):
     p = select_configuration(load_plans(free_run / "plans.json"), CONFIG)
     st, net = p.stages[-1], p.network
     sampler = PatchSampler(free_run / "preprocessed", p.folds[0].train, st.patch_size, 1.0)
-    ds = BatchDataset(sampler, 2, p.training.augmentation, 0, 1, True, guidance=Guidance(net.upsample_factor,
-                                                                                          net.guidance_share))
+    in_workers = replace(p.training.augmentation, on_device=False)  # on the device: test_device_augment.py
+    ds = BatchDataset(sampler, 2, in_workers, 0, 1, True, guidance=Guidance(net.upsample_factor, net.guidance_share))
     batch = ds[3]
     assert tuple(batch["data"].shape[2:]) == tuple(st.patch_size) and tuple(batch["guide"].shape) == (2, 3)
     low = [e // f for e, f in zip(st.patch_size, net.upsample_factor)]
