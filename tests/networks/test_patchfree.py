@@ -40,6 +40,44 @@ def test_shapes_in_training_and_prediction():
         net(torch.randn(1, 2, 16, 32, 47))
 
 
+def _linear_upsampling(n: int, f: int) -> torch.Tensor:
+    """``(f n, n)``: linear interpolation by ``f`` with voxel centres at half voxels (full-resolution voxel ``i``
+    at low-resolution coordinate ``(i + 0.5) / f - 0.5``), clamped at the edges."""
+    m = torch.zeros(f * n, n)
+    for i in range(f * n):
+        src = min(max((i + 0.5) / f - 0.5, 0.0), n - 1.0)
+        i0 = int(src)
+        i1, w = min(i0 + 1, n - 1), src - int(src)
+        m[i, i0] += 1 - w
+        m[i, i1] += w
+    return m
+
+
+@pytest.mark.parametrize("factor", [[2, 2, 2], [1, 2, 2]])
+def test_full_resolution_segmentation_is_the_upsampled_low_resolution_one_plus_the_head(factor):
+    """With the segmentation head's last convolution zeroed, the full-resolution logits are exactly the U-Net's
+    low-resolution logits up-sampled trilinearly (half-voxel centres, edges clamped), in prediction and inside
+    the guidance patch in training; with the head, they differ from it by the head's output."""
+    net = _net(factor)
+    x = torch.randn(2, 2, 16, 32, 32)
+    with torch.no_grad():
+        net.seg_out.weight.zero_()
+        net.seg_out.bias.zero_()
+        low = net.eval().body(net.low_resolution(x))
+        mz, my, mx = (_linear_upsampling(n, f) for n, f in zip(low.shape[2:], factor))
+        up = torch.einsum("bkzyx,Zz,Yy,Xx->bkZYX", low, mz, my, mx)
+        torch.testing.assert_close(net(x), up)
+        guide = torch.tensor([[0, 0, 0], [4, 8, 8]])
+        out = net.train()(x, guide)
+        for i, c in enumerate(out.corner.tolist()):
+            e = out.full_res.shape[2:]
+            torch.testing.assert_close(out.full_res[i], up[i, :, c[0]:c[0] + e[0], c[1]:c[1] + e[1], c[2]:c[2] + e[2]])
+    head_only = _net(factor)
+    with torch.no_grad():
+        features, logits = head_only.eval().body.decode(head_only.low_resolution(x))
+        torch.testing.assert_close(head_only(x), head_only.heads(features)[0] + head_only.upsampled(logits[0]))
+
+
 def test_low_resolution_input_is_the_block_mean():
     """Down-sampling keeps the geometry: low-resolution voxel i is the mean of full-resolution voxels
     factor*i .. factor*i + factor - 1 (the labels it is scored against are taken at factor*i)."""
