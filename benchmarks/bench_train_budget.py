@@ -11,8 +11,8 @@ the zoom-out patch. A variant edits the copied plan (``VARIANTS``: ``plan`` is t
 ``adam`` Adam at 3e-3 for the zoom-in stage and 3e-4 for the zoom-out stage, ``cosine`` and ``onecycle``
 the seeds' learning-rate schedules in place of poly, ``oversample50`` half the patches centred on foreground
 instead of a third, ``torchaug`` the augmentation in the training process in torch (what plans have done since
-2026-11-29), ``workeraug`` batchgenerators in the data workers (before), ``nods`` the loss of the full-resolution output alone instead
-of deep supervision's weighted sum); a seed replaces
+2026-11-29), ``workeraug`` batchgenerators in the data workers (before), ``nods`` the loss of the
+full-resolution output alone instead of deep supervision's weighted sum); a seed replaces
 ``training.seed`` (network initialisation, sampling and augmentation). Rows accumulate in the results
 JSON, so schedules can run one after another (each needs
 the whole machine) and the table shows all of them. nnU-Net v2's figure for the same budget comes from
