@@ -268,7 +268,6 @@ class BatchDataset(torch.utils.data.Dataset):
         except Exception as e:  # reported by the main process with the case id (see module docstring)
             return {"error": f"case {case_id}: {type(e).__name__}: {e}"}
 
-
     def _augment(self, data: np.ndarray, seg: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """batchgenerators' augmentation of a batch (:func:`build_augmentation`), seeded by ``seed``."""
         if self._transform is None:
