@@ -180,7 +180,6 @@ def _memory_rows(plans: Plans, device: torch.device, label: str) -> list[Row]:
                         f"(target 1 +- {MEMORY_TOLERANCE:g}; patch {'x'.join(map(str, st.patch_size))}, batch "
                         f"{st.batch_size})"))
     configure_backends(device, False)
-    torch.use_deterministic_algorithms(False)
     return rows
 
 
@@ -343,7 +342,6 @@ def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, devic
             mode += ", " + ("channels-last" if other.channels_last else "contiguous") + " (not the plan's layout)"
         rows.append(Row(f"training throughput, {mode}", "PASS", f"{label}: " + "; ".join(rates)))
     configure_backends(device, False)
-    torch.use_deterministic_algorithms(False)
     net = build_network(plans.network, c, k)
     volume = np.random.default_rng(0).normal(0, 1, (c, *plans.median_shape_after_resampling)).astype(np.float32)
     predictor = Predictor(plans, [(net, list(plans.stages[-1].patch_size))], device)

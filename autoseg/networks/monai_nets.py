@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from autoseg.networks.resize import trilinear
 
 if TYPE_CHECKING:
     from autoseg.plans import NetworkPlan
@@ -82,7 +83,7 @@ class _GridPositionEmbedding(nn.Module):
         pos: torch.Tensor = self.position_embeddings
         if grid != self.grid:
             pos = pos.transpose(1, 2).reshape(1, -1, *self.grid)
-            pos = F.interpolate(pos, size=grid, mode="trilinear", align_corners=False).flatten(2).transpose(1, 2)
+            pos = trilinear(pos, grid).flatten(2).transpose(1, 2)
         return self.dropout(x + pos.to(x.dtype))
 
 

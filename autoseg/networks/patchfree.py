@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoseg.networks.resize import trilinear
 from autoseg.networks.resunet import ResidualUNet
 
 __all__ = ["PatchFreeUNet", "PatchFreeOutput", "guidance_size", "head_features", "prediction_bytes", "HEAD_CONVS",
@@ -176,11 +177,8 @@ class PatchFreeUNet(nn.Module):
         """The U-Net's low-resolution logits brought to full resolution (trilinear): the base that the
         segmentation head's output is added to, so that the full-resolution segmentation starts from what the
         U-Net learned on the whole region and the head, supervised only in the guidance patches, learns the
-        fine correction."""
-        if all(f == 1 for f in self.factor):
-            return logits
-        return F.interpolate(logits, scale_factor=tuple(float(f) for f in self.factor), mode="trilinear",
-                             align_corners=False)
+        fine correction. Deterministic in backward under ``--deterministic`` (:mod:`autoseg.networks.resize`)."""
+        return trilinear(logits, [n * f for n, f in zip(logits.shape[2:], self.factor)])
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor | PatchFreeOutput:
         """Eval: full-resolution logits ``(B, K, *x.shape[2:])``. Training: a :class:`PatchFreeOutput`, the

@@ -157,10 +157,11 @@ def data_workers(device: torch.device, cores: int, requested: int | None) -> int
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """cuDNN autotuning (fastest kernels, but their choice may differ between runs, so a resumed run is not
-    bit-identical) unless ``deterministic``: then deterministic cuDNN and cuBLAS kernels, no autotuning."""
+    bit-identical) unless ``deterministic``: then deterministic cuDNN and cuBLAS kernels, no autotuning. Sets
+    both ways, so a process that trains twice (benchmarks, tests) does not keep the first call's setting."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS when CUDA starts
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
