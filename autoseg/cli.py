@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -452,12 +453,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if rt.main:
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except Exception as e:
         if not rt.distributed:
             raise
-        # this rank alone failed (out of memory in a step, say): its peers may wait inside a collective, so it
-        # leaves without the process group's goodbye, which could wait on them; the launcher stops the others
+        # this rank alone failed (out of memory in a step, a CUDA error): its peers may wait inside a collective,
+        # so it leaves without the process group's goodbye, which could wait on them; the launcher stops the others
         agreed = False
+        if not isinstance(e, (ValueError, OSError)):  # not one of our one-line errors: its traceback says where
+            traceback.print_exc()
         print(f"error: rank {rt.rank} of {rt.world_size}: {e}", file=sys.stderr)
         return 1
     finally:
@@ -473,6 +476,7 @@ def _silent(_: str) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import os
 
+    from autoseg.device import first_line
     from autoseg.parallel import CaseError
     from autoseg.training.runtime import distributed_runtime
 
@@ -480,6 +484,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return _launch_torchrun(args.gpus, args.argv)
     t0 = time.perf_counter()
     rt = distributed_runtime(args.device, 0, not args.no_progress and sys.stderr.isatty())
+    agreed = True  # False once this rank could not take part in the gather: leaving could wait on a peer
     try:
         if not rt.distributed:
             outcomes = [_predict_share(args, rt)]
@@ -488,9 +493,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 outcome = _predict_share(args, rt)
             except (ValueError, OSError, CaseError) as e:
                 outcome = {"error": str(e)}
-            outcomes = rt.gather(outcome)
+            try:
+                outcomes = rt.gather(outcome)
+            except RuntimeError as e:
+                # a GPU left unusable by a sticky error cannot take part in NCCL's gather (it copies through the
+                # device): this rank says its own outcome and leaves without the goodbye; the launcher stops the
+                # others, whose written cases stay, and a rerun skips them
+                agreed = False
+                _print_predicted(args, [outcome], 1, time.perf_counter() - t0)
+                print(f"error: rank {rt.rank} of {rt.world_size} could not reach the other processes "
+                      f"({first_line(e)})", file=sys.stderr)
+                return 1
     finally:
-        rt.close()
+        if agreed:
+            rt.close()
     failed = any("error" in o or o["failed"] or o["stopped"] for o in outcomes)
     if rt.main:
         _print_predicted(args, outcomes, rt.world_size, time.perf_counter() - t0)
