@@ -58,6 +58,6 @@ def trilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(x.shape[2:]) == size:
         return x
-    if x.requires_grad and torch.are_deterministic_algorithms_enabled():
+    if torch.is_grad_enabled() and x.requires_grad and torch.are_deterministic_algorithms_enabled():
         return separable_trilinear(x, size)
     return F.interpolate(x, size=size, mode="trilinear", align_corners=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autoseg.networks import resize
 from autoseg.networks.patchfree import PatchFreeUNet
 from autoseg.networks.resize import linear_matrix, separable_trilinear, trilinear
 
@@ -43,12 +44,18 @@ def test_values_and_gradients_equal_pytorch(shape, size):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
 
 
-def test_matrix_path_only_when_deterministic_and_a_gradient_is_needed(deterministic):
+def test_matrix_path_only_when_deterministic_and_a_gradient_is_needed(deterministic, monkeypatch):
+    calls = []
+    monkeypatch.setattr(resize, "separable_trilinear", lambda x, size: calls.append(size) or separable_trilinear(
+        x, size))
     x = torch.randn(1, 2, 3, 4, 5, requires_grad=True)
-    assert "Upsample" not in trilinear(x, (6, 8, 10)).grad_fn.name()
-    assert trilinear(x.detach(), (6, 8, 10)).grad_fn is None  # no gradient: PyTorch's kernel
+    assert "Upsample" not in trilinear(x, (6, 8, 10)).grad_fn.name() and len(calls) == 1
+    with torch.no_grad():
+        trilinear(x, (6, 8, 10))  # prediction: no gradient, PyTorch's kernel
+    trilinear(x.detach(), (6, 8, 10))
+    assert len(calls) == 1
     torch.use_deterministic_algorithms(False)
-    assert "UpsampleTrilinear3D" in trilinear(x, (6, 8, 10)).grad_fn.name()
+    assert "UpsampleTrilinear3D" in trilinear(x, (6, 8, 10)).grad_fn.name() and len(calls) == 1
     assert trilinear(x, (3, 4, 5)) is x
 
 
