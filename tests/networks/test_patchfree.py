@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from autoseg.networks import build_network
 from autoseg.networks.patchfree import PatchFreeOutput, PatchFreeUNet, guidance_size
+from autoseg.networks.resize import linear_matrix
 from autoseg.planning.measured import fitted_step, measure_step
 from autoseg.plans import NetworkPlan
 from autoseg.training.data import Guidance
@@ -40,19 +41,6 @@ def test_shapes_in_training_and_prediction():
         net(torch.randn(1, 2, 16, 32, 47))
 
 
-def _linear_upsampling(n: int, f: int) -> torch.Tensor:
-    """``(f n, n)``: linear interpolation by ``f`` with voxel centres at half voxels (full-resolution voxel ``i``
-    at low-resolution coordinate ``(i + 0.5) / f - 0.5``), clamped at the edges."""
-    m = torch.zeros(f * n, n)
-    for i in range(f * n):
-        src = min(max((i + 0.5) / f - 0.5, 0.0), n - 1.0)
-        i0 = int(src)
-        i1, w = min(i0 + 1, n - 1), src - int(src)
-        m[i, i0] += 1 - w
-        m[i, i1] += w
-    return m
-
-
 @pytest.mark.parametrize("factor", [[2, 2, 2], [1, 2, 2]])
 def test_full_resolution_segmentation_is_the_upsampled_low_resolution_one_plus_the_head(factor):
     """With the segmentation head's last convolution zeroed, the full-resolution logits are exactly the U-Net's
@@ -64,7 +52,7 @@ def test_full_resolution_segmentation_is_the_upsampled_low_resolution_one_plus_t
         net.seg_out.weight.zero_()
         net.seg_out.bias.zero_()
         low = net.eval().body(net.low_resolution(x))
-        mz, my, mx = (_linear_upsampling(n, f) for n, f in zip(low.shape[2:], factor))
+        mz, my, mx = (linear_matrix(n, f * n) for n, f in zip(low.shape[2:], factor))
         up = torch.einsum("bkzyx,Zz,Yy,Xx->bkZYX", low, mz, my, mx)
         torch.testing.assert_close(net(x), up)
         guide = torch.tensor([[0, 0, 0], [4, 8, 8]])

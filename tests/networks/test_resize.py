@@ -13,11 +13,8 @@ from autoseg.networks.resize import linear_matrix, separable_trilinear, trilinea
 
 
 @pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+def deterministic(deterministic_setting_restored):
     torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def test_linear_matrix_by_hand():

@@ -98,17 +98,13 @@ def _failing_worker(rank: int, out: str, port: int) -> None:
     Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
 
 
-def test_backends_are_set_both_ways():
+def test_backends_are_set_both_ways(deterministic_setting_restored):
     """A process that trains with --deterministic and then without (a benchmark, the tests) does not keep
     deterministic algorithms on, nor the reverse."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        configure_backends(torch.device("cpu"), True)
-        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
-        configure_backends(torch.device("cpu"), False)
-        assert not torch.are_deterministic_algorithms_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    configure_backends(torch.device("cpu"), True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    configure_backends(torch.device("cpu"), False)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_ranks_fail_together_with_one_line_naming_the_rank(tmp_path):
