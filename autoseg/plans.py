@@ -12,17 +12,20 @@ from pathlib import Path
 from typing import Literal
 
 from autoseg.device import DeviceInfo
-from autoseg.networks.factory import ARCHITECTURES
+from autoseg.networks.factory import ARCHITECTURES, MONAI_ARCHITECTURES
 from autoseg.typedjson import SchemaError, from_jsonable, read_json, write_json_atomic
 
 __all__ = ["SCHEMA_VERSION", "ChannelNormalization", "NetworkPlan", "StagePlan", "ResamplingPlan",
            "InferencePlan", "AugmentationPlan", "TrainingPlan", "Fold", "Plans", "load_plans", "save_plans",
            "validate_plans", "PLANS_FILE", "ConfigurationPlan", "select_configuration", "configuration_names",
-           "TOP_CONFIGURATION"]
+           "TOP_CONFIGURATION", "CONFIGURATIONS"]
 
 SCHEMA_VERSION = 2
 #: the name of the configuration in the plan's top-level ``network`` and ``stages``
 TOP_CONFIGURATION = "3d"
+#: every configuration a plan can hold: our residual U-Net on 3D patches and on slices, MONAI's networks, and our
+#: patch-free network (a low-resolution view of a large region, a full-resolution segmentation)
+CONFIGURATIONS = (TOP_CONFIGURATION, "2d", *MONAI_ARCHITECTURES, "patch_free")
 PLANS_FILE = "plans.json"
 
 

@@ -9,12 +9,14 @@ if TYPE_CHECKING:
 
     from autoseg.plans import NetworkPlan
 
-__all__ = ["build_network", "ARCHITECTURES"]
+__all__ = ["build_network", "ARCHITECTURES", "MONAI_ARCHITECTURES"]
 
 #: architectures a plan may name: our U-Net with residual (default) or plain encoder blocks, and MONAI's
 #: SegResNet, Attention U-Net and UNETR (:mod:`autoseg.networks.monai_nets`), and our patch-free network
 #: (:mod:`autoseg.networks.patchfree`)
 ARCHITECTURES = ("residual_unet", "plain_unet", "segresnet", "attention_unet", "unetr", "patch_free")
+#: the architectures built from MONAI (each is also a configuration of its own name)
+MONAI_ARCHITECTURES = ("segresnet", "attention_unet", "unetr")
 
 
 def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Module:

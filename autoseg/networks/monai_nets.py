@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from autoseg.networks.factory import MONAI_ARCHITECTURES
 from autoseg.networks.resize import trilinear
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ __all__ = ["build_monai_network", "segresnet_strides", "segresnet_resolution", "
 
 #: voxels per UNETR token edge (MONAI fixes it at 16)
 UNETR_TOKEN = 16
-MONAI_ARCHITECTURES = ("segresnet", "attention_unet", "unetr")
 
 
 def segresnet_strides(spacing: list[float], n_stages: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ import numpy as np
 from autoseg import __version__, defaults
 from autoseg.device import DeviceInfo
 from autoseg.fingerprint import Fingerprint
-from autoseg.networks.monai_nets import MONAI_ARCHITECTURES, segresnet_strides
+from autoseg.networks.monai_nets import segresnet_strides
 from autoseg.planning.measured import network_step_cost
 from autoseg.planning.memory import StepCost
 from autoseg.planning.spacing import resampled_shape, target_spacing
@@ -27,6 +27,7 @@ from autoseg.planning.splits import kfold_splits
 from autoseg.planning.symmetry import lateral_axis
 from autoseg.planning.topology import Topology, topology_for_patch
 from autoseg.plans import (
+    CONFIGURATIONS,
     SCHEMA_VERSION,
     TOP_CONFIGURATION,
     AugmentationPlan,
@@ -43,10 +44,6 @@ from autoseg.plans import (
 
 __all__ = ["make_plan", "usable_memory_bytes", "normalization_for", "training_plan", "dice_weights",
            "default_configuration", "CONFIGURATIONS", "patch_free_factor"]
-
-#: every configuration a plan can hold: our residual U-Net on 3D patches and on slices, MONAI's networks, and our
-#: patch-free network (a low-resolution view of a large region, a full-resolution segmentation)
-CONFIGURATIONS = (TOP_CONFIGURATION, "2d", *MONAI_ARCHITECTURES, "patch_free")
 
 DiceWeighting = Literal["equal", "size-rank"]
 
