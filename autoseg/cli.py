@@ -317,11 +317,11 @@ def _configurations(text: str | None) -> list[str] | None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.atomic import remove_temporaries
     from autoseg.dataset import load_dataset
-    from autoseg.device import DeviceInfo
+    from autoseg.device import DeviceInfo, check_device_args
     from autoseg.fingerprint import fingerprint_dataset, save_fingerprint
     from autoseg.planning.splits import read_splits
     from autoseg.planning.summary import format_summary
-    from autoseg.planning.warmup import start_warmup
+    from autoseg.planning.warmup import Warmup
     from autoseg.plans import PLANS_FILE, save_plans
 
     t0 = time.perf_counter()
@@ -332,17 +332,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if _inside(run_dir, args.dataset_dir):
         return _report_problems([f"{run_dir}: run directory is inside the dataset folder {args.dataset_dir}; "
                                  "choose another with -o"])
-    detected = start_warmup(configs, args.gpu_memory, args.device)  # torch and MONAI load beside the fingerprint
-    if args.device == "cuda":
-        detected.result()  # a missing GPU is reported before the fingerprint, not after
-    cache = None if args.refingerprint else run_dir
-    pending = DeviceInfo("cpu", "not detected yet", 1, 0.0, None, 0.0, "detected")
-    fp, reused = fingerprint_dataset(spec, pending, cache, args.workers, not args.no_progress)
-    fp.device = device = detected.result()
-    from autoseg.planning import make_plan  # here, not above: the warm-up has loaded it by now
+    check_device_args(args.gpu_memory, args.device)
+    warmup = Warmup(configs, args.gpu_memory, args.device)  # torch and MONAI load beside the fingerprint
+    try:
+        if args.device == "cuda":
+            warmup.device.result()  # a missing GPU is reported before the dataset is read
+        cache = None if args.refingerprint else run_dir
+        pending = DeviceInfo("cpu", "not detected yet", 1, 0.0, None, 0.0, "detected")
+        fp, reused = fingerprint_dataset(spec, pending, cache, args.workers, not args.no_progress)
+        fp.device = device = warmup.device.result()
+        from autoseg.planning import make_plan  # here, not above: the warm-up loads it beside the fingerprint
 
-    plans = make_plan(fp, device, n_folds=args.folds, dice_weighting=args.dice_weights,
-                      bias_correction=args.bias_correction, configurations=configs)
+        plans = make_plan(fp, device, n_folds=args.folds, dice_weighting=args.dice_weights,
+                          bias_correction=args.bias_correction, configurations=configs)
+    finally:
+        warmup.finish()
     if folds is not None:
         plans.folds = folds
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -669,8 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     logging.getLogger("numexpr").setLevel(logging.WARNING)  # blosc2 imports it; its thread notice is noise
-    # torch's own info lines (e.g. FakeTensor cache statistics at exit, when a command ends while the plan's
-    # warm-up is still importing torch._dynamo) are not ours to print
+    # torch's own info lines (e.g. FakeTensor cache statistics at exit, which a half-done import of
+    # torch._dynamo leaves on) are not ours to print
     logging.getLogger("torch").setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)

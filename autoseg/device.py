@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from autoseg.parallel import available_cores
 
-__all__ = ["DeviceInfo", "detect_device", "is_out_of_memory", "is_gpu_out_of_memory", "first_line"]
+__all__ = ["DeviceInfo", "detect_device", "check_device_args", "is_out_of_memory", "is_gpu_out_of_memory", "first_line"]
 
 
 @dataclass
@@ -52,6 +52,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
+def check_device_args(gpu_memory_gib: float | None, device: str) -> None:
+    """The checks of :func:`detect_device`'s arguments that need no torch (``autoseg plan`` makes them before
+    it reads the dataset).
+
+    Raises:
+        ValueError: a non-positive memory, or an unknown device name.
+    """
+    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
+        raise ValueError(f"--gpu-memory must be positive, got {gpu_memory_gib}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+
+
 def detect_device(gpu_memory_gib: float | None = None, device: str = "auto") -> DeviceInfo:
     """Describe the device a plan is made for.
 
@@ -62,10 +75,7 @@ def detect_device(gpu_memory_gib: float | None = None, device: str = "auto") -> 
     Raises:
         ValueError: ``device="cuda"`` without a GPU and without ``gpu_memory_gib``, or a non-positive memory.
     """
-    if gpu_memory_gib is not None and gpu_memory_gib <= 0:
-        raise ValueError(f"--gpu-memory must be positive, got {gpu_memory_gib}")
-    if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    check_device_args(gpu_memory_gib, device)
     cores, ram = available_cores(), _ram_gib()
     import torch
 

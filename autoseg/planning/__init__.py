@@ -12,8 +12,12 @@ __all__ = ["make_plan", "CONFIGURATIONS"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("make_plan", "CONFIGURATIONS"):
+    if name == "CONFIGURATIONS":
+        from autoseg.plans import CONFIGURATIONS
+
+        return CONFIGURATIONS
+    if name == "make_plan":
         from autoseg.planning import planner
 
-        return getattr(planner, name)
+        return planner.make_plan
     raise AttributeError(f"module 'autoseg.planning' has no attribute {name!r}")

@@ -2,13 +2,15 @@
 
 Importing torch, the planner and, for MONAI's configurations, MONAI and PyTorch's meta kernels (the cost
 measurement's first normalisation imports ``torch._dynamo``) is single-threaded work of several seconds: on a
-2-core machine, about 3.5 s for torch and 3 s for MONAI, which imports its transforms, matplotlib and pandas
+2-core machine, about 2 s for torch and 3 s for MONAI, which imports its transforms, matplotlib and pandas
 with it. The fingerprint meanwhile waits on its worker processes, so the two overlap; planning then starts
-with everything loaded. Nothing here writes anything or changes what the plan holds.
+with everything loaded (or waits on Python's import lock for what is still loading). Nothing here writes
+anything or changes what the plan holds.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 
@@ -16,7 +18,9 @@ from autoseg import defaults
 from autoseg.device import DeviceInfo, detect_device
 from autoseg.networks.factory import MONAI_ARCHITECTURES
 
-__all__ = ["start_warmup", "wanted_libraries"]
+__all__ = ["Warmup", "wanted_libraries"]
+
+log = logging.getLogger(__name__)
 
 
 def wanted_libraries(configs: list[str] | None, kind: str) -> tuple[bool, bool]:
@@ -28,27 +32,35 @@ def wanted_libraries(configs: list[str] | None, kind: str) -> tuple[bool, bool]:
     return monai, monai or "patch_free" in wanted
 
 
-def start_warmup(configs: list[str] | None, gpu_memory_gib: float | None, device: str) -> Future[DeviceInfo]:
-    """Start detecting the device (:func:`autoseg.device.detect_device`'s arguments) and loading planning's
-    libraries in a daemon thread (it never delays the exit of a command that failed or was interrupted).
+class Warmup:
+    """The background thread: :attr:`device` (a future) is set as soon as the device is detected, before the
+    libraries load; :meth:`finish` waits for the loading, so that no command exits while an import is half
+    done (a daemon thread cut off inside one can abort the interpreter at exit)."""
 
-    Returns:
-        The detected device, when done; ``result()`` raises what detection raised. A library that fails to
-        load is left to the planner, whose own import reports it where it is needed.
-    """
-    done: Future[DeviceInfo] = Future()
+    def __init__(self, configs: list[str] | None, gpu_memory_gib: float | None, device: str) -> None:
+        """Start detecting the device (:func:`autoseg.device.detect_device`'s arguments) and then loading the
+        libraries ``configs`` need."""
+        self.device: Future[DeviceInfo] = Future()
+        self._thread = threading.Thread(target=self._run, args=(configs, gpu_memory_gib, device),
+                                        name="autoseg-plan-warmup", daemon=True)
+        self._thread.start()
 
-    def run() -> None:
+    def _run(self, configs: list[str] | None, gpu_memory_gib: float | None, device: str) -> None:
         try:
             info = detect_device(gpu_memory_gib, device)
         except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
-            done.set_exception(e)
+            self.device.set_exception(e)
             return
+        self.device.set_result(info)
         _load(*wanted_libraries(configs, info.kind))
-        done.set_result(info)
 
-    threading.Thread(target=run, name="autoseg-plan-warmup", daemon=True).start()
-    return done
+    def finish(self, timeout: float = 60.0) -> None:
+        """Wait for the thread to end; after ``timeout`` seconds (an import that hangs) say so and go on."""
+        if self._thread.is_alive():
+            log.info("finishing the background imports of torch and MONAI (seconds)")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(f"the background imports did not finish in {timeout:.0f} s; exiting without them")
 
 
 def _load(with_monai: bool, with_meta: bool) -> None:
@@ -60,5 +72,5 @@ def _load(with_monai: bool, with_meta: bool) -> None:
             import monai.networks.nets  # noqa: F401
         if with_meta:
             torch.nn.functional.instance_norm(torch.zeros(1, 1, 2, 2, 2, device="meta"))
-    except Exception:  # noqa: BLE001, S110 - the planner imports these again and reports a failure there
-        pass
+    except BaseException as e:  # noqa: BLE001 - the planner imports these again and reports a failure there
+        log.debug("plan warm-up: %s: %s", type(e).__name__, e)
