@@ -282,12 +282,10 @@ def _report_problems(problems: list[str]) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from autoseg.dataset import load_dataset
-    from autoseg.device import DeviceInfo
     from autoseg.fingerprint import fingerprint_dataset
 
     spec = load_dataset(args.dataset_dir)
-    cpu = DeviceInfo("cpu", "verify", 1, 0.0, None, 0.0, "detected")  # verify needs no device
-    fingerprint_dataset(spec, cpu, None, args.workers, not args.no_progress)
+    fingerprint_dataset(spec, None, args.workers, not args.no_progress)
     print(f"{spec.name}: {len(spec.cases)} cases, {spec.layout} layout, channels {spec.channel_names}, "
           f"labels {sorted(spec.labels)}: no problems found")
     return 0
@@ -317,7 +315,7 @@ def _configurations(text: str | None) -> list[str] | None:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.atomic import remove_temporaries
     from autoseg.dataset import load_dataset
-    from autoseg.device import DeviceInfo, check_device_args
+    from autoseg.device import check_device_args
     from autoseg.fingerprint import fingerprint_dataset, save_fingerprint
     from autoseg.planning.splits import read_splits
     from autoseg.planning.summary import format_summary
@@ -338,8 +336,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.device == "cuda":
             warmup.device.result()  # a missing GPU is reported before the dataset is read
         cache = None if args.refingerprint else run_dir
-        pending = DeviceInfo("cpu", "not detected yet", 1, 0.0, None, 0.0, "detected")
-        fp, reused = fingerprint_dataset(spec, pending, cache, args.workers, not args.no_progress)
+        fp, reused = fingerprint_dataset(spec, cache, args.workers, not args.no_progress)
         fp.device = device = warmup.device.result()
         from autoseg.planning import make_plan  # here, not above: the warm-up loads it beside the fingerprint
 

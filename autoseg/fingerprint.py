@@ -89,7 +89,9 @@ class Fingerprint:
     channels: list[ChannelStats]
     classes: list[ClassStats]
     cases: list[CaseFingerprint]
-    device: DeviceInfo
+    #: the device the plan was made for, set by ``autoseg plan``; the dataset's fingerprint itself does not
+    #: depend on it (``autoseg verify`` leaves it unset)
+    device: DeviceInfo | None = None
 
 
 def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
@@ -182,8 +184,8 @@ def _pooled_channel(cases: list[CaseFingerprint], c: int, samples: np.ndarray) -
                         float(p_lo), float(p_hi))
 
 
-def aggregate(spec: DatasetSpec, key: str, cases: list[CaseFingerprint], samples: dict[str, list[np.ndarray]],
-              device: DeviceInfo) -> Fingerprint:
+def aggregate(spec: DatasetSpec, key: str, cases: list[CaseFingerprint],
+              samples: dict[str, list[np.ndarray]]) -> Fingerprint:
     """Combine per-case fingerprints into the dataset fingerprint (exact mean/std/min/max; percentiles of
     the pooled samples)."""
     spacings = np.array([c.spacing for c in cases])
@@ -207,7 +209,7 @@ def aggregate(spec: DatasetSpec, key: str, cases: list[CaseFingerprint], samples
         defaults.FINGERPRINT_VERSION, spec.name, str(spec.root.resolve()), spec.layout, key, spec.channel_names,
         dict(spec.labels), len(cases), [float(v) for v in np.median(spacings, axis=0)],
         [int(v) for v in np.median(shapes, axis=0)], [int(v) for v in np.median(cropped, axis=0)],
-        float(np.median(rel)), channels, classes, cases, device)
+        float(np.median(rel)), channels, classes, cases)
 
 
 def dataset_key(spec: DatasetSpec) -> str:
@@ -245,11 +247,12 @@ def _cached(run_dir: Path, key: str) -> Fingerprint | None:
     return fp if fp.dataset_key == key else None
 
 
-def fingerprint_dataset(spec: DatasetSpec, device: DeviceInfo, run_dir: Path | None = None,
-                        workers: int | None = None, progress: bool = True) -> tuple[Fingerprint, bool]:
+def fingerprint_dataset(spec: DatasetSpec, run_dir: Path | None = None, workers: int | None = None,
+                        progress: bool = True) -> tuple[Fingerprint, bool]:
     """Verify and fingerprint every case; reuse ``run_dir/fingerprint.json`` when the dataset is unchanged.
 
-    Nothing is written here; see :func:`save_fingerprint`.
+    Nothing is written here; see :func:`save_fingerprint`. The device is the caller's to set: a reused
+    fingerprint still holds the one of the plan it was saved with.
 
     Returns:
         ``(fingerprint, reused)``.
@@ -263,7 +266,6 @@ def fingerprint_dataset(spec: DatasetSpec, device: DeviceInfo, run_dir: Path | N
     if run_dir is not None:
         cached = _cached(run_dir, key)
         if cached is not None:
-            cached.device = device
             return cached, True
     per_case = max(1, defaults.FINGERPRINT_SAMPLES_TOTAL // max(len(spec.cases), 1))
     jobs = [(c.case_id, (c, len(spec.channel_names), spec.labels, per_case, defaults.FINGERPRINT_SEED))
@@ -277,7 +279,7 @@ def fingerprint_dataset(spec: DatasetSpec, device: DeviceInfo, run_dir: Path | N
         raise DatasetError(problems)
     cases = [results[c.case_id][0] for c in spec.cases]
     samples = {c.case_id: results[c.case_id][1] for c in spec.cases}
-    return aggregate(spec, key, cases, samples, device), False
+    return aggregate(spec, key, cases, samples), False
 
 
 def _bytes_per_worker(spec: DatasetSpec) -> int:

@@ -11,12 +11,10 @@ import pytest
 
 from autoseg.cli import main
 from autoseg.dataset import load_dataset
-from autoseg.device import DeviceInfo
 from autoseg.fingerprint import fingerprint_dataset, measure_case, nonzero_bbox
 
 from .builders import write
 
-CPU = DeviceInfo("cpu", "test", 2, 8.0, None, 8.0, "detected")
 SPACINGS = [(0.8, 0.8, 2.0), (0.7, 0.8, 2.5), (0.9, 0.8, 3.0)]  # x, y, z per case
 
 
@@ -49,7 +47,7 @@ def dataset(tmp_path_factory):
 
 
 def test_statistics_match_numpy(dataset):
-    fp, reused = fingerprint_dataset(load_dataset(dataset), CPU, None, 1, progress=False)
+    fp, reused = fingerprint_dataset(load_dataset(dataset), None, 1, progress=False)
     assert not reused and fp.n_cases == 3
     cases = [case_arrays(i) for i in range(3)]
     for c in range(2):
@@ -81,8 +79,8 @@ def test_statistics_match_numpy(dataset):
 
 def test_same_result_with_one_or_two_workers(dataset):
     spec = load_dataset(dataset)
-    one = fingerprint_dataset(spec, CPU, None, 1, progress=False)[0]
-    two = fingerprint_dataset(spec, CPU, None, 2, progress=False)[0]
+    one = fingerprint_dataset(spec, None, 1, progress=False)[0]
+    two = fingerprint_dataset(spec, None, 2, progress=False)[0]
     assert dataclasses.asdict(one) == dataclasses.asdict(two)
 
 
