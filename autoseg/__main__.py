@@ -1,5 +1,5 @@
 """Allow ``python -m autoseg``."""
 
-from autoseg.cli import main
+from autoseg.cli import run
 
-raise SystemExit(main())
+run()
