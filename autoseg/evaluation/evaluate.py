@@ -18,7 +18,7 @@ import numpy as np
 
 from autoseg.atomic import atomic_path, remove_temporaries
 from autoseg.dataset import DatasetError
-from autoseg.evaluation.distances import assd, hd95
+from autoseg.evaluation.distances import surface_scores
 from autoseg.io import ImageReadError, read_image, strip_suffix
 from autoseg.typedjson import write_json_atomic
 
@@ -73,8 +73,9 @@ def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, label: int,
     """The metrics of ``label`` in one case; ``spacing`` in array axis order (mm)."""
     p, r, tp, fp, fn = _counts(pred, ref, label)
     empty = tp + fp + fn == 0
-    return CaseScores(case_id, label, ratio(2 * tp, 2 * tp + fp + fn, empty), hd95(p, r, spacing),
-                      assd(p, r, spacing), ratio(tp, tp + fn, empty), ratio(tp, tp + fp, empty), tp, fp, fn)
+    hd, mean_distance = surface_scores(p, r, spacing)
+    return CaseScores(case_id, label, ratio(2 * tp, 2 * tp + fp + fn, empty), hd, mean_distance,
+                      ratio(tp, tp + fn, empty), ratio(tp, tp + fp, empty), tp, fp, fn)
 
 
 def _cases(folder: Path) -> dict[str, Path]:

@@ -40,6 +40,41 @@ def test_surface_of_a_cube_is_its_shell():
     assert s.sum() == 27 - 1 and not s[2, 2, 2]
 
 
+def _whole_volume_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Both directed surface distances with the distance transforms over the whole volume (no bounding box)."""
+    from scipy import ndimage
+
+    sa, sb = surface(a), surface(b)
+    to_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
+    to_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
+    return np.concatenate([to_b[sa], to_a[sb]])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distances_in_the_bounding_box_equal_the_whole_volumes(seed):
+    """Two random blobs, some touching the volume's edge (which counts as background), anisotropic spacing."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape, spacing = (14, 40, 37), (3.0, 0.8, 1.1)
+    masks = []
+    for _ in range(2):
+        m = np.zeros(shape, bool)
+        lo = [int(rng.integers(0, n - 4)) if seed % 2 else int(rng.integers(2, n // 2)) for n in shape]
+        hi = [int(rng.integers(a + 2, n + 1)) for a, n in zip(lo, shape)]
+        m[tuple(slice(a, b) for a, b in zip(lo, hi))] = rng.random([b - a for a, b in zip(lo, hi)]) < 0.7
+        masks.append(ndimage.binary_opening(m) | (m & (rng.random(shape) < 0.05)))
+    a, b = masks
+    assert a.any() and b.any()
+    full = _whole_volume_distances(a, b, spacing)
+    assert hd95(a, b, spacing) == pytest.approx(float(np.percentile(full, 95)), rel=1e-12)
+    n_a = int(surface(a).sum())  # the first n_a distances are a's surface to b's
+    expected_assd = (full[:n_a].mean() + full[n_a:].mean()) / 2
+    assert assd(a, b, spacing) == pytest.approx(float(expected_assd), rel=1e-12)
+    s = score_case("c", a.astype(np.uint8), b.astype(np.uint8), 1, spacing)
+    assert (s.hd95_mm, s.assd_mm) == (hd95(a, b, spacing), assd(a, b, spacing))
+
+
 def test_empty_mask_conventions():
     empty, full = line([]), line([4])
     both = score_case("c", empty, empty, 1, (1.0, 1.0, 1.0))
