@@ -64,7 +64,7 @@ def _diagonal(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
 
 
 def surface_scores(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float]:
-    """:func:`hd95` and :func:`assd` of the same masks from one pair of distance transforms."""
+    """:func:`hd95` and :func:`assd` of the same masks from one pair of nearest-surface queries."""
     p, r = pred.astype(bool), ref.astype(bool)
     if not p.any() and not r.any():
         return 0.0, 0.0
