@@ -14,7 +14,7 @@ ROOT = Path(autoseg.__file__).parent
 LAYERS = {
     # foundations
     "atomic": 0, "defaults": 0, "typedjson": 0, "parallel": 0, "device": 0, "io": 0, "dataset": 0, "verify": 0,
-    "tiling": 0, "fingerprint": 0, "overlays": 0, "locking": 0,
+    "tiling": 0, "fingerprint": 0, "overlays": 0, "locking": 0, "fastexit": 0,
     # shared artefacts
     "plans": 1, "runconfig": 1, "checkpoint": 1, "networks": 1,
     # pipeline steps, in data-flow order
