@@ -21,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from autoseg.fingerprint import nonzero_bbox
+
 __all__ = ["surface", "surface_distances", "surface_scores", "hd95", "assd"]
 
 
@@ -35,15 +37,6 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~eroded
 
 
-def _box(mask: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of the non-empty boolean ``mask``."""
-    out = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(out)
-
-
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from each surface voxel of ``a`` to the surface of ``b``, and from ``b``'s to ``a``'s; empty
     when both masks are, infinite when only the other one is."""
@@ -51,7 +44,7 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) 
     both = a | b
     if not both.any():
         return np.zeros(0), np.zeros(0)
-    box = _box(both)
+    box = tuple(slice(lo, hi) for lo, hi in nonzero_bbox(both[None]))
     scale = np.asarray(spacing, dtype=np.float64)
     pa, pb = (np.argwhere(surface(m[box])) * scale for m in (a, b))
     if not len(pa) or not len(pb):  # one mask empty: nothing to be near
