@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg import __version__
-from autoseg.defaults import MIRRORING_MIN_GAIN
+from autoseg.defaults import MIRRORING_MIN_GAIN, TILES_MIN_GAIN
 
 __all__ = ["main", "build_parser"]
 
@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="no mirroring test-time augmentation (up to 8x faster). Default: mirror, unless autoseg "
                      f"find-best measured on the cross-validation that mirroring raised the Dice by less than "
                      f"{MIRRORING_MIN_GAIN:g}")
+    whole = pr.add_mutually_exclusive_group()
+    whole.add_argument("--one-pass", dest="whole_volume", action="store_true", default=None,
+                       help="a patch-free configuration segments each scan in one pass where its plan's memory "
+                       "budget allows, even where find-best measured that tiles score better")
+    whole.add_argument("--tiles", dest="whole_volume", action="store_false",
+                       help="a patch-free configuration slides its training region over each scan, as the other "
+                       "configurations do (slower; find-best compares the two). Default: "
+                       "one pass, unless autoseg find-best measured on the cross-validation (both unmirrored) that "
+                       f"tiles raised the Dice by {TILES_MIN_GAIN:g} or more")
     pr.add_argument("--step", type=float, default=None, metavar="S",
                     help="sliding-window step as a share of the patch (default: the plan's, 0.5)")
     pr.add_argument("--save-probabilities", action="store_true",
@@ -212,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "RUN_DIR/best_configuration.json, which autoseg predict then follows. It also decides "
                         "whether prediction mirrors: only if mirroring raised the chosen configuration's validation "
                         f"Dice by at least {MIRRORING_MIN_GAIN:g} (each fold's validation scores its cases with and "
-                        "without).")
+                        "without), and whether a chosen patch-free configuration segments scans in one pass or by "
+                        f"tiles: tiles only if they raised its validation Dice by at least {TILES_MIN_GAIN:g} (both "
+                        "unmirrored; its validation scores both).")
     fb.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="trained run directory")
     fb.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -526,7 +537,7 @@ def _predict_share(args: argparse.Namespace, rt: Any) -> dict:
     from autoseg.inference.folder import RunStoppedError, predict_folder
 
     predictor, what = predictor_for_run(args.run, args.folds, args.checkpoint, args.device, args.tta,
-                                        args.step, args.config)
+                                        args.step, args.config, args.whole_volume)
     if rt.main:
         print(f"predicting with {what}" + (f" in {rt.world_size} processes" if rt.distributed else ""))
     stopped = None
@@ -611,8 +622,10 @@ def _cmd_find_best(args: argparse.Namespace) -> int:
     print(f"chosen       {' + '.join(c.configurations)}: {c.reason}")
     print(f"postprocess  largest component for classes {pp.largest_component_classes or 'none'}")
     print(f"mirroring    {'on' if c.mirroring else 'off'}: {c.mirroring_reason}")
+    if c.whole_volume_reason:
+        print(f"one pass     {'on' if c.whole_volume else 'off (tiles)'}: {c.whole_volume_reason}")
     print(f"wrote        {args.run / CHOICE_FILE}; autoseg predict follows it unless given --config (and "
-          "--tta / --no-tta for mirroring)")
+          "--tta / --no-tta for mirroring, --one-pass / --tiles for a patch-free configuration)")
     return 0
 
 

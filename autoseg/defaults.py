@@ -129,6 +129,10 @@ VALIDATION_TTA_MAX_BUDGET_SHARE = 0.25
 #: mean per-case, per-class Dice by at least this much over the same network without mirroring: below that, it
 #: buys nothing measurable for 2^(mirror axes) times the forward passes
 MIRRORING_MIN_GAIN = 0.001
+#: likewise, a patch-free network that segments scans in one pass predicts by tiles of its training region
+#: instead only if, on the cross-validation cases (both without mirroring), tiles raised the mean Dice by at
+#: least this much over the one pass
+TILES_MIN_GAIN = 0.001
 #: seed of patch sampling and augmentation; batch ``i`` depends on (seed, stage, i) only
 TRAINING_SEED = 2024
 

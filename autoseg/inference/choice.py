@@ -38,7 +38,11 @@ class Choice:
 
     ``mirroring``: whether prediction mirrors (test-time augmentation); ``mirroring_gain``: the mean Dice
     mirroring added on the compared cases (None: not measured, e.g. folds validated without mirroring), and
-    ``mirroring_reason`` the decision in words. Choices written before these fields existed mirror."""
+    ``mirroring_reason`` the decision in words. Choices written before these fields existed mirror.
+    ``whole_volume``: whether a patch-free configuration of the choice segments a scan in one pass where its plan
+    allows it (else by tiles of its training region); ``whole_volume_change``: the mean Dice of the one pass minus
+    that of tiles on the compared cases, both unmirrored (None: not measured), ``whole_volume_reason`` in words
+    (empty when no configuration of the choice predicts in one pass)."""
 
     configurations: list[str]
     folds: list[str]
@@ -49,6 +53,9 @@ class Choice:
     mirroring: bool = True
     mirroring_gain: float | None = None
     mirroring_reason: str = ""
+    whole_volume: bool = True
+    whole_volume_change: float | None = None
+    whole_volume_reason: str = ""
 
 
 def load_choice(run_dir: Path) -> Choice | None:
@@ -81,23 +88,31 @@ class ConfigurationEnsemble(Predictor):
 
 def predictor_for_run(run_dir: Path, folds: list[str] | None = None, checkpoint: str = "final",
                       device: str = "auto", tta: bool | None = None, step: float | None = None,
-                      configuration: str | None = None) -> tuple[Predictor, str]:
+                      configuration: str | None = None,
+                      whole_volume: bool | None = None) -> tuple[Predictor, str]:
     """The predictor ``autoseg predict`` uses, and a few words saying which: ``configuration`` when given
     (with its own ``postprocessing.json``); else find-best's choice when the run has one; else the plan's
     default configuration. ``tta`` None: mirror as find-best's choice decided (always, without a choice).
+    ``whole_volume`` None: a patch-free configuration predicts in one pass as find-best's choice decided (as its
+    plan says, without a choice); else as given (:class:`Predictor`).
 
     Raises:
         ValueError: see :meth:`Predictor.from_run`.
     """
     choice = None if configuration is not None else load_choice(run_dir)
     if choice is None:
-        p = Predictor.from_run(run_dir, folds, checkpoint, device, tta is not False, step, configuration)
+        p = Predictor.from_run(run_dir, folds, checkpoint, device, tta is not False, step, configuration,
+                               whole_volume is not False)
         return p, f"configuration {p.plans.configuration}"
     mirror = choice.mirroring if tta is None else tta
-    members = [Predictor.from_run(run_dir, folds, checkpoint, device, mirror, step, c) for c in choice.configurations]
+    whole = choice.whole_volume if whole_volume is None else whole_volume
+    members = [Predictor.from_run(run_dir, folds, checkpoint, device, mirror, step, c, whole)
+               for c in choice.configurations]
     what = f"find-best's choice {' + '.join(choice.configurations)} ({CHOICE_FILE}; --config NAME overrides)"
     if tta is None and not choice.mirroring:
         what += f", without mirroring ({choice.mirroring_reason}; --tta mirrors)"
+    if whole_volume is None and not choice.whole_volume:
+        what += f", by tiles ({choice.whole_volume_reason}; --one-pass overrides)"
     if len(members) == 1:
         members[0].postprocessing = choice.postprocessing
         return members[0], what

@@ -145,6 +145,9 @@ class Predictor:
         channels_last: memory layout of our U-Nets during prediction (None: contiguous on the CPU,
             :data:`autoseg.defaults.CPU_INFERENCE_CHANNELS_LAST`, and as trained on a GPU); a network in the
             other layout is copied and converted, so the caller's keeps its own.
+        whole_volume: a patch-free network planned with ``whole_volume_prediction`` segments a scan in one pass
+            where it fits (:meth:`tile`); False slides its training region over the scan instead, as any other
+            network does.
     """
 
     #: most inputs (mirrored copies, tiles) per network call on the CPU (1: one at a time)
@@ -152,7 +155,7 @@ class Predictor:
 
     def __init__(self, plans: Plans, networks: list[tuple[nn.Module, list[int]]], device: torch.device,
                  tta: bool = True, step: float | None = None, postprocessing: Postprocessing | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, whole_volume: bool = True):
         if not networks:
             raise ValueError("a Predictor needs at least one network")
         if step is not None and not 0 < step <= 1:
@@ -161,15 +164,16 @@ class Predictor:
         self.networks = [(_in_layout(net, device, channels_last), patch) for net, patch in networks]
         self.mirror_axes = list(plans.inference.mirror_axes) if tta else []
         self.step = plans.inference.tile_step if step is None else step
+        self.whole_volume = whole_volume
         for net, _ in self.networks:
             net.to(device).eval()
 
     @classmethod
     def from_run(cls, run_dir: str | Path, folds: list[str] | None = None, checkpoint: str = "final",
                  device: str = "auto", tta: bool = True, step: float | None = None,
-                 configuration: str | None = None) -> Predictor:
+                 configuration: str | None = None, whole_volume: bool = True) -> Predictor:
         """Load the ``checkpoint`` of ``folds`` (default: every fold that has it) of ``configuration`` (default:
-        the plan's) from ``run_dir``.
+        the plan's) from ``run_dir``; ``whole_volume`` as in the class.
 
         Raises:
             ValueError: no such configuration, fold or checkpoint.
@@ -198,7 +202,7 @@ class Predictor:
             net.load_state_dict(load_checkpoint(fold_dir / f"checkpoint_{checkpoint}.pt", dev)["network"])
             config = json.loads((fold_dir / CONFIG_FILE).read_text())
             nets.append((net, list(config["stages"][-1]["patch_size"])))
-        return cls(plans, nets, dev, tta, step, load_postprocessing(run_dir))
+        return cls(plans, nets, dev, tta, step, load_postprocessing(run_dir), whole_volume=whole_volume)
 
     def predict(self, image: np.ndarray, spacing: tuple[float, float, float] | None = None,
                 geometry: Geometry | None = None, probabilities: bool = False) -> Prediction:
@@ -281,9 +285,9 @@ class Predictor:
         """The sliding window's tile for a preprocessed ``shape``: the trained ``patch``; for a patch-free
         network planned with ``whole_volume_prediction``, the whole volume (rounded up to its total stride) when
         :func:`~autoseg.networks.patchfree.prediction_bytes` of it fits the plan's memory budget, so one pass
-        segments the scan."""
+        segments the scan (unless this predictor was made without ``whole_volume``)."""
         net = self.plans.network
-        if net.architecture != "patch_free" or not net.whole_volume_prediction:
+        if net.architecture != "patch_free" or not net.whole_volume_prediction or not self.whole_volume:
             return patch
         whole = [max(p, -(-s // t) * t) for p, s, t in zip(patch, shape, net.total_stride)]
         need = prediction_bytes(net.features, net.upsample_factor, whole, len(self.plans.channel_names),

@@ -7,6 +7,9 @@ and is scored against the original labels. Candidates are compared on the folds 
 best mean Dice over foreground classes wins, and a tie (within :data:`TIE`) goes to the cheaper at prediction
 (fewer networks, fewer FLOPs per voxel). Mirroring at prediction is kept only where the folds' validations
 measured that it raised the chosen configurations' Dice by :data:`~autoseg.defaults.MIRRORING_MIN_GAIN` or more.
+A patch-free configuration that segments scans in one pass keeps doing so unless the folds' validations measured
+that tiles of its training region raised its Dice by :data:`~autoseg.defaults.TILES_MIN_GAIN` or more (both
+unmirrored); its candidate scores are the one pass's, so tiles, when chosen, score at least about as well.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.atomic import remove_temporaries
-from autoseg.defaults import MIRRORING_MIN_GAIN
+from autoseg.defaults import MIRRORING_MIN_GAIN, TILES_MIN_GAIN
 from autoseg.evaluation.distances import hd95
 from autoseg.evaluation.evaluate import score_case
 from autoseg.inference.choice import CandidateScore, Choice, save_choice
@@ -40,7 +43,7 @@ from autoseg.workflows.validate import (
     validated_folds,
 )
 
-__all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring"]
+__all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring", "one_pass_change", "decide_whole_volume"]
 
 #: mean Dice differences below this are ties, decided by prediction cost
 TIE = 1e-4
@@ -139,8 +142,12 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
                                         if sum(s.mean_dice >= top - TIE for s in scores) > 1 else ""))
     gain = mirroring_gain(metrics, best.configurations, cases)
     mirroring, why = decide_mirroring(gain, len(cases))
+    one_pass = [n for n in best.configurations if _predicts_whole(select_configuration(plans, n))]
+    change = one_pass_change(metrics, one_pass, cases)
+    whole, why_whole = decide_whole_volume(change, len(cases)) if one_pass else (True, "")
     choice = Choice(best.configurations, common, len(cases), pp, scores, reason, mirroring,
-                    None if gain is None else round(gain, 5), why)
+                    None if gain is None else round(gain, 5), why, whole,
+                    None if change is None else round(change, 5), why_whole)
     save_choice(choice, run_dir)
     return choice
 
@@ -170,6 +177,43 @@ def decide_mirroring(gain: float | None, n_cases: int) -> tuple[bool, str]:
     if gain >= MIRRORING_MIN_GAIN:
         return True, f"{measured}: kept"
     return False, f"{measured}, less than {MIRRORING_MIN_GAIN:g}: predicting without it"
+
+
+def _predicts_whole(p: Plans) -> bool:
+    """Whether configuration ``p`` is a patch-free network planned to segment scans in one pass."""
+    return p.network.architecture == "patch_free" and p.network.whole_volume_prediction
+
+
+def one_pass_change(metrics: dict[str, dict[str, Metrics]], configs: list[str],
+                    cases: dict[str, str]) -> float | None:
+    """Mean over ``configs``, ``cases`` and foreground classes of the Dice of the one pass minus the Dice by tiles,
+    both without mirroring, from the folds' validation ``metrics``; folds that predicted no case in one pass (or
+    were validated by an autoseg that did not compare) count nothing; None when none did."""
+    changes = []
+    for name in configs:
+        for fold in sorted(set(cases.values())):
+            m = metrics[name][fold]
+            tiled = m.get("tiled_without_mirroring")
+            if tiled is None:
+                continue
+            plain = m.get("without_mirroring")
+            one = plain["cases"] if plain is not None else {
+                cid: {k: v["dice"] for k, v in per.items()} for cid, per in m["cases"].items()}
+            changes += [one[cid][k] - d for cid, per in tiled["cases"].items() if cid in cases for k, d in per.items()]
+    return float(np.mean(changes)) if changes else None
+
+
+def decide_whole_volume(change: float | None, n_cases: int) -> tuple[bool, str]:
+    """Whether a patch-free choice segments scans in one pass, and why in words: by tiles only if they raised
+    the Dice by :data:`TILES_MIN_GAIN` or more (``change``, the one pass's Dice minus the tiles', is that low)."""
+    if change is None:
+        return True, "one pass as planned: not compared with tiles (folds validated by an older autoseg)"
+    measured = f"one pass against tiles of the training region, both unmirrored: mean Dice {change:+.4f} on " \
+        f"{n_cases} cases"
+    if change > -TILES_MIN_GAIN:
+        return True, f"{measured}: one pass kept"
+    return False, (f"{measured}, tiles better by {TILES_MIN_GAIN:g} or more: predicting by tiles (the candidate "
+                   "scores above are the one pass's)")
 
 
 def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.ndarray:

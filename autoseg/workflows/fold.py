@@ -20,7 +20,7 @@ from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
 from autoseg.workflows.validate import check_references, validate_fold, validation_cost
 
-__all__ = ["train_fold"]
+__all__ = ["train_fold", "validation_line"]
 
 
 def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime, restart: bool = False,
@@ -67,12 +67,23 @@ def _fit_and_validate(trainer: Trainer, runtime: Runtime, say: Callable[[str], N
     t0 = time.perf_counter()
     metrics = validate_fold(trainer.run_dir, trainer.fold_dir, trainer.plans, cfg.val_cases, net,
                             cfg.stages[-1].patch_size, runtime.device, runtime.progress, cfg.validation_tta)
-    per_class = "  ".join(f"{k} {v:.4f}" for k, v in metrics["mean_per_class"].items())
-    planned = f"; the time budget planned {cfg.measured_validation_seconds:.0f} s" \
-        if cfg.measured_validation_seconds is not None else ""
-    planned += "" if cfg.validation_tta else "; no mirroring"
-    line = (f"validation  {len(cfg.val_cases)} cases, Dice {per_class}; mean {metrics['mean_foreground_dice']:.4f}"
-            f" ({time.perf_counter() - t0:.0f} s{planned}) -> {trainer.fold_dir / 'validation' / 'metrics.json'}")
+    line = validation_line(metrics, cfg, time.perf_counter() - t0, trainer.fold_dir / "validation" / "metrics.json")
     say(line)
     append_log(trainer.fold_dir / "training_log.txt", line)
     return metrics
+
+
+def validation_line(metrics: dict, cfg: TrainConfig, seconds: float, path: Path) -> str:
+    """The log line of a fold's validation: Dice per class and mean, seconds (and the budget's estimate),
+    whether it mirrored, and for cases a patch-free network segmented in one pass, its unmirrored Dice against
+    tiles'."""
+    per_class = "  ".join(f"{k} {v:.4f}" for k, v in metrics["mean_per_class"].items())
+    notes = f"; the time budget planned {cfg.measured_validation_seconds:.0f} s" \
+        if cfg.measured_validation_seconds is not None else ""
+    notes += "" if cfg.validation_tta else "; no mirroring"
+    tiled = metrics.get("tiled_without_mirroring")
+    if tiled is not None:
+        one = metrics.get("without_mirroring", metrics)["mean_foreground_dice"]
+        notes += f"; unmirrored, one pass {one:.4f} against tiles {tiled['mean_foreground_dice']:.4f}"
+    return (f"validation  {len(cfg.val_cases)} cases, Dice {per_class}; mean {metrics['mean_foreground_dice']:.4f}"
+            f" ({seconds:.0f} s{notes}) -> {path}")

@@ -1,7 +1,9 @@
 """A fold's own validation: predict its validation cases from the preprocessed arrays with the same
 sliding-window path as ``autoseg predict``, take them back to the original geometry, and score them against
 the original labels with ``autoseg evaluate``'s metrics. A mirrored validation also scores each case without
-mirroring (the Dice only), so that ``autoseg find-best`` can decide whether mirroring pays for its cost."""
+mirroring (the Dice only), so that ``autoseg find-best`` can decide whether mirroring pays for its cost; a
+patch-free network that segments cases in one pass is also scored sliding its training region over them
+(without mirroring, the Dice only), so that find-best can decide whether the one pass loses accuracy."""
 
 from __future__ import annotations
 
@@ -105,7 +107,10 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     per-class mean Dice by class name, the mean over foreground classes, and whether the predictions were
     mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice). With
     ``tta``, ``without_mirroring`` holds the same cases' Dice predicted without mirroring (one more forward pass
-    per tile; per case and class, the per-class means and their mean)."""
+    per tile; per case and class, the per-class means and their mean). When the network segments some case in
+    one pass (:meth:`Predictor.tile`), ``tiled_without_mirroring`` holds every case's Dice predicted by sliding
+    the trained ``patch`` without mirroring (a case the patch covers is the same either way), beside
+    ``without_mirroring`` or, unmirrored, the main Dice: the one pass against tiles at equal mirroring."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     for folder in (out_dir, out_dir / PROBABILITIES_DIR):  # what a validation that was killed was writing
@@ -115,11 +120,14 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     classes = sorted(plans.labels)[1:]
     predictor = Predictor(plans, [(net, patch)], device, tta=tta)
     plain = Predictor(plans, [(net, patch)], device, tta=False) if tta and predictor.mirror_axes else None
+    tiled: Predictor | None = None  # made for the first case predicted in one pass
     cases: dict[str, dict[str, dict[str, float]]] = {}
     unmirrored: dict[str, dict[str, float]] = {}
+    by_tiles: dict[str, dict[str, float]] = {}
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
         data = np.asarray(read_case_arrays(folder, cid)[0][:])
+        whole = predictor.tile(patch, list(data.shape[1:])) != list(patch)
         probs = _predicted(predictor, data, cid)
         save_grid_probabilities(probs, out_dir / PROBABILITIES_DIR / f"{cid}.npz")
         seg = predictor.finish(probs, props).labels
@@ -129,14 +137,23 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
         for c in classes:
             s = score_case(cid, seg, ref, c, props.geometry.spacing_zyx)
             cases[cid][plans.labels[c]] = {**{m: getattr(s, m) for m in METRICS}, "tp": s.tp, "fp": s.fp, "fn": s.fn}
+        del probs  # one case's probabilities in memory at a time, as without the predictions below
         if plain is not None:
-            del probs  # one case's probabilities in memory at a time, as without this second prediction
             seg = plain.finish(_predicted(plain, data, cid), props).labels
             unmirrored[cid] = {plans.labels[c]: dice_score(seg, ref, c) for c in classes}
+        if whole:
+            tiled = tiled or Predictor(plans, [(net, patch)], device, tta=False, whole_volume=False)
+            seg = tiled.finish(_predicted(tiled, data, cid), props).labels
+            by_tiles[cid] = {plans.labels[c]: dice_score(seg, ref, c) for c in classes}
+        else:  # the trained patch covers the case: its tiled prediction is the one just scored unmirrored
+            by_tiles[cid] = dict(unmirrored[cid]) if plain is not None else {
+                n: v["dice"] for n, v in cases[cid].items()}
     metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases,
                **_means({k: {n: v["dice"] for n, v in per.items()} for k, per in cases.items()}), "mirroring": tta}
     if plain is not None:
         metrics["without_mirroring"] = {"cases": unmirrored, **_means(unmirrored)}
+    if tiled is not None:
+        metrics["tiled_without_mirroring"] = {"cases": by_tiles, **_means(by_tiles)}
     write_json_atomic(metrics, out_dir / "metrics.json")
     return metrics
 
@@ -169,7 +186,8 @@ class ValidationCost:
     input's share of a network call that takes several (on the CPU, :meth:`Predictor.call_inputs`: mirrored
     copies of a tile, or without mirroring the tiles of a case that has several); None: one input at a time,
     ``forward_seconds`` each. ``lone_tiles`` counts the tiles of cases that have only one: unmirrored, such a
-    tile goes through the network alone."""
+    tile goes through the network alone. ``tiled_seconds``: the extra prediction of the cases a patch-free network
+    segments in one pass, by tiles of the trained patch without mirroring, back to the grid and scored."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
@@ -179,13 +197,15 @@ class ValidationCost:
     finish_seconds: float = 0.0
     item_seconds: float | None = None
     lone_tiles: float = 0.0
+    tiled_seconds: float = 0.0
 
     def seconds(self, tta: bool) -> float:
         item = self.forward_seconds if self.item_seconds is None else self.item_seconds
         unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item
         if not tta or self.flips == 1:
-            return unmirrored + self.rest_seconds
-        return self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds
+            return unmirrored + self.rest_seconds + self.tiled_seconds
+        return (self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds
+                + self.tiled_seconds)
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
@@ -196,7 +216,9 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
     ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
     one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
-    measured the same way. The rest (probabilities saved, back to the scan's grid, written, scored): timed on
+    measured the same way. Cases a patch-free network segments in one pass are also predicted by tiles of the
+    trained patch, unmirrored: their tiles x the forward seconds at that patch (its share of a call), plus their
+    way back to the grid. The rest (probabilities saved, back to the scan's grid, written, scored): timed on
     the case of median size after one untimed run (its first-time imports would otherwise be scaled to every
     case), scaled to the others by their voxel count; it is fed a random probability map and scores the
     reference against itself, because a trained network's prediction is close to the reference while a random
@@ -226,7 +248,15 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     _rest_seconds(predictor, props[probe], ref)  # untimed: first-time imports would be scaled to every case
     finish, rest = _rest_seconds(predictor, props[probe], ref)
     scale = sum(sizes.values()) / sizes[probe]
-    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone)
+    whole = [c for c in case_ids if tile[c] != list(patch)]
+    tiled = 0.0
+    if whole:
+        n_patch = sum(len(tile_boxes(padded_shape(props[c].shape_after_resampling, patch), patch, predictor.step))
+                      for c in whole)
+        per_call = predictor.call_inputs(patch, patch)
+        tiled = (n_patch * _forward_seconds(inference_net, [shape[0], *patch], device, plans.amp, per_call) / per_call
+                 + finish * sum(sizes[c] for c in whole) / sizes[probe])
+    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone, tiled)
 
 
 def _rest_seconds(predictor: Predictor, props: CaseProperties, ref: np.ndarray) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from autoseg.inference.choice import CHOICE_FILE, load_choice
 from autoseg.plans import load_plans
 from autoseg.preprocessing.storage import read_case_arrays
 from autoseg.runconfig import model_dir
-from autoseg.workflows.findbest import decide_mirroring, find_best
+from autoseg.workflows.findbest import decide_mirroring, decide_whole_volume, find_best
 from autoseg.workflows.validate import PROBABILITIES_DIR, VALIDATION_DIR, save_grid_probabilities
 
 from ..inference.test_predict import scans
@@ -164,7 +164,7 @@ def test_predict_mirrors_as_the_choice_decided_unless_told(tiny_run, monkeypatch
 
     made = []
 
-    def from_run(cls, run, folds, ckpt, dev, tta, step, config):  # records the mirroring asked for
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):  # records the mirroring asked for
         made.append(tta)
         return SimpleNamespace(plans=SimpleNamespace(configuration=config or "3d"))
 
@@ -221,3 +221,98 @@ def test_configuration_ensemble_averages_its_members_probabilities(tiny_run):
     want = (pa / pa.sum() + pb / pb.sum()) / 2
     np.testing.assert_allclose(got[:, 3, 4, 5], want, rtol=1e-5)
     assert ens.postprocessing is pp and len(ens.networks) == 3 and ens.plans.configuration == "3d"
+
+
+@pytest.fixture()
+def free_plan(tiny_run) -> Path:
+    """tiny_run planned with a patch-free configuration that predicts scans in one pass."""
+    data = json.loads((tiny_run / "fingerprint.json").read_text())["dataset_dir"]
+    assert main(["plan", data, "-o", str(tiny_run), "--device", "cpu", "--no-progress", "--configs",
+                 "3d,patch_free"]) == 0
+    return tiny_run
+
+
+def _measured_one_pass(run: Path, fold: int, one_pass: float, tiles: float | None, mirrored: bool) -> None:
+    """Give patch_free's faked fold the unmirrored Dice of its one pass (``without_mirroring`` when the fold was
+    validated with mirroring, else the main Dice) and, unless ``tiles`` is None, of tiles."""
+    d = model_dir(run, "patch_free") / f"fold_{fold}" / VALIDATION_DIR
+    m = json.loads((d / "metrics.json").read_text())
+    classes = ["organ1", "organ2"]
+    m["mirroring"] = mirrored
+    m["cases"] = {c: {k: {"dice": 0.99 if mirrored else one_pass} for k in classes} for c in m["cases"]}
+    if mirrored:
+        m["without_mirroring"] = {"cases": {c: {k: one_pass for k in classes} for c in m["cases"]}}
+    if tiles is not None:
+        m["tiled_without_mirroring"] = {"cases": {c: {k: tiles for k in classes} for c in m["cases"]}}
+    (d / "metrics.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("one_pass, tiles, mirrored, whole, words", [
+    (0.70, 0.80, True, False, "mean Dice -0.1000 on 2 cases, tiles better by 0.001 or more: predicting by tiles"),
+    (0.70, 0.80, False, False, "predicting by tiles"),
+    (0.8, 0.8005, True, True, "mean Dice -0.0005 on 2 cases: one pass kept"),
+    (0.85, 0.80, False, True, "+0.0500 on 2 cases: one pass kept"),
+    (0.70, None, True, True, "not compared with tiles"),
+])
+def test_a_patch_free_choice_predicts_by_tiles_only_where_validation_measured_them_better(
+        free_plan, capsys, one_pass, tiles, mirrored, whole, words):
+    _fake_fold(free_plan, "3d", 0, weak_class=2)  # worse than patch_free's exact probabilities
+    _fake_fold(free_plan, "patch_free", 0, weak_class=None)
+    _measured_one_pass(free_plan, 0, one_pass, tiles, mirrored)
+    assert main(["find-best", "--run", str(free_plan), "--no-progress"]) == 0
+    c = load_choice(free_plan)
+    assert c is not None and c.configurations == ["patch_free"]
+    assert c.whole_volume is whole and words in c.whole_volume_reason
+    assert c.whole_volume_change == (None if tiles is None else pytest.approx(one_pass - tiles))
+    assert f"one pass     {'on' if whole else 'off (tiles)'}: " in capsys.readouterr().out
+
+
+def test_a_choice_without_patch_free_says_nothing_of_one_pass(free_plan, capsys):
+    _fake_fold(free_plan, "3d", 0, weak_class=None)
+    _fake_fold(free_plan, "patch_free", 0, weak_class=2)
+    assert main(["find-best", "--run", str(free_plan), "--no-progress"]) == 0
+    c = load_choice(free_plan)
+    assert c is not None and c.configurations == ["3d"]
+    assert c.whole_volume is True and c.whole_volume_change is None and c.whole_volume_reason == ""
+    assert "one pass  " not in capsys.readouterr().out
+
+
+def test_decide_whole_volume_at_the_threshold():
+    from autoseg.defaults import TILES_MIN_GAIN
+
+    assert decide_whole_volume(-TILES_MIN_GAIN, 5)[0] is False
+    assert decide_whole_volume(-TILES_MIN_GAIN * 0.99, 5)[0] is True
+    assert decide_whole_volume(None, 5)[0] is True
+
+
+def test_predict_slides_tiles_as_the_choice_decided_unless_told(tiny_run, monkeypatch):
+    """A choice by tiles makes predict's default slide; --one-pass and --tiles override it either way; without a
+    choice the plan's one pass stands."""
+    from autoseg.inference.choice import Choice, predictor_for_run, save_choice
+    from autoseg.inference.postprocessing import Postprocessing
+    from autoseg.inference.predictor import Predictor
+
+    made = []
+
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):  # records the one pass asked for
+        made.append(whole_volume)
+        return SimpleNamespace(plans=SimpleNamespace(configuration=config or "3d"))
+
+    monkeypatch.setattr(Predictor, "from_run", classmethod(from_run))
+    predictor_for_run(tiny_run)
+    assert made.pop() is True
+    predictor_for_run(tiny_run, whole_volume=False)
+    assert made.pop() is False
+    save_choice(Choice(["3d"], ["fold_0"], 2, Postprocessing([], {}, {}, 0), [], "best", True, 0.01, "kept",
+                       False, -0.05, "tiles better"), tiny_run)
+    _p, what = predictor_for_run(tiny_run)
+    assert made.pop() is False and "by tiles (tiles better; --one-pass overrides)" in what
+    predictor_for_run(tiny_run, whole_volume=True)
+    assert made.pop() is True
+
+
+def test_one_pass_flags_exclude_each_other(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--run", str(tiny_run), "--one-pass",
+              "--tiles"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -70,6 +71,8 @@ def test_trains_resumes_exactly_validates_and_predicts_in_one_pass(free_run, tmp
     metrics = json.loads((fold / "validation" / "metrics.json").read_text())
     assert sorted(metrics["cases"]) == sorted(load_plans(free_run / "plans.json").folds[0].val)
     assert 0 <= metrics["mean_foreground_dice"] <= 1
+    log = (fold / "training_log.txt").read_text()
+    assert ("against tiles" in log) == ("tiled_without_mirroring" in metrics)
     src, dst = scans(tmp_path / "in"), tmp_path / "out"
     capsys.readouterr()
     assert main(["predict", "-i", str(src), "-o", str(dst), "--run", str(free_run), "--config", CONFIG,
@@ -109,3 +112,91 @@ def test_a_scan_is_predicted_in_one_pass_where_it_fits_the_budget(free_run):
     off = Predictor(replace(p, network=replace(p.network, whole_volume_prediction=False)), [(net, region)],
                     torch.device("cpu"), tta=False)
     assert off.tile(region, shape) == region
+    tiles = Predictor(p, [(net, region)], torch.device("cpu"), tta=False, whole_volume=False)
+    assert tiles.tile(region, shape) == region  # told to slide (find-best's choice, predict --tiles)
+
+
+def _one_pass_setup(free_run: Path):
+    """The patch-free plan, its fold-0 validation cases and a sliding region (the network's total stride) smaller
+    than every one of them on some axis, so that each case goes through the network in one pass."""
+    from autoseg.preprocessing.storage import read_properties
+
+    p = select_configuration(load_plans(free_run / "plans.json"), CONFIG)
+    cases = p.folds[0].val
+    patch = list(p.network.total_stride)
+    shapes = {c: list(read_properties(free_run / "preprocessed", c).shape_after_resampling) for c in cases}
+    assert all(any(s > t for s, t in zip(shape, patch)) for shape in shapes.values())
+    return p, cases, patch, shapes
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_validation_also_scores_tiles_where_a_case_went_in_one_pass(free_run, tta):
+    """``tiled_without_mirroring``: each case predicted by sliding the trained region, unmirrored, scored as a
+    separate tiled prediction scores it; the ramp network gives tiles and the one pass different maps, so the
+    test sees both paths."""
+    from autoseg.evaluation.evaluate import dice_score
+    from autoseg.inference.predictor import Predictor
+    from autoseg.io import read_image
+    from autoseg.preprocessing.storage import read_case_arrays, read_properties
+    from autoseg.workflows.fold import validation_line
+    from autoseg.workflows.validate import reference_labels, validate_fold
+
+    from .test_validation import Ramp
+
+    p, cases, patch, _shapes = _one_pass_setup(free_run)
+    fold = free_run / CONFIG / "fold_0"
+    fold.mkdir(parents=True)
+    net, cpu = Ramp(len(p.labels)), torch.device("cpu")
+    metrics = validate_fold(free_run, fold, p, cases, net, patch, cpu, progress=False, tta=tta)
+    tiled = Predictor(p, [(net, patch)], cpu, tta=False, whole_volume=False)
+    refs, pre = reference_labels(free_run), free_run / "preprocessed"
+    names = {k: p.labels[k] for k in sorted(p.labels)[1:]}
+    want = {}
+    for cid in cases:
+        probs = tiled.predict_preprocessed(np.asarray(read_case_arrays(pre, cid)[0][:]))
+        seg = tiled.finish(probs, read_properties(pre, cid)).labels
+        want[cid] = {n: dice_score(seg, read_image(refs[cid])[0][0], k) for k, n in names.items()}
+    got = metrics["tiled_without_mirroring"]
+    assert set(got["cases"]) == set(cases)
+    for cid in cases:
+        assert got["cases"][cid] == pytest.approx(want[cid])
+    means = {n: float(np.mean([want[c][n] for c in cases])) for n in names.values()}
+    assert got["mean_per_class"] == pytest.approx(means)
+    one = metrics["without_mirroring"]["cases"] if tta else {
+        c: {n: v["dice"] for n, v in per.items()} for c, per in metrics["cases"].items()}
+    assert any(one[c] != pytest.approx(want[c]) for c in cases)
+    cfg = SimpleNamespace(val_cases=cases, measured_validation_seconds=None, validation_tta=tta)
+    line = validation_line(metrics, cfg, 3.0, Path("metrics.json"))  # what training prints and logs
+    plain = (metrics["without_mirroring"] if tta else metrics)["mean_foreground_dice"]
+    assert f"unmirrored, one pass {plain:.4f} against tiles {got['mean_foreground_dice']:.4f}" in line
+
+
+def test_the_budget_counts_the_tiled_prediction_of_one_pass_cases(free_run, monkeypatch):
+    """The extra tiled, unmirrored prediction costs each one-pass case's tiles of the trained region (at that
+    region's measured forward seconds, its share of a call) plus its way back to the scan's grid (2 s on the
+    median case, scaled by voxels)."""
+    from math import prod
+
+    import autoseg.workflows.validate as validate_module
+    from autoseg.inference.sliding_window import padded_shape
+    from autoseg.tiling import tile_boxes
+
+    from .test_validation import Ramp
+
+    p, cases, patch, shapes = _one_pass_setup(free_run)
+    clock = iter([0.0, 40.0, 90.0, 100.0, 102.0, 112.5])  # as in test_train.py: the way back 2 s, the rest 12.5 s
+    monkeypatch.setattr(validate_module, "_clock", lambda: next(clock))
+    monkeypatch.setattr(validate_module, "_forward_seconds",  # 1 s per batch item and region's worth of voxels
+                        lambda net, shape, device, amp, batch=1: float(batch * prod(shape[1:]) / prod(patch)))
+    cpu = torch.device("cpu")
+    cost = validate_module.validation_cost(free_run, p, cases, Ramp(len(p.labels)), patch, cpu)
+    n_tiles = sum(len(tile_boxes(padded_shape(s, patch), patch, p.inference.tile_step)) for s in shapes.values())
+    assert n_tiles > len(cases)
+    sizes = sorted(prod(s) for s in shapes.values())
+    assert cost.tiled_seconds == pytest.approx(n_tiles * 1.0 + 2.0 * sum(sizes) / sizes[len(sizes) // 2])
+    # every case is one tile of its own size (alone in its call), plus the tiled prediction, mirrored or not
+    assert cost.lone_tiles == pytest.approx(cost.tiles)
+    plain = cost.tiles * cost.forward_seconds + cost.rest_seconds
+    assert cost.seconds(False) == pytest.approx(plain + cost.tiled_seconds)
+    assert cost.seconds(True) == pytest.approx(plain + cost.tiles * cost.flips * cost.forward_seconds
+                                               + cost.finish_seconds + cost.tiled_seconds)

@@ -43,6 +43,7 @@ def test_mirrored_validation_also_scores_the_unmirrored_prediction(tiny_run, tta
     metrics = validate_fold(tiny_run, fold, plans, cases, net, patch, CPU, progress=False, tta=tta)
     assert json.loads((fold / VALIDATION_DIR / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert metrics["mirroring"] is tta
+    assert "tiled_without_mirroring" not in metrics  # no case went through the network in one pass
     if not tta:
         assert "without_mirroring" not in metrics
         return
