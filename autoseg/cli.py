@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "attention_unet; either: patch_free when the 3d patch covers under 25%% of the median volume); "
                    "the plan says why each is in or out. Train each with autoseg train --config")
     p.add_argument("--refingerprint", action="store_true", help="recompute the fingerprint even if unchanged")
-    p.add_argument("--dice-weights", choices=("equal", "size-rank"), default="equal",
-                   help="Dice loss weight per foreground class: equal (default, nnU-Net), or size-rank (seed 001: "
-                   "the rarer the class over the dataset, the larger its weight)")
+    p.add_argument("--dice-weights", choices=("equal", "size-rank"), default=None,
+                   help="Dice loss weight per foreground class, for every configuration: equal (nnU-Net's), or "
+                   "size-rank (seed 001: the rarer the class over the dataset, the larger its weight). Default: "
+                   "equal, except size-rank for patch_free, whose low-resolution network otherwise learns the "
+                   "smallest class late or not at all (docs/planning.md)")
     _add_common(p)
 
     pp = sub.add_parser("preprocess", help="crop, normalise and resample every case of a planned run",

@@ -168,6 +168,11 @@ PATCH_FREE_GUIDANCE_SHARE = 0.5
 PATCH_FREE_RECONSTRUCTION_WEIGHT = 0.5
 #: predict a scan in one pass where it fits the memory budget, not by sliding the training region over it
 PATCH_FREE_WHOLE_VOLUME = True
+#: its Dice class weights when ``autoseg plan`` is not given ``--dice-weights`` (the other configurations: equal):
+#: seed 001's size-rank weighting. With equal weights, its full-resolution heads learned the smallest class late
+#: or not at all within a CPU budget, its low-resolution U-Net seeing a small class as a few voxels (measured on
+#: the generated brain set, two seeds at equal steps: docs/planning.md)
+PATCH_FREE_DICE_WEIGHTING: Literal["equal", "size-rank"] = "size-rank"
 DEFAULT_CONFIGURATIONS = {
     "cpu": ("3d", "2d"),
     "cuda": ("3d", "2d", "segresnet", "attention_unet"),

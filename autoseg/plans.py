@@ -202,7 +202,8 @@ class ConfigurationPlan:
     ``2d``: slices as samples, i.e. patches one voxel deep (z) through a network that never convolves or pools
     across slices; the same preprocessing; prediction slides one slice at a time and stacks them back. What
     differs from the top-level configuration is the network, the stages, the deep-supervision weights, the
-    augmentation and the axes mirrored at prediction; everything else is shared.
+    augmentation, the axes mirrored at prediction and, where set, the Dice class weights (None: the plan's
+    ``training.dice_class_weights``); everything else is shared.
     """
 
     name: str
@@ -211,6 +212,7 @@ class ConfigurationPlan:
     deep_supervision_weights: list[float]
     augmentation: AugmentationPlan
     mirror_axes: list[int]
+    dice_class_weights: list[float] | None = None
 
 
 @dataclass
@@ -272,10 +274,11 @@ def select_configuration(p: Plans, name: str | None = None) -> Plans:
                          "--configs adds others: 3d, 2d, segresnet, attention_unet, unetr, patch_free)")
     rest = [o for o in p.other_configurations if o.name != name]
     top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
-                            p.training.augmentation, p.inference.mirror_axes)
+                            p.training.augmentation, p.inference.mirror_axes, p.training.dice_class_weights)
+    weights = p.training.dice_class_weights if c.dice_class_weights is None else c.dice_class_weights
     return replace(p, network=c.network, stages=c.stages, configuration=name, other_configurations=[top, *rest],
                    training=replace(p.training, deep_supervision_weights=c.deep_supervision_weights,
-                                    augmentation=c.augmentation),
+                                    augmentation=c.augmentation, dice_class_weights=weights),
                    inference=replace(p.inference, mirror_axes=c.mirror_axes))
 
 
@@ -285,8 +288,13 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _validate_configuration(p: Plans, where: str) -> None:
-    """Network, stages, deep supervision, augmentation and mirroring of the configuration ``p`` shows."""
+    """Network, stages, deep supervision, augmentation, mirroring and Dice class weights of the configuration
+    ``p`` shows."""
     net = p.network
+    weights, n_fg = p.training.dice_class_weights, len(p.labels) - 1
+    _check(len(weights) == n_fg and all(w >= 0 for w in weights),
+           f"{where}training.dice_class_weights: {weights}; expected {n_fg} non-negative weights (one per "
+           "foreground class)")
     _check(net.architecture in ARCHITECTURES, f"{where}network.architecture: unknown {net.architecture!r}; "
            f"known: {', '.join(ARCHITECTURES)}")
     n = len(net.features)
@@ -366,10 +374,6 @@ def validate_plans(p: Plans) -> Plans:
     for i, c in enumerate(p.other_configurations):
         _validate_configuration(select_configuration(p, c.name), f"other_configurations[{i}] ({c.name}): ")
     t = p.training
-    n_fg = len(p.labels) - 1
-    _check(len(t.dice_class_weights) == n_fg and all(w >= 0 for w in t.dice_class_weights),
-           f"training.dice_class_weights: {t.dice_class_weights}; expected {n_fg} non-negative weights "
-           "(one per foreground class)")
     _check(0 <= t.oversample_foreground <= 1,
            f"training.oversample_foreground: {t.oversample_foreground}; expected in [0, 1]")
     _check(t.validation_iterations >= 1 and t.checkpoint_every_epochs >= 1,

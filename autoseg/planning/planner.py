@@ -325,14 +325,16 @@ def _plan_monai(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int 
                              _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral))
 
 
-def _plan_patch_free(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None) -> ConfigurationPlan:
+def _plan_patch_free(f: _Fitter, median_shape: list[int], n_cases: int, lateral: int | None,
+                     weights: list[float] | None) -> ConfigurationPlan:
     """The patch-free network: the zoom-out region starts as the whole median volume and shrinks until a batch
     fits the device (its U-Net sees it at low resolution, so it covers up to ``factor**3`` times what a 3D
-    patch of the same cost covers); zoom-in and batch by the same rules as the others."""
+    patch of the same cost covers); zoom-in and batch by the same rules as the others; its own Dice class
+    ``weights`` (None: the plan's)."""
     out_patch, net = _fit_zoom_out(f, median_shape, list(median_shape))
     stages = _stages(f, net, out_patch, n_cases, median_shape)
     return ConfigurationPlan("patch_free", net, stages, _deep_supervision_weights(net),
-                             _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral))
+                             _augmentation(out_patch, f.device, lateral), _mirror_axes(out_patch, lateral), weights)
 
 
 def _patch_free_reason(share: float) -> tuple[bool, str]:
@@ -358,12 +360,14 @@ _WHY_NOT_DEFAULT = {
 
 
 def _other_configurations(fp: Fingerprint, device: DeviceInfo, spacing: list[float], median_shape: list[int],
-                          lateral: int | None, wanted: list[str], asked: bool,
-                          share_3d: float) -> tuple[list[ConfigurationPlan], dict[str, str]]:
+                          lateral: int | None, wanted: list[str], asked: bool, share_3d: float,
+                          weighting: DiceWeighting | None = None) -> tuple[list[ConfigurationPlan], dict[str, str]]:
     """Plan every configuration of ``wanted`` but the top-level one; the reason each known configuration is
     planned or not (``asked``: ``wanted`` came from ``--configs``; otherwise ``patch_free`` joins the device's
     defaults when the 3d zoom-out patch covers less than :data:`defaults.PATCH_FREE_MAX_SHARE` of the median
-    volume, ``share_3d``). A configuration that fits no patch is left out with the reason, not an error."""
+    volume, ``share_3d``). A configuration that fits no patch is left out with the reason, not an error.
+    ``weighting``: ``--dice-weights`` for every configuration; None: ``patch_free`` gets
+    :data:`defaults.PATCH_FREE_DICE_WEIGHTING`, the others the plan's (equal)."""
     default = list(defaults.DEFAULT_CONFIGURATIONS[device.kind])
     big, why_patch_free = _patch_free_reason(share_3d)
     if big:
@@ -385,7 +389,8 @@ def _other_configurations(fp: Fingerprint, device: DeviceInfo, spacing: list[flo
             if name == "2d":
                 c = _plan_2d(_Fitter(fp, device, spacing), median_shape, fp.n_cases, lateral)
             elif name == "patch_free":
-                c = _plan_patch_free(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral)
+                own = dice_weights(fp, defaults.PATCH_FREE_DICE_WEIGHTING) if weighting is None else None
+                c = _plan_patch_free(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral, own)
             else:
                 c = _plan_monai(_Fitter(fp, device, spacing, name), median_shape, fp.n_cases, lateral)
         except ValueError as e:
@@ -410,7 +415,7 @@ def default_configuration(plan_3d: list[StagePlan], median_shape: list[int]) -> 
 
 
 def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOLDS,
-              seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting = "equal",
+              seed: int = defaults.SPLIT_SEED, dice_weighting: DiceWeighting | None = None,
               bias_correction: bool = False, configurations: list[str] | None = None) -> Plans:
     """Plan preprocessing, the configurations (network and both training stages each), folds and inference for
     ``fp`` on ``device``.
@@ -418,6 +423,8 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     Args:
         configurations: names from :data:`CONFIGURATIONS` (the top-level ``3d`` is always planned); default: the
             device's :data:`defaults.DEFAULT_CONFIGURATIONS`.
+        dice_weighting: every configuration's Dice class weights; None: equal, and for ``patch_free``
+            :data:`defaults.PATCH_FREE_DICE_WEIGHTING`.
 
     Raises:
         ValueError: no patch fits the budget, too few cases for cross-validation, or an unknown configuration.
@@ -436,8 +443,10 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
     stages = _stages(f, net, out_patch, fp.n_cases, median_shape)
     side = lateral_axis(fp)
     lateral = side[0] if side else None
+    training = training_plan(fp, device, net, out_patch, dice_weighting or "equal", lateral)
     others, reasons = _other_configurations(fp, device, spacing, median_shape, lateral, wanted,
-                                            configurations is not None, stages[-1].share_of_median_volume)
+                                            configurations is not None, stages[-1].share_of_median_volume,
+                                            dice_weighting)
     default, reason = default_configuration(stages, median_shape)
     if default not in [c.name for c in others]:
         default, reason = TOP_CONFIGURATION, f"{reason}; 2d is not planned" if default == "2d" else reason
@@ -446,7 +455,7 @@ def make_plan(fp: Fingerprint, device: DeviceInfo, n_folds: int = defaults.N_FOL
         list(fp.median_spacing), list(fp.median_shape), spacing, median_shape,
         normalization_for(fp, bias_correction),
         ResamplingPlan(3, 1, 0, defaults.ANISO_THRESHOLD), net, device, f.amp, round(f.memory / 2**30, 3),
-        defaults.ZOOM_IN_FRACTION, stages, training_plan(fp, device, net, out_patch, dice_weighting, lateral),
+        defaults.ZOOM_IN_FRACTION, stages, training,
         kfold_splits([c.case_id for c in fp.cases], n_folds, seed),
         InferencePlan(defaults.TILE_STEP, _mirror_axes(out_patch, lateral), defaults.GAUSSIAN_SIGMA_SCALE),
         TOP_CONFIGURATION, others, default, reason, f"axis {side[0]} is never flipped: {side[1]}" if side else "",

@@ -23,6 +23,10 @@ def _configuration_lines(p: Plans, default: bool) -> list[str]:
         f"             kernels {[_x(k) for k in net.kernel_sizes]}",
         f"             strides {[_x(s) for s in net.strides]} (total {_x(net.total_stride)})",
     ]
+    weights = p.training.dice_class_weights
+    if any(w != 1 for w in weights):
+        names = [p.labels[k] for k in sorted(p.labels)[1:]]
+        lines.append("             Dice class weights " + ", ".join(f"{n} {w:g}" for n, w in zip(names, weights)))
     free = net.architecture == "patch_free"
     if free:
         lines.append(f"             input averaged down {_x(net.upsample_factor)}; full-resolution heads; guidance "

@@ -207,7 +207,8 @@ def decide_whole_volume(change: float | None, n_cases: int) -> tuple[bool, str]:
     """Whether a patch-free choice segments scans in one pass, and why in words: by tiles only if they raised
     the Dice by :data:`TILES_MIN_GAIN` or more (``change``, the one pass's Dice minus the tiles', is that low)."""
     if change is None:
-        return True, "one pass as planned: not compared with tiles (folds validated by an older autoseg)"
+        return True, ("one pass as planned: not compared with tiles (no validation case fitted in one pass, or "
+                      "the folds were validated by an older autoseg)")
     measured = f"one pass against tiles of the training region, both unmirrored: mean Dice {change:+.4f} on " \
         f"{n_cases} cases"
     if change > -TILES_MIN_GAIN:

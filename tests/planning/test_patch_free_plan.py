@@ -3,13 +3,17 @@ budget like every other configuration's patches."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from autoseg import defaults
 from autoseg.planning import make_plan
 from autoseg.planning.measured import network_step_cost
-from autoseg.planning.planner import patch_free_factor, usable_memory_bytes
-from autoseg.plans import configuration_names, select_configuration
+from autoseg.planning.planner import dice_weights, patch_free_factor, usable_memory_bytes
+from autoseg.planning.summary import format_summary
+from autoseg.plans import SchemaError, configuration_names, load_plans, save_plans, select_configuration, validate_plans
 
 from .fingerprints import BRAIN, CT, device, fingerprint
 
@@ -58,3 +62,43 @@ def test_regions_fit_the_budget_and_cover_more_than_the_3d_patch(fp, kind, gib):
         if kind == "cpu":
             assert c.flops <= defaults.CPU_MAX_STEP_FLOPS
     assert pf.stages[-1].share_of_median_volume >= min(1.0, 2 * plan.stages[-1].share_of_median_volume)
+
+
+def _sized(fp, voxels: list[int]):
+    """``fp`` with its foreground classes' total voxels over the dataset set to ``voxels``."""
+    return replace(fp, classes=[replace(c, total_voxels=v) for c, v in zip(fp.classes, voxels)])
+
+
+def test_patch_free_gets_size_rank_dice_weights_unless_told_otherwise(tmp_path):
+    """By default patch_free weights rarer classes more (seed 001's size rank) and every other configuration
+    keeps equal weights; --dice-weights sets every configuration; the weights survive selecting back and forth
+    and a save/load; a plan written before configurations had weights of their own reads as sharing the plan's."""
+    fp = _sized(BIG_BRAIN, [9000, 1000, 3000])  # class2 rarest, class1 most common
+    plan = make_plan(fp, device("cpu", 24), configurations=["3d", "patch_free"])
+    pf = select_configuration(plan, "patch_free")
+    assert plan.training.dice_class_weights == [1.0, 1.0, 1.0]
+    assert pf.training.dice_class_weights == pytest.approx([0.5, 1.5, 1.0])  # ranks 1, 3, 2, averaging 1
+    assert select_configuration(pf, "3d").training == plan.training
+    assert "Dice class weights class1 0.5, class2 1.5, class3 1" in format_summary(fp, plan)
+    path = tmp_path / "plans.json"
+    save_plans(plan, path)
+    assert select_configuration(load_plans(path), "patch_free").training == pf.training
+    raw = json.loads(path.read_text())
+    for c in raw["other_configurations"]:
+        del c["dice_class_weights"]
+    path.write_text(json.dumps(raw))
+    assert select_configuration(load_plans(path), "patch_free").training.dice_class_weights == [1.0, 1.0, 1.0]
+    for told in ("equal", "size-rank"):
+        p = make_plan(fp, device("cpu", 24), dice_weighting=told, configurations=["3d", "patch_free"])
+        want = dice_weights(fp, told)
+        assert p.training.dice_class_weights == want
+        assert select_configuration(p, "patch_free").training.dice_class_weights == want
+
+
+def test_a_configurations_dice_weights_are_checked():
+    plan = make_plan(BIG_BRAIN, device("cpu", 24), configurations=["3d", "patch_free"])
+    bad = replace(plan, other_configurations=[replace(c, dice_class_weights=[1.0, -1.0, 1.0])
+                                              for c in plan.other_configurations])
+    with pytest.raises(SchemaError, match=r"other_configurations\[0\] \(patch_free\): training.dice_class_weights: "
+                                          r"\[1.0, -1.0, 1.0\]; expected 3 non-negative weights"):
+        validate_plans(bad)
