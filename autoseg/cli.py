@@ -169,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{MIRRORING_MIN_GAIN:g}")
     whole = pr.add_mutually_exclusive_group()
     whole.add_argument("--one-pass", dest="whole_volume", action="store_true", default=None,
-                       help="a patch-free configuration segments each scan in one pass where its plan's memory "
-                       "budget allows, even where find-best measured that tiles score better")
+                       help="a patch-free configuration planned to predict whole scans (whole_volume_prediction in "
+                       "its plan) segments each scan in one pass where the plan's memory budget allows, even where "
+                       "find-best measured that tiles score better; no effect on other configurations")
     whole.add_argument("--tiles", dest="whole_volume", action="store_false",
                        help="a patch-free configuration slides its training region over each scan, as the other "
                        "configurations do (slower; find-best compares the two). Default: "

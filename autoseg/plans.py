@@ -272,10 +272,12 @@ def select_configuration(p: Plans, name: str | None = None) -> Plans:
     if c is None:
         raise ValueError(f"configuration {name!r}: the plan has {', '.join(configuration_names(p))} (autoseg plan "
                          "--configs adds others: 3d, 2d, segresnet, attention_unet, unetr, patch_free)")
-    rest = [o for o in p.other_configurations if o.name != name]
+    shared = p.training.dice_class_weights  # what a configuration without weights of its own has
+    rest = [o if o.dice_class_weights is not None else replace(o, dice_class_weights=shared)
+            for o in p.other_configurations if o.name != name]
     top = ConfigurationPlan(p.configuration, p.network, p.stages, p.training.deep_supervision_weights,
                             p.training.augmentation, p.inference.mirror_axes, p.training.dice_class_weights)
-    weights = p.training.dice_class_weights if c.dice_class_weights is None else c.dice_class_weights
+    weights = shared if c.dice_class_weights is None else c.dice_class_weights
     return replace(p, network=c.network, stages=c.stages, configuration=name, other_configurations=[top, *rest],
                    training=replace(p.training, deep_supervision_weights=c.deep_supervision_weights,
                                     augmentation=c.augmentation, dice_class_weights=weights),
@@ -288,13 +290,8 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _validate_configuration(p: Plans, where: str) -> None:
-    """Network, stages, deep supervision, augmentation, mirroring and Dice class weights of the configuration
-    ``p`` shows."""
+    """Network, stages, deep supervision, augmentation and mirroring of the configuration ``p`` shows."""
     net = p.network
-    weights, n_fg = p.training.dice_class_weights, len(p.labels) - 1
-    _check(len(weights) == n_fg and all(w >= 0 for w in weights),
-           f"{where}training.dice_class_weights: {weights}; expected {n_fg} non-negative weights (one per "
-           "foreground class)")
     _check(net.architecture in ARCHITECTURES, f"{where}network.architecture: unknown {net.architecture!r}; "
            f"known: {', '.join(ARCHITECTURES)}")
     n = len(net.features)
@@ -370,6 +367,13 @@ def validate_plans(p: Plans) -> Plans:
     _check(len(set(names)) == len(names), f"other_configurations: names {names} repeat")
     _check(p.default_configuration in names,
            f"default_configuration: {p.default_configuration!r}; the plan has {', '.join(names)}")
+    n_fg = len(p.labels) - 1
+    weights = {"training.dice_class_weights": p.training.dice_class_weights} | {
+        f"other_configurations[{i}] ({c.name}).dice_class_weights": c.dice_class_weights
+        for i, c in enumerate(p.other_configurations) if c.dice_class_weights is not None}
+    for where, w in weights.items():
+        _check(len(w) == n_fg and all(x >= 0 for x in w),
+               f"{where}: {w}; expected {n_fg} non-negative weights (one per foreground class)")
     _validate_configuration(p, "")
     for i, c in enumerate(p.other_configurations):
         _validate_configuration(select_configuration(p, c.name), f"other_configurations[{i}] ({c.name}): ")

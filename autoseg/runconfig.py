@@ -104,6 +104,10 @@ class TrainConfig:
     #: the final validation mirrors as ``autoseg predict`` does; a time budget turns it off when mirroring
     #: would take more than ``defaults.VALIDATION_TTA_MAX_BUDGET_SHARE`` of it
     validation_tta: bool = True
+    #: the final validation also predicts by tiles the cases a patch-free network segments in one pass (for
+    #: find-best's one pass or tiles); a time budget turns it off when that would take more than
+    #: ``defaults.VALIDATION_TTA_MAX_BUDGET_SHARE`` of it
+    validation_tiles: bool = True
     #: the plan's configuration this fold trains (``3d``, ``2d``)
     configuration: str = TOP_CONFIGURATION
     #: stages that early stopping ended (``--stop-at-dice``, ``--patience``): stage name -> why, at which epoch

@@ -9,7 +9,8 @@ best mean Dice over foreground classes wins, and a tie (within :data:`TIE`) goes
 measured that it raised the chosen configurations' Dice by :data:`~autoseg.defaults.MIRRORING_MIN_GAIN` or more.
 A patch-free configuration that segments scans in one pass keeps doing so unless the folds' validations measured
 that tiles of its training region raised its Dice by :data:`~autoseg.defaults.TILES_MIN_GAIN` or more (both
-unmirrored); its candidate scores are the one pass's, so tiles, when chosen, score at least about as well.
+unmirrored). Its candidate scores, the mirroring decision and the post-processing come from the one pass's
+validation: tiles, when chosen, scored better unmirrored, and those decisions are not re-measured on them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import itertools
 import json
 from math import prod
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -43,7 +44,8 @@ from autoseg.workflows.validate import (
     validated_folds,
 )
 
-__all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring", "one_pass_change", "decide_whole_volume"]
+__all__ = ["find_best", "TIE", "mirroring_gain", "decide_mirroring", "one_pass_change", "decide_whole_volume",
+           "OnePassComparison"]
 
 #: mean Dice differences below this are ties, decided by prediction cost
 TIE = 1e-4
@@ -143,11 +145,11 @@ def find_best(run_dir: Path, progress: bool = True) -> Choice:
     gain = mirroring_gain(metrics, best.configurations, cases)
     mirroring, why = decide_mirroring(gain, len(cases))
     one_pass = [n for n in best.configurations if _predicts_whole(select_configuration(plans, n))]
-    change = one_pass_change(metrics, one_pass, cases)
-    whole, why_whole = decide_whole_volume(change, len(cases)) if one_pass else (True, "")
+    compared = one_pass_change(metrics, one_pass, cases)
+    whole, why_whole = decide_whole_volume(compared) if one_pass else (True, "")
     choice = Choice(best.configurations, common, len(cases), pp, scores, reason, mirroring,
                     None if gain is None else round(gain, 5), why, whole,
-                    None if change is None else round(change, 5), why_whole)
+                    None if compared.change is None or not one_pass else round(compared.change, 5), why_whole)
     save_choice(choice, run_dir)
     return choice
 
@@ -184,37 +186,55 @@ def _predicts_whole(p: Plans) -> bool:
     return p.network.architecture == "patch_free" and p.network.whole_volume_prediction
 
 
+class OnePassComparison(NamedTuple):
+    """The one pass against tiles on the compared cases: ``change``, the mean Dice of the one pass minus that of
+    tiles, both unmirrored, over ``cases`` cases that went in one pass (None: none compared, ``why`` says why)."""
+
+    change: float | None
+    cases: int
+    why: str = ""
+
+
 def one_pass_change(metrics: dict[str, dict[str, Metrics]], configs: list[str],
-                    cases: dict[str, str]) -> float | None:
-    """Mean over ``configs``, ``cases`` and foreground classes of the Dice of the one pass minus the Dice by tiles,
-    both without mirroring, from the folds' validation ``metrics``; folds that predicted no case in one pass (or
-    were validated by an autoseg that did not compare) count nothing; None when none did."""
-    changes = []
+                    cases: dict[str, str]) -> OnePassComparison:
+    """The one pass against tiles for ``configs`` over ``cases`` (case id -> fold): per case that went in one
+    pass (``one_pass_cases``) and foreground class, the unmirrored Dice of the one pass minus that of tiles
+    (``tiled_without_mirroring``), averaged. Nothing is compared when a fold did not record which cases went
+    in one pass (validated by an older autoseg) or had one-pass cases but no tiled prediction (left out under
+    its time budget), or when no case went in one pass."""
+    changes, n = [], 0
     for name in configs:
         for fold in sorted(set(cases.values())):
             m = metrics[name][fold]
+            if "one_pass_cases" not in m:
+                return OnePassComparison(None, 0, f"{name}/{fold} was validated by an older autoseg")
+            ids = [c for c in m["one_pass_cases"] if c in cases]
+            if not ids:
+                continue
             tiled = m.get("tiled_without_mirroring")
             if tiled is None:
-                continue
+                return OnePassComparison(None, 0, f"{name}/{fold} was validated without tiles (its time budget)")
             plain = m.get("without_mirroring")
             one = plain["cases"] if plain is not None else {
                 cid: {k: v["dice"] for k, v in per.items()} for cid, per in m["cases"].items()}
-            changes += [one[cid][k] - d for cid, per in tiled["cases"].items() if cid in cases for k, d in per.items()]
-    return float(np.mean(changes)) if changes else None
+            changes += [one[cid][k] - d for cid in ids for k, d in tiled["cases"][cid].items()]
+            n += len(ids)
+    if not changes:
+        return OnePassComparison(None, 0, "no validation case fitted in one pass")
+    return OnePassComparison(float(np.mean(changes)), n)
 
 
-def decide_whole_volume(change: float | None, n_cases: int) -> tuple[bool, str]:
+def decide_whole_volume(c: OnePassComparison) -> tuple[bool, str]:
     """Whether a patch-free choice segments scans in one pass, and why in words: by tiles only if they raised
-    the Dice by :data:`TILES_MIN_GAIN` or more (``change``, the one pass's Dice minus the tiles', is that low)."""
-    if change is None:
-        return True, ("one pass as planned: not compared with tiles (no validation case fitted in one pass, or "
-                      "the folds were validated by an older autoseg)")
-    measured = f"one pass against tiles of the training region, both unmirrored: mean Dice {change:+.4f} on " \
-        f"{n_cases} cases"
-    if change > -TILES_MIN_GAIN:
+    the Dice by :data:`TILES_MIN_GAIN` or more (``c.change``, the one pass's Dice minus the tiles', is that low)."""
+    if c.change is None:
+        return True, f"one pass as planned: not compared with tiles ({c.why})"
+    measured = f"one pass against tiles of the training region, both unmirrored: mean Dice {c.change:+.4f} on " \
+        f"{c.cases} case(s)"
+    if c.change > -TILES_MIN_GAIN:
         return True, f"{measured}: one pass kept"
     return False, (f"{measured}, tiles better by {TILES_MIN_GAIN:g} or more: predicting by tiles (the candidate "
-                   "scores above are the one pass's)")
+                   "scores, the mirroring decision and the post-processing were measured on the one pass)")
 
 
 def _labels(plans: Plans, probs: list[np.ndarray], props: CaseProperties) -> np.ndarray:

@@ -35,14 +35,22 @@ def train_fold(run_dir: Path, fold: str, overrides: Overrides, runtime: Runtime,
         LockedError: another process is training this fold.
     """
     def probe(plans: Plans, cfg: TrainConfig, net: nn.Module) -> float:
-        """Measure the validation; under a budget, mirror only if that fits its share of the budget."""
+        """Measure the validation; under a budget, mirror only if that fits its share of the budget, and predict
+        one-pass cases by tiles too only if that does."""
         cost = validation_cost(Path(run_dir), plans, cfg.val_cases, net, cfg.stages[-1].patch_size, runtime.device)
         minutes = cfg.overrides.time_budget_minutes
-        cfg.validation_tta = minutes is None or cost.seconds(True) <= VALIDATION_TTA_MAX_BUDGET_SHARE * minutes * 60
+        share = VALIDATION_TTA_MAX_BUDGET_SHARE * minutes * 60 if minutes is not None else None
+        mirrored = cost.seconds(True, tiles=False)
+        cfg.validation_tta = share is None or mirrored <= share
         if not cfg.validation_tta:
-            say(f"validation  without mirroring: with it, it would take ~{cost.seconds(True):.0f} s, more than "
+            say(f"validation  without mirroring: with it, it would take ~{mirrored:.0f} s, more than "
                 f"{VALIDATION_TTA_MAX_BUDGET_SHARE:.0%} of the time budget (autoseg predict still mirrors)")
-        return cost.seconds(cfg.validation_tta)
+        cfg.validation_tiles = share is None or cost.tiled_seconds <= share
+        if not cfg.validation_tiles:
+            say(f"validation  one pass only: also predicting its cases by tiles would take ~{cost.tiled_seconds:.0f} "
+                f"s, more than {VALIDATION_TTA_MAX_BUDGET_SHARE:.0%} of the time budget (find-best then keeps the "
+                "one pass)")
+        return cost.seconds(cfg.validation_tta, cfg.validation_tiles)
 
     trainer = Trainer(run_dir, fold, overrides, runtime, restart, say, validation_probe=probe,
                       configuration=configuration)
@@ -66,7 +74,8 @@ def _fit_and_validate(trainer: Trainer, runtime: Runtime, say: Callable[[str], N
     assert cfg is not None
     t0 = time.perf_counter()
     metrics = validate_fold(trainer.run_dir, trainer.fold_dir, trainer.plans, cfg.val_cases, net,
-                            cfg.stages[-1].patch_size, runtime.device, runtime.progress, cfg.validation_tta)
+                            cfg.stages[-1].patch_size, runtime.device, runtime.progress, cfg.validation_tta,
+                            cfg.validation_tiles)
     line = validation_line(metrics, cfg, time.perf_counter() - t0, trainer.fold_dir / "validation" / "metrics.json")
     say(line)
     append_log(trainer.fold_dir / "training_log.txt", line)
@@ -83,7 +92,18 @@ def validation_line(metrics: dict, cfg: TrainConfig, seconds: float, path: Path)
     notes += "" if cfg.validation_tta else "; no mirroring"
     tiled = metrics.get("tiled_without_mirroring")
     if tiled is not None:
-        one = metrics.get("without_mirroring", metrics)["mean_foreground_dice"]
-        notes += f"; unmirrored, one pass {one:.4f} against tiles {tiled['mean_foreground_dice']:.4f}"
+        one = _one_pass_mean(metrics, list(tiled["cases"]))
+        notes += (f"; {len(tiled['cases'])} case(s) in one pass, unmirrored {one:.4f} against tiles "
+                  f"{tiled['mean_foreground_dice']:.4f}")
+    elif metrics.get("one_pass_cases"):
+        notes += f"; {len(metrics['one_pass_cases'])} case(s) in one pass, not compared with tiles"
     return (f"validation  {len(cfg.val_cases)} cases, Dice {per_class}; mean {metrics['mean_foreground_dice']:.4f}"
             f" ({seconds:.0f} s{notes}) -> {path}")
+
+
+def _one_pass_mean(metrics: dict, case_ids: list[str]) -> float:
+    """Mean over ``case_ids`` and foreground classes of the unmirrored Dice of a validation's main prediction."""
+    plain = metrics.get("without_mirroring")
+    per = plain["cases"] if plain is not None else {
+        c: {k: v["dice"] for k, v in d.items()} for c, d in metrics["cases"].items()}
+    return float(sum(sum(per[c].values()) / len(per[c]) for c in case_ids) / len(case_ids))

@@ -100,17 +100,18 @@ def check_references(run_dir: Path, case_ids: list[str]) -> None:
 
 
 def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module,
-                  patch: list[int], device: torch.device, progress: bool = True, tta: bool = True) -> dict:
+                  patch: list[int], device: torch.device, progress: bool = True, tta: bool = True,
+                  tiles: bool = True) -> dict:
     """Predict ``case_ids`` (mirroring as ``predict`` unless not ``tta``), write their label maps, their
     probabilities on the preprocessed grid (``probabilities/``, for find-best) and ``metrics.json`` to
     ``fold_dir/validation``; returns the metrics: per case and class the five metrics of ``autoseg evaluate``,
     per-class mean Dice by class name, the mean over foreground classes, and whether the predictions were
     mirrored. Per case and class also the voxel counts ``tp``, ``fp``, ``fn`` (for the micro-Dice). With
     ``tta``, ``without_mirroring`` holds the same cases' Dice predicted without mirroring (one more forward pass
-    per tile; per case and class, the per-class means and their mean). When the network segments some case in
-    one pass (:meth:`Predictor.tile`), ``tiled_without_mirroring`` holds every case's Dice predicted by sliding
-    the trained ``patch`` without mirroring (a case the patch covers is the same either way), beside
-    ``without_mirroring`` or, unmirrored, the main Dice: the one pass against tiles at equal mirroring."""
+    per tile; per case and class, the per-class means and their mean). ``one_pass_cases`` lists the cases the
+    network segmented in one pass (:meth:`Predictor.tile`: a patch-free network's whole volume); with ``tiles``,
+    ``tiled_without_mirroring`` holds those cases' Dice predicted by sliding the trained ``patch`` without
+    mirroring, to compare with ``without_mirroring`` (or, unmirrored, the main Dice) at equal mirroring."""
     out_dir = fold_dir / VALIDATION_DIR
     out_dir.mkdir(exist_ok=True)
     for folder in (out_dir, out_dir / PROBABILITIES_DIR):  # what a validation that was killed was writing
@@ -124,10 +125,13 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
     cases: dict[str, dict[str, dict[str, float]]] = {}
     unmirrored: dict[str, dict[str, float]] = {}
     by_tiles: dict[str, dict[str, float]] = {}
+    one_pass: list[str] = []
     for cid in tqdm(case_ids, desc="validation", unit="case", disable=not progress, leave=False):
         props = read_properties(folder, cid)
         data = np.asarray(read_case_arrays(folder, cid)[0][:])
         whole = predictor.tile(patch, list(data.shape[1:])) != list(patch)
+        if whole:
+            one_pass.append(cid)
         probs = _predicted(predictor, data, cid)
         save_grid_probabilities(probs, out_dir / PROBABILITIES_DIR / f"{cid}.npz")
         seg = predictor.finish(probs, props).labels
@@ -141,18 +145,16 @@ def validate_fold(run_dir: Path, fold_dir: Path, plans: Plans, case_ids: list[st
         if plain is not None:
             seg = plain.finish(_predicted(plain, data, cid), props).labels
             unmirrored[cid] = {plans.labels[c]: dice_score(seg, ref, c) for c in classes}
-        if whole:
+        if whole and tiles:
             tiled = tiled or Predictor(plans, [(net, patch)], device, tta=False, whole_volume=False)
             seg = tiled.finish(_predicted(tiled, data, cid), props).labels
             by_tiles[cid] = {plans.labels[c]: dice_score(seg, ref, c) for c in classes}
-        else:  # the trained patch covers the case: its tiled prediction is the one just scored unmirrored
-            by_tiles[cid] = dict(unmirrored[cid]) if plain is not None else {
-                n: v["dice"] for n, v in cases[cid].items()}
     metrics = {"metric": "Dice (and autoseg evaluate's metrics per case)", "cases": cases,
                **_means({k: {n: v["dice"] for n, v in per.items()} for k, per in cases.items()}), "mirroring": tta}
     if plain is not None:
         metrics["without_mirroring"] = {"cases": unmirrored, **_means(unmirrored)}
-    if tiled is not None:
+    metrics["one_pass_cases"] = one_pass
+    if by_tiles:
         metrics["tiled_without_mirroring"] = {"cases": by_tiles, **_means(by_tiles)}
     write_json_atomic(metrics, out_dir / "metrics.json")
     return metrics
@@ -199,13 +201,15 @@ class ValidationCost:
     lone_tiles: float = 0.0
     tiled_seconds: float = 0.0
 
-    def seconds(self, tta: bool) -> float:
+    def seconds(self, tta: bool, tiles: bool = True) -> float:
+        """The validation's seconds, mirrored or not (``tta``), with or without the tiled prediction of the cases
+        a patch-free network segments in one pass (``tiles``)."""
         item = self.forward_seconds if self.item_seconds is None else self.item_seconds
         unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item
+        extra = self.tiled_seconds if tiles else 0.0
         if not tta or self.flips == 1:
-            return unmirrored + self.rest_seconds + self.tiled_seconds
-        return (self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds
-                + self.tiled_seconds)
+            return unmirrored + self.rest_seconds + extra
+        return self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds + extra
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],

@@ -74,11 +74,14 @@ def test_patch_free_gets_size_rank_dice_weights_unless_told_otherwise(tmp_path):
     keeps equal weights; --dice-weights sets every configuration; the weights survive selecting back and forth
     and a save/load; a plan written before configurations had weights of their own reads as sharing the plan's."""
     fp = _sized(BIG_BRAIN, [9000, 1000, 3000])  # class2 rarest, class1 most common
-    plan = make_plan(fp, device("cpu", 24), configurations=["3d", "patch_free"])
+    plan = make_plan(fp, device("cpu", 24), configurations=["3d", "2d", "patch_free"])
     pf = select_configuration(plan, "patch_free")
     assert plan.training.dice_class_weights == [1.0, 1.0, 1.0]
     assert pf.training.dice_class_weights == pytest.approx([0.5, 1.5, 1.0])  # ranks 1, 3, 2, averaging 1
     assert select_configuration(pf, "3d").training == plan.training
+    assert select_configuration(pf, "2d").training == select_configuration(plan, "2d").training  # not patch_free's
+    auto = make_plan(fp, device("cpu", 24))  # patch_free added by the planner for this big volume
+    assert select_configuration(auto, "patch_free").training.dice_class_weights == pf.training.dice_class_weights
     assert "Dice class weights class1 0.5, class2 1.5, class3 1" in format_summary(fp, plan)
     path = tmp_path / "plans.json"
     save_plans(plan, path)
@@ -99,6 +102,6 @@ def test_a_configurations_dice_weights_are_checked():
     plan = make_plan(BIG_BRAIN, device("cpu", 24), configurations=["3d", "patch_free"])
     bad = replace(plan, other_configurations=[replace(c, dice_class_weights=[1.0, -1.0, 1.0])
                                               for c in plan.other_configurations])
-    with pytest.raises(SchemaError, match=r"other_configurations\[0\] \(patch_free\): training.dice_class_weights: "
+    with pytest.raises(SchemaError, match=r"other_configurations\[0\] \(patch_free\).dice_class_weights: "
                                           r"\[1.0, -1.0, 1.0\]; expected 3 non-negative weights"):
         validate_plans(bad)

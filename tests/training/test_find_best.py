@@ -232,39 +232,63 @@ def free_plan(tiny_run) -> Path:
     return tiny_run
 
 
-def _measured_one_pass(run: Path, fold: int, one_pass: float, tiles: float | None, mirrored: bool) -> None:
+def _measured_one_pass(run: Path, fold: int, one_pass: float, tiles: float | None, mirrored: bool,
+                       marker: bool = True, first_only: bool = False) -> None:
     """Give patch_free's faked fold the unmirrored Dice of its one pass (``without_mirroring`` when the fold was
-    validated with mirroring, else the main Dice) and, unless ``tiles`` is None, of tiles."""
+    validated with mirroring, else the main Dice) and, unless ``tiles`` is None, of tiles on the cases that went
+    in one pass: every case, or the first only. Without ``marker`` the fold does not say which cases went in one
+    pass (an older autoseg)."""
     d = model_dir(run, "patch_free") / f"fold_{fold}" / VALIDATION_DIR
     m = json.loads((d / "metrics.json").read_text())
     classes = ["organ1", "organ2"]
+    ids = sorted(m["cases"])[:1] if first_only else sorted(m["cases"])
     m["mirroring"] = mirrored
     m["cases"] = {c: {k: {"dice": 0.99 if mirrored else one_pass} for k in classes} for c in m["cases"]}
     if mirrored:
         m["without_mirroring"] = {"cases": {c: {k: one_pass for k in classes} for c in m["cases"]}}
+    if marker:
+        m["one_pass_cases"] = ids
     if tiles is not None:
-        m["tiled_without_mirroring"] = {"cases": {c: {k: tiles for k in classes} for c in m["cases"]}}
+        m["tiled_without_mirroring"] = {"cases": {c: {k: tiles for k in classes} for c in ids}}
     (d / "metrics.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("one_pass, tiles, mirrored, whole, words", [
-    (0.70, 0.80, True, False, "mean Dice -0.1000 on 2 cases, tiles better by 0.001 or more: predicting by tiles"),
-    (0.70, 0.80, False, False, "predicting by tiles"),
-    (0.8, 0.8005, True, True, "mean Dice -0.0005 on 2 cases: one pass kept"),
-    (0.85, 0.80, False, True, "+0.0500 on 2 cases: one pass kept"),
-    (0.70, None, True, True, "not compared with tiles"),
+@pytest.mark.parametrize("one_pass, tiles, mirrored, whole, words, extra", [
+    (0.70, 0.80, True, False, "mean Dice -0.1000 on 2 case(s), tiles better by 0.001 or more: predicting by tiles "
+                              "(the candidate scores, the mirroring decision and the post-processing were measured "
+                              "on the one pass)", {}),
+    (0.70, 0.80, False, False, "predicting by tiles", {}),
+    (0.70, 0.80, True, False, "mean Dice -0.1000 on 1 case(s)", {"first_only": True}),
+    (0.8, 0.8005, True, True, "mean Dice -0.0005 on 2 case(s): one pass kept", {}),
+    (0.85, 0.80, False, True, "+0.0500 on 2 case(s): one pass kept", {}),
+    (0.70, None, True, True, "not compared with tiles (patch_free/fold_0 was validated without tiles (its time "
+                             "budget))", {}),
+    (0.70, 0.80, True, True, "not compared with tiles (patch_free/fold_0 was validated by an older autoseg)",
+     {"marker": False}),
 ])
 def test_a_patch_free_choice_predicts_by_tiles_only_where_validation_measured_them_better(
-        free_plan, capsys, one_pass, tiles, mirrored, whole, words):
+        free_plan, capsys, one_pass, tiles, mirrored, whole, words, extra):
     _fake_fold(free_plan, "3d", 0, weak_class=2)  # worse than patch_free's exact probabilities
     _fake_fold(free_plan, "patch_free", 0, weak_class=None)
-    _measured_one_pass(free_plan, 0, one_pass, tiles, mirrored)
+    _measured_one_pass(free_plan, 0, one_pass, tiles, mirrored, **extra)
     assert main(["find-best", "--run", str(free_plan), "--no-progress"]) == 0
     c = load_choice(free_plan)
     assert c is not None and c.configurations == ["patch_free"]
     assert c.whole_volume is whole and words in c.whole_volume_reason
-    assert c.whole_volume_change == (None if tiles is None else pytest.approx(one_pass - tiles))
+    assert c.whole_volume_change == (None if tiles is None or "marker" in extra else pytest.approx(one_pass - tiles))
     assert f"one pass     {'on' if whole else 'off (tiles)'}: " in capsys.readouterr().out
+
+
+def test_no_case_in_one_pass_leaves_nothing_to_compare(free_plan):
+    _fake_fold(free_plan, "3d", 0, weak_class=2)
+    _fake_fold(free_plan, "patch_free", 0, weak_class=None)
+    d = model_dir(free_plan, "patch_free") / "fold_0" / VALIDATION_DIR
+    m = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").write_text(json.dumps({**m, "one_pass_cases": []}))
+    c = find_best(free_plan, progress=False)
+    assert c.whole_volume is True and c.whole_volume_change is None
+    assert c.whole_volume_reason == "one pass as planned: not compared with tiles (no validation case fitted in one " \
+        "pass)"
 
 
 def test_a_choice_without_patch_free_says_nothing_of_one_pass(free_plan, capsys):
@@ -279,10 +303,11 @@ def test_a_choice_without_patch_free_says_nothing_of_one_pass(free_plan, capsys)
 
 def test_decide_whole_volume_at_the_threshold():
     from autoseg.defaults import TILES_MIN_GAIN
+    from autoseg.workflows.findbest import OnePassComparison
 
-    assert decide_whole_volume(-TILES_MIN_GAIN, 5)[0] is False
-    assert decide_whole_volume(-TILES_MIN_GAIN * 0.99, 5)[0] is True
-    assert decide_whole_volume(None, 5)[0] is True
+    assert decide_whole_volume(OnePassComparison(-TILES_MIN_GAIN, 5))[0] is False
+    assert decide_whole_volume(OnePassComparison(-TILES_MIN_GAIN * 0.99, 5))[0] is True
+    assert decide_whole_volume(OnePassComparison(None, 0, "why"))[0] is True
 
 
 def test_predict_slides_tiles_as_the_choice_decided_unless_told(tiny_run, monkeypatch):
@@ -309,6 +334,36 @@ def test_predict_slides_tiles_as_the_choice_decided_unless_told(tiny_run, monkey
     assert made.pop() is False and "by tiles (tiles better; --one-pass overrides)" in what
     predictor_for_run(tiny_run, whole_volume=True)
     assert made.pop() is True
+
+
+def test_every_member_of_an_ensemble_choice_gets_the_one_pass_decision(free_plan, monkeypatch):
+    """A 3d + patch_free choice by tiles: both members are made with whole_volume False (the 3d network ignores
+    it: only a patch-free network planned for whole volumes ever predicts in one pass)."""
+    import torch
+
+    from autoseg.inference.choice import Choice, predictor_for_run, save_choice
+    from autoseg.inference.postprocessing import Postprocessing
+    from autoseg.inference.predictor import Predictor
+    from autoseg.plans import select_configuration
+
+    made = {}
+
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):
+        made[config] = whole_volume
+        return Predictor(select_configuration(load_plans(run / "plans.json"), config),
+                         [(torch.nn.Identity(), [8, 8, 8])], torch.device("cpu"), whole_volume=whole_volume)
+
+    monkeypatch.setattr(Predictor, "from_run", classmethod(from_run))
+    save_choice(Choice(["3d", "patch_free"], ["fold_0"], 2, Postprocessing([], {}, {}, 0), [], "best", True, 0.01,
+                       "kept", False, -0.05, "tiles better"), free_plan)
+    ensemble, what = predictor_for_run(free_plan)
+    assert made == {"3d": False, "patch_free": False} and "by tiles" in what
+    shape = [40, 40, 40]
+    assert [m.tile([8, 8, 8], shape) for m in ensemble.members] == [[8, 8, 8], [8, 8, 8]]
+    told, _what = predictor_for_run(free_plan, whole_volume=True)
+    assert made == {"3d": True, "patch_free": True}
+    three_d, free = told.members
+    assert three_d.tile([8, 8, 8], shape) == [8, 8, 8] and free.tile([8, 8, 8], shape) != [8, 8, 8]
 
 
 def test_one_pass_flags_exclude_each_other(tiny_run, tmp_path, capsys):

@@ -131,9 +131,9 @@ def _one_pass_setup(free_run: Path):
 
 @pytest.mark.parametrize("tta", [True, False])
 def test_validation_also_scores_tiles_where_a_case_went_in_one_pass(free_run, tta):
-    """``tiled_without_mirroring``: each case predicted by sliding the trained region, unmirrored, scored as a
-    separate tiled prediction scores it; the ramp network gives tiles and the one pass different maps, so the
-    test sees both paths."""
+    """``one_pass_cases`` and ``tiled_without_mirroring``: each case that went in one pass predicted by sliding
+    the trained region, unmirrored, scored as a separate tiled prediction scores it; the ramp network gives
+    tiles and the one pass different maps, so the test sees both paths."""
     from autoseg.evaluation.evaluate import dice_score
     from autoseg.inference.predictor import Predictor
     from autoseg.io import read_image
@@ -156,6 +156,7 @@ def test_validation_also_scores_tiles_where_a_case_went_in_one_pass(free_run, tt
         probs = tiled.predict_preprocessed(np.asarray(read_case_arrays(pre, cid)[0][:]))
         seg = tiled.finish(probs, read_properties(pre, cid)).labels
         want[cid] = {n: dice_score(seg, read_image(refs[cid])[0][0], k) for k, n in names.items()}
+    assert metrics["one_pass_cases"] == list(cases)
     got = metrics["tiled_without_mirroring"]
     assert set(got["cases"]) == set(cases)
     for cid in cases:
@@ -168,7 +169,31 @@ def test_validation_also_scores_tiles_where_a_case_went_in_one_pass(free_run, tt
     cfg = SimpleNamespace(val_cases=cases, measured_validation_seconds=None, validation_tta=tta)
     line = validation_line(metrics, cfg, 3.0, Path("metrics.json"))  # what training prints and logs
     plain = (metrics["without_mirroring"] if tta else metrics)["mean_foreground_dice"]
-    assert f"unmirrored, one pass {plain:.4f} against tiles {got['mean_foreground_dice']:.4f}" in line
+    assert f"; {len(cases)} case(s) in one pass, unmirrored {plain:.4f} against tiles " \
+        f"{got['mean_foreground_dice']:.4f}" in line
+
+
+def test_validation_records_one_pass_cases_only_and_can_leave_tiles_out(free_run):
+    """A case the region covers is not a one-pass case and gets no tiled prediction; without ``tiles`` the
+    one-pass cases are listed but not predicted by tiles (a time budget's choice), and the log line says so."""
+    from autoseg.workflows.fold import validation_line
+    from autoseg.workflows.validate import validate_fold
+
+    from .test_validation import Ramp
+
+    p, cases, _patch, shapes = _one_pass_setup(free_run)
+    stride = p.network.total_stride
+    covering = [-(-max(shapes[c][a] for c in cases) // t) * t for a, t in enumerate(stride)]  # every case fits
+    net, cpu = Ramp(len(p.labels)), torch.device("cpu")
+    fold = free_run / CONFIG / "fold_0"
+    fold.mkdir(parents=True)
+    metrics = validate_fold(free_run, fold, p, cases, net, covering, cpu, progress=False, tta=False)
+    assert metrics["one_pass_cases"] == [] and "tiled_without_mirroring" not in metrics
+    metrics = validate_fold(free_run, fold, p, cases, net, list(stride), cpu, progress=False, tta=False, tiles=False)
+    assert metrics["one_pass_cases"] == list(cases) and "tiled_without_mirroring" not in metrics
+    cfg = SimpleNamespace(val_cases=cases, measured_validation_seconds=None, validation_tta=False)
+    assert f"; {len(cases)} case(s) in one pass, not compared with tiles" in validation_line(metrics, cfg, 1.0,
+                                                                                               Path("m.json"))
 
 
 def test_the_budget_counts_the_tiled_prediction_of_one_pass_cases(free_run, monkeypatch):
@@ -200,3 +225,5 @@ def test_the_budget_counts_the_tiled_prediction_of_one_pass_cases(free_run, monk
     assert cost.seconds(False) == pytest.approx(plain + cost.tiled_seconds)
     assert cost.seconds(True) == pytest.approx(plain + cost.tiles * cost.flips * cost.forward_seconds
                                                + cost.finish_seconds + cost.tiled_seconds)
+    assert cost.seconds(True, tiles=False) == pytest.approx(cost.seconds(True) - cost.tiled_seconds)
+    assert cost.seconds(False, tiles=False) == pytest.approx(plain)

@@ -340,22 +340,30 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
     assert cost.seconds(False) == pytest.approx(unmirrored + 12.5 * sum(sizes) / sizes[1])
 
 
-def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch):
+@pytest.mark.parametrize("tiled, tiles_kept, planned", [(5.0, True, 8.0), (30.0, False, 3.0)])
+def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch, tiled, tiles_kept,
+                                                                       planned):
     """A validation whose mirroring would take more than a quarter of the budget (here measured as 100 tiles
     x (8 mirrorings + the unmirrored prediction it also scores) x 0.02 s + 1 s = 19 s of 45 s) runs without
-    mirroring: 100 x 0.02 + 1 = 3 s planned."""
+    mirroring: 100 x 0.02 + 1 = 3 s planned. The tiled prediction of one-pass cases (``tiled`` s) is judged
+    apart against the same quarter: kept (5 s: 8 s planned) or left out (30 s)."""
     import autoseg.workflows.fold as fold_module
     from autoseg.workflows.validate import ValidationCost
 
-    monkeypatch.setattr(fold_module, "validation_cost", lambda *args: ValidationCost(100, 8, 0.02, 1.0))
+    monkeypatch.setattr(fold_module, "validation_cost",
+                        lambda *args: ValidationCost(100, 8, 0.02, 1.0, tiled_seconds=tiled))
     lines: list[str] = []
     train_fold(tiny_run, "0", Overrides("both", None, 5, 0.75), cpu(), say=lines.append)
     cfg = json.loads((tiny_run / "fold_0" / "config.json").read_text())
-    assert cfg["validation_tta"] is False and cfg["measured_validation_seconds"] == 3.0
+    assert cfg["validation_tta"] is False and cfg["measured_validation_seconds"] == planned
+    assert cfg["validation_tiles"] is tiles_kept
+    assert any(x.startswith("validation  one pass only: also predicting its cases by tiles would take ~30 s")
+               for x in lines) is not tiles_kept
     assert json.loads((tiny_run / "fold_0" / "validation" / "metrics.json").read_text())["mirroring"] is False
     assert any(x.startswith("validation  without mirroring: with it, it would take ~19 s") for x in lines)
     assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
     assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
     assert cfg["measured_validation_seconds"] > 0
     assert any("(measured on one case)" in x for x in lines)
-    assert re.search(r"validation  2 cases, .* s; the time budget planned 3 s; no mirroring\)", lines[-1]), lines[-1]
+    assert re.search(rf"validation  2 cases, .* s; the time budget planned {planned:.0f} s; no mirroring\)",
+                     lines[-1]), lines[-1]
