@@ -41,6 +41,7 @@ from autoseg.workflows.validate import (
     VALIDATION_DIR,
     load_grid_probabilities,
     reference_labels,
+    unmirrored_dice,
     validated_folds,
 )
 
@@ -214,9 +215,7 @@ def one_pass_change(metrics: dict[str, dict[str, Metrics]], configs: list[str],
             tiled = m.get("tiled_without_mirroring")
             if tiled is None:
                 return OnePassComparison(None, 0, f"{name}/{fold} was validated without tiles (its time budget)")
-            plain = m.get("without_mirroring")
-            one = plain["cases"] if plain is not None else {
-                cid: {k: v["dice"] for k, v in per.items()} for cid, per in m["cases"].items()}
+            one = unmirrored_dice(m)
             changes += [one[cid][k] - d for cid in ids for k, d in tiled["cases"][cid].items()]
             n += len(ids)
     if not changes:

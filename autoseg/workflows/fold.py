@@ -18,7 +18,7 @@ from autoseg.runconfig import Overrides, TrainConfig, fold_cases
 from autoseg.training.progress import append_log
 from autoseg.training.runtime import Runtime
 from autoseg.training.trainer import Trainer
-from autoseg.workflows.validate import check_references, validate_fold, validation_cost
+from autoseg.workflows.validate import check_references, unmirrored_dice, validate_fold, validation_cost
 
 __all__ = ["train_fold", "validation_line"]
 
@@ -103,7 +103,5 @@ def validation_line(metrics: dict, cfg: TrainConfig, seconds: float, path: Path)
 
 def _one_pass_mean(metrics: dict, case_ids: list[str]) -> float:
     """Mean over ``case_ids`` and foreground classes of the unmirrored Dice of a validation's main prediction."""
-    plain = metrics.get("without_mirroring")
-    per = plain["cases"] if plain is not None else {
-        c: {k: v["dice"] for k, v in d.items()} for c, d in metrics["cases"].items()}
+    per = unmirrored_dice(metrics)
     return float(sum(sum(per[c].values()) / len(per[c]) for c in case_ids) / len(case_ids))

@@ -34,7 +34,7 @@ from autoseg.typedjson import write_json_atomic
 
 __all__ = ["validate_fold", "reference_labels", "check_references", "validation_cost", "ValidationCost",
            "VALIDATION_DIR", "PROBABILITIES_DIR", "save_grid_probabilities", "load_grid_probabilities",
-           "validated_folds"]
+           "validated_folds", "unmirrored_dice"]
 
 VALIDATION_DIR = "validation"
 #: under ``validation/``: each case's class probabilities on the preprocessed grid, for ``autoseg find-best``
@@ -171,6 +171,15 @@ def _predicted(predictor: Predictor, data: np.ndarray, case_id: str) -> np.ndarr
     except PredictionMemoryError as e:  # one line from the CLI, like every error a user can act on
         raise ValueError(f"validation of case {case_id}: {e}; the trained checkpoint_final.pt is kept: run the same "
                          "command again (with --device cpu if the GPU is too small) to validate") from None
+
+
+def unmirrored_dice(metrics: dict) -> dict[str, dict[str, float]]:
+    """Case -> class name -> Dice of a validation's prediction without mirroring: ``without_mirroring`` when it
+    mirrored, else its main Dice."""
+    plain = metrics.get("without_mirroring")
+    if plain is not None:
+        return plain["cases"]
+    return {c: {k: v["dice"] for k, v in per.items()} for c, per in metrics["cases"].items()}
 
 
 def _means(dice: dict[str, dict[str, float]]) -> dict:
