@@ -345,7 +345,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return _report_problems([f"{run_dir}: run directory is inside the dataset folder {args.dataset_dir}; "
                                  "choose another with -o"])
     check_device_args(args.gpu_memory, args.device)
-    warmup = Warmup(configs, args.gpu_memory, args.device)  # torch and MONAI load beside the fingerprint
+    warmup = Warmup(configs, args.gpu_memory, args.device)  # torch loads beside the fingerprint
     try:
         if args.device == "cuda":
             warmup.device.result()  # a missing GPU is reported before the dataset is read

@@ -1,8 +1,10 @@
-"""Memory and compute of a training step of a network we do not own, measured rather than modelled.
+"""Memory and compute of a training step of a network without a counted cost model, measured rather than modelled.
 
-Our U-Net has an exact cost model (:mod:`autoseg.planning.memory`); MONAI's networks do not. For those the
-planner runs the forward pass of one sample on PyTorch's ``meta`` device, where tensors have shapes but no
-data, so a 3D network costs milliseconds whatever the patch, and counts:
+Our U-Net (:mod:`autoseg.planning.memory`) and MONAI's three networks (:mod:`autoseg.networks.monai_costs`) are
+counted layer by layer; :func:`network_step_cost` gives every architecture's step and measures only the
+patch-free network, whose up-sampling heads and guidance patch have no counted model. The planner runs its
+forward pass of one sample on PyTorch's ``meta`` device, where tensors have shapes but no data, so a 3D network
+costs milliseconds whatever the patch, and counts:
 
 - the bytes autograd keeps for backward (every tensor a ``saved_tensors_hooks`` pack sees, each once, weights
   excluded): the activations term of the memory model;
@@ -17,8 +19,8 @@ It does so at small patches (2 and 3 times the network's total stride per axis) 
 patch's voxels ``v``: convolutional networks are affine in ``v`` (``c``: per-channel statistics). UNETR's
 attention adds the square of its token count, so for it a third patch (4 times) fits ``c + a v + b v^2``. The
 fit is exact for patches the network divides; ``tests/planning/test_measured.py`` checks it against a
-measurement at the planned patch. The loss and the optimiser's copies are added by the same formulas as for
-our U-Net.
+measurement at the planned patch. The same measurement is the reference the counted models of MONAI's networks
+are tested against. The loss and the optimiser's copies are added by the same formulas as for our U-Net.
 
 Mixed precision is not measured on ``meta`` (autocast has no meta kernels): under CUDA AMP the activations are
 taken at half the float32 bytes, as for our U-Net, whose saved activations are all float16.
@@ -32,6 +34,8 @@ from math import prod
 import numpy as np
 import torch
 
+from autoseg.networks.factory import MONAI_ARCHITECTURES
+from autoseg.networks.monai_costs import monai_costs
 from autoseg.planning.memory import (
     PARAM_COPIES,
     StepCost,
@@ -42,7 +46,8 @@ from autoseg.planning.memory import (
 )
 from autoseg.plans import NetworkPlan
 
-__all__ = ["Measurement", "measure_step", "measure_steps", "measured_step_cost", "fitted_step", "network_step_cost"]
+__all__ = ["Measurement", "measure_step", "measure_steps", "measured_step_cost", "fitted_step", "counted_step",
+           "network_step_cost"]
 
 
 @dataclass(frozen=True)
@@ -163,11 +168,22 @@ def fitted_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes:
     return Measurement(max(float(basis @ coef_mem), 0.0), max(float(basis @ coef_flops), 0.0), params)
 
 
+def counted_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes: int) -> Measurement:
+    """One sample's step of a MONAI network at ``patch`` from its counted model
+    (:func:`autoseg.networks.monai_costs.monai_costs`), in the units of :func:`measure_step`; UNETR's parameters
+    with its position embedding sized for ``net.input_size`` (or ``patch`` when not set yet)."""
+    c = monai_costs(net, in_channels, n_classes, patch)
+    return Measurement(4.0 * c.saved_elements, float(STEP_PER_FORWARD * c.forward_flops),
+                       c.parameters + _embedding_parameters(net, net.input_size or patch))
+
+
 def measured_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, n_classes: int,
                        amp: bool, optimizer: str = "sgd") -> StepCost:
-    """:class:`StepCost` of a network without a cost model: activations and FLOPs from :func:`fitted_step`,
-    loss and parameter terms as :func:`autoseg.planning.memory.step_cost` counts them."""
-    m = fitted_step(net, patch, in_channels, n_classes)
+    """:class:`StepCost` of a network without our U-Net's cost model: activations and FLOPs from MONAI's
+    counted models (:func:`counted_step`) or, for the others, from :func:`fitted_step`; loss and parameter terms
+    as :func:`autoseg.planning.memory.step_cost` counts them."""
+    counted = net.architecture in MONAI_ARCHITECTURES
+    m = (counted_step if counted else fitted_step)(net, patch, in_channels, n_classes)
     activations = batch * round(m.saved_bytes * (0.5 if amp else 1.0))
     voxels = output_voxels(net, patch)
     loss = batch * loss_bytes(voxels, default_supervision_weights(len(voxels)), n_classes, amp)
@@ -177,8 +193,8 @@ def measured_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channe
 
 def network_step_cost(net: NetworkPlan, patch: list[int], batch: int, in_channels: int, n_classes: int,
                       amp: bool, optimizer: str = "sgd") -> StepCost:
-    """The step's cost for any architecture: our U-Net's exact model, else the measured fit; ``optimizer``
-    decides the optimiser state per parameter."""
+    """The step's cost for any architecture: our U-Net's exact model, MONAI's networks' counted ones, else the
+    measured fit; ``optimizer`` decides the optimiser state per parameter."""
     if net.architecture in ("residual_unet", "plain_unet"):
         return step_cost(net, patch, batch, in_channels, n_classes, amp, optimizer)
     return measured_step_cost(net, patch, batch, in_channels, n_classes, amp, optimizer)

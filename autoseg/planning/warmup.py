@@ -1,11 +1,12 @@
 """Detect the device and load what planning will need, in a background thread, while the fingerprint runs.
 
-Importing torch, the planner and, for MONAI's configurations, MONAI and PyTorch's meta kernels (the cost
-measurement's first normalisation imports ``torch._dynamo``) is single-threaded work of several seconds: on a
-2-core machine, about 2 s for torch and 3 s for MONAI, which imports its transforms, matplotlib and pandas
-with it. The fingerprint meanwhile waits on its worker processes, so the two overlap; planning then starts
-with everything loaded (or waits on Python's import lock for what is still loading). Nothing here writes
-anything or changes what the plan holds.
+Importing torch, the planner and, for the patch-free configuration, PyTorch's meta kernels (its cost is measured
+on the meta device, whose first normalisation imports ``torch._dynamo``) is single-threaded work of seconds: on a
+2-core machine about 2 s for torch and 1.5 s for the meta kernels. The fingerprint meanwhile waits on its worker
+processes, so the two overlap; planning then starts with everything loaded (or waits on Python's import lock for
+what is still loading). MONAI is not loaded: its networks are planned from counted cost models
+(:mod:`autoseg.networks.monai_costs`) and imported only where they are built. Nothing here writes anything or
+changes what the plan holds.
 """
 
 from __future__ import annotations
@@ -16,20 +17,18 @@ from concurrent.futures import Future
 
 from autoseg import defaults
 from autoseg.device import DeviceInfo, detect_device
-from autoseg.networks.factory import MONAI_ARCHITECTURES
 
-__all__ = ["Warmup", "wanted_libraries"]
+__all__ = ["Warmup", "wants_meta_kernels"]
 
 log = logging.getLogger(__name__)
 
 
-def wanted_libraries(configs: list[str] | None, kind: str) -> tuple[bool, bool]:
-    """For a plan of ``configs`` (None: the defaults for a device of ``kind``): whether it builds a MONAI network,
-    and whether it measures a network on the meta device (MONAI's and the patch-free one have no cost model).
-    A ``patch_free`` the planner adds by itself for big volumes is not foreseen: its measurement loads late."""
+def wants_meta_kernels(configs: list[str] | None, kind: str) -> bool:
+    """Whether a plan of ``configs`` (None: the defaults for a device of ``kind``) measures a network on the meta
+    device: only the patch-free one has no counted cost model. A ``patch_free`` the planner adds by itself for big
+    volumes is not foreseen: its measurement loads late."""
     wanted = defaults.DEFAULT_CONFIGURATIONS[kind] if configs is None else configs
-    monai = any(c in MONAI_ARCHITECTURES for c in wanted)
-    return monai, monai or "patch_free" in wanted
+    return "patch_free" in wanted
 
 
 class Warmup:
@@ -52,24 +51,22 @@ class Warmup:
             self.device.set_exception(e)
             return
         self.device.set_result(info)
-        _load(*wanted_libraries(configs, info.kind))
+        _load(wants_meta_kernels(configs, info.kind))
 
     def finish(self, timeout: float = 60.0) -> None:
         """Wait for the thread to end; after ``timeout`` seconds (an import that hangs) say so and go on."""
         if self._thread.is_alive():
-            log.info("finishing the background imports of torch and MONAI (seconds)")
+            log.info("finishing the background imports of torch (seconds)")
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning(f"the background imports did not finish in {timeout:.0f} s; exiting without them")
 
 
-def _load(with_monai: bool, with_meta: bool) -> None:
+def _load(with_meta: bool) -> None:
     try:
         import torch
 
         import autoseg.planning.planner  # noqa: F401 - torch, the networks and their cost models
-        if with_monai:
-            import monai.networks.nets  # noqa: F401
         if with_meta:
             torch.nn.functional.instance_norm(torch.zeros(1, 1, 2, 2, 2, device="meta"))
     except BaseException as e:  # noqa: BLE001 - the planner imports these again and reports a failure there

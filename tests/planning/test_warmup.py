@@ -15,18 +15,18 @@ import autoseg.planning.warmup as warmup_module
 from autoseg.cli import main
 from autoseg.demo import make_synthetic_dataset
 from autoseg.device import detect_device
-from autoseg.planning.warmup import Warmup, wanted_libraries
+from autoseg.planning.warmup import Warmup, wants_meta_kernels
 
 
 @pytest.mark.parametrize(("configs", "kind", "expected"), [
-    (None, "cpu", (False, False)),           # CPU default: 3d and 2d, our U-Net with its exact cost model
-    (None, "cuda", (True, True)),            # GPU default: also SegResNet and the Attention U-Net
-    (["3d", "patch_free"], "cpu", (False, True)),  # patch-free is ours but measured on the meta device
-    (["unetr"], "cpu", (True, True)),
-    (["3d", "2d"], "cuda", (False, False)),
+    (None, "cpu", False),                  # CPU default: 3d and 2d, our U-Net with its exact cost model
+    (None, "cuda", False),                 # GPU default: also SegResNet and the Attention U-Net, counted models
+    (["3d", "patch_free"], "cpu", True),   # patch-free is measured on the meta device
+    (["unetr"], "cpu", False),
+    (["3d", "2d"], "cuda", False),
 ])
-def test_which_libraries_a_plan_loads(configs, kind, expected):
-    assert wanted_libraries(configs, kind) == expected
+def test_which_plans_load_the_meta_kernels(configs, kind, expected):
+    assert wants_meta_kernels(configs, kind) == expected
 
 
 def test_the_warmup_detects_the_device_as_detection_does():
@@ -66,7 +66,8 @@ print(json.dumps([m in sys.modules for m in ("torch", "autoseg.planning.planner"
 
 @pytest.mark.parametrize(("configs", "loaded"), [
     (["3d", "2d"], [True, True, False, False]),
-    (["3d", "segresnet"], [True, True, True, True]),
+    (["3d", "segresnet", "attention_unet", "unetr"], [True, True, False, False]),  # MONAI's are counted
+    (["3d", "patch_free"], [True, True, False, True]),
 ])
 def test_the_warmup_loads_what_the_configurations_need(configs, loaded):
     """In a fresh interpreter (this one has imported everything already)."""
