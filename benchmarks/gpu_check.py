@@ -312,6 +312,31 @@ def check_prediction(run: Path, device: torch.device) -> Row:
                f"probability difference {diff:.2e}; with AMP on the GPU: {amp_agree:.5%}")
 
 
+def check_patch_free_tiles(device: torch.device) -> Row:
+    """The patch-free network predicted by tiles (its U-Net slid at low resolution, its heads once over the
+    blended features) on the GPU, in fp32 and under AMP, against the CPU: a seeded network, a 2-channel volume of
+    2.5 regions per axis, mirrored along every axis."""
+    if device.type != "cuda":
+        return Row("patch-free tiles GPU vs CPU", "skipped: no CUDA", "")
+    from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
+    from autoseg.networks.patchfree import PatchFreeUNet
+
+    torch.manual_seed(0)
+    net = PatchFreeUNet(2, 3, [16, 32, 64, 128], [[3, 3, 3]] * 4, [[1, 1, 1]] + [[2, 2, 2]] * 3, [1, 1, 1, 1], 1,
+                        True, [2, 2, 2], 0.5, 0.5).eval()
+    region = [32, 64, 64]
+    x = torch.randn(2, 80, 160, 150)
+    out = {}
+    for name, dev, amp in (("cpu", torch.device("cpu"), False), ("gpu", device, False), ("amp", device, True)):
+        out[name] = predict_patch_free_tiles(net.to(dev), x, region, 0.5, [0, 1, 2], 0.125, dev, amp=amp)
+    agree = float((out["gpu"].argmax(0) == out["cpu"].argmax(0)).float().mean())
+    amp_agree = float((out["amp"].argmax(0) == out["cpu"].argmax(0)).float().mean())
+    diff = float((out["gpu"] - out["cpu"]).abs().max())
+    return Row("patch-free tiles GPU vs CPU", "PASS" if agree >= AGREEMENT else "FAIL",
+               f"80x160x150 volume, fp32: labels agree on {agree:.5%} of voxels, max logit difference {diff:.2e}; "
+               f"with AMP: {amp_agree:.5%}")
+
+
 def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, device: torch.device,
                      steps: int) -> list[Row]:
     """Steps per second of each stage (random data, the plan's patch and batch; also deterministic) and
@@ -443,6 +468,7 @@ def main() -> int:
     rows += _safe("DDP 2 processes", lambda: check_ddp(run, root, device, args.gpus))
     rows += _safe("prediction GPU vs CPU", lambda: check_prediction(run, device))
     rows += _safe("MONAI configurations", lambda: check_monai(run, root, device))
+    rows += _safe("patch-free tiles GPU vs CPU", lambda: check_patch_free_tiles(device))
     hippo = args.hippocampus if args.hippocampus.is_dir() else None
     rows += _safe("throughput", lambda: check_throughput(hippo, run, root, device, 10 if gpu else 2))
     rows += _safe("data workers feed the device", lambda: check_feeding(hippo, run, root, device, 20 if gpu else 4))

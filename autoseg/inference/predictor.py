@@ -25,6 +25,7 @@ from torch import nn
 from autoseg.checkpoint import load_checkpoint
 from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
+from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
     CPU_ITEMS_PER_CALL,
@@ -39,7 +40,7 @@ from autoseg.inference.sliding_window import (
 )
 from autoseg.io import Geometry
 from autoseg.networks import build_network
-from autoseg.networks.patchfree import prediction_bytes
+from autoseg.networks.patchfree import PatchFreeUNet, prediction_bytes
 from autoseg.planning.measured import network_step_cost
 from autoseg.plans import PLANS_FILE, Plans, configuration_names, load_plans, select_configuration
 from autoseg.preprocessing.transform import CaseProperties, forward, probabilities_to_labels, probabilities_to_original
@@ -353,12 +354,17 @@ class Predictor:
         cache is emptied after leaving the ``except`` block: inside it, the exception's traceback still holds
         the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing.
 
+        A patch-free network that needs several tiles slides its U-Net alone and runs its heads once over the
+        blended features (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`).
+
         Raises:
             RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
         """
         args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
+        several = len(tile_boxes(padded_shape(list(x.shape[1:]), patch), patch, self.step)) > 1
+        run = predict_patch_free_tiles if isinstance(net, PatchFreeUNet) and several else predict_logits
         if self.device.type != "cuda":
-            return predict_logits(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
+            return run(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
         sums_on, batch = self._gpu_layout(x, patch)
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":
@@ -366,7 +372,7 @@ class Predictor:
         rungs = ([self.device] if sums_on.type == "cuda" else []) + [CPU]
         for i, acc_on in enumerate(rungs):
             try:
-                return predict_logits(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
+                return run(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
             except RuntimeError as e:
                 if not is_gpu_out_of_memory(e):
                     raise
@@ -377,6 +383,6 @@ class Predictor:
                         "keeping the sums in RAM" if i + 1 < len(rungs) else "predicting it on the CPU")
         net.to(CPU)
         try:
-            return predict_logits(net, *args, CPU)
+            return run(net, *args, CPU)
         finally:
             net.to(self.device)

@@ -1,0 +1,137 @@
+"""Tiled prediction of the patch-free network: the U-Net slid over the low-resolution scan, the heads once over
+the blended features, checked against the network's own forward and a hand-blended computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoseg.inference import patch_free_tiles as pft
+from autoseg.inference.patch_free_tiles import heads_by_slabs, predict_patch_free_tiles
+from autoseg.inference.sliding_window import gaussian_weights
+from autoseg.networks.patchfree import PatchFreeUNet
+from autoseg.tiling import tile_boxes
+
+CPU = torch.device("cpu")
+
+
+def _net(factor: list[int], channels: int = 2, classes: int = 3) -> PatchFreeUNet:
+    torch.manual_seed(0)
+    net = PatchFreeUNet(channels, classes, [8, 16, 32], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                        [1, 1, 1], 1, True, factor, 0.5, 0.5)
+    return net.eval()
+
+
+def _blended_by_hand(net: PatchFreeUNet, x: torch.Tensor, region: list[int], step: float,
+                     mirror: bool = False) -> torch.Tensor:
+    """Features and logits of the U-Net on each low-resolution tile (``mirror``: averaged with those of the tile
+    flipped along its first axis, flipped back), Gaussian-weighted, summed, divided."""
+    low = F.avg_pool3d(x[None], tuple(net.factor))[0]
+    patch = [r // f for r, f in zip(region, net.factor)]
+    w = gaussian_weights(patch, 0.125)
+    acc, norm = None, torch.zeros(low.shape[1:])
+    for box in tile_boxes(list(low.shape[1:]), patch, step):
+        tile = low[(slice(None), *box)][None]
+        features, logits = net.body.decode(tile)
+        out = torch.cat([features, logits[0]], 1)[0]
+        if mirror:
+            features, logits = net.body.decode(tile.flip(2))
+            out = (out + torch.cat([features, logits[0]], 1)[0].flip(1)) / 2
+        acc = torch.zeros((out.shape[0], *low.shape[1:])) if acc is None else acc
+        acc[(slice(None), *box)] += out * w
+        norm[box] += w
+    return acc / norm
+
+
+@pytest.mark.parametrize("factor", [[2, 2, 2], [1, 2, 2]])
+def test_heads_by_slabs_equal_the_networks_forward(factor):
+    """One slab or one low-resolution slice per slab: the same full-resolution logits as the eval forward, whose
+    heads see the whole region."""
+    net = _net(factor)
+    x = torch.randn(1, 2, 16, 24, 32)
+    with torch.no_grad():
+        want = net(x)[0]
+        features, logits = net.body.decode(net.low_resolution(x))
+        blended = torch.cat([features, logits[0]], 1)[0]
+        whole = heads_by_slabs(net, blended, CPU)
+        thin = heads_by_slabs(net, blended, CPU, budget_bytes=1)  # one low-resolution slice per slab
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(thin, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_tile_is_the_networks_forward():
+    """A region that covers the scan: one low-resolution tile, whose Gaussian weights cancel."""
+    net = _net([2, 2, 2])
+    x = torch.randn(2, 16, 16, 24)
+    got = predict_patch_free_tiles(net, x, [16, 16, 24], 0.5, [], 0.125, CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(x[None])[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("step", [0.5, 1.0])
+def test_several_tiles_blend_features_then_run_the_heads_once(step):
+    net = _net([2, 2, 2])
+    x = torch.randn(2, 32, 24, 40)
+    region = [16, 16, 16]
+    got = predict_patch_free_tiles(net, x, region, step, [], 0.125, CPU)
+    with torch.no_grad():
+        blended = _blended_by_hand(net, x, region, step)
+        want = net.heads(blended[None, :8])[0][0] + net.upsampled(blended[None, 8:])[0]
+    assert got.shape == (3, 32, 24, 40)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mirrored_tiles_average_the_flipped_back_features():
+    net = _net([2, 2, 2])
+    x = torch.randn(2, 32, 16, 16)
+    region = [16, 16, 16]
+    got = predict_patch_free_tiles(net, x, region, 0.5, [0], 0.125, CPU)
+    with torch.no_grad():
+        blended = _blended_by_hand(net, x, region, 0.5, mirror=True)
+        want = net.heads(blended[None, :8])[0][0] + net.upsampled(blended[None, 8:])[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_scan_not_divisible_by_the_factor_is_padded_and_cropped_back():
+    net = _net([2, 2, 2])
+    x = torch.randn(2, 33, 17, 30)
+    got = predict_patch_free_tiles(net, x, [16, 16, 16], 0.5, [], 0.125, CPU)
+    padded = F.pad(x, [0, 0, 0, 1, 0, 1])  # zeros at the far end up to a multiple of 2 (x is one already)
+    want = predict_patch_free_tiles(net, padded, [16, 16, 16], 0.5, [], 0.125, CPU)
+    assert got.shape == (3, 33, 17, 30)
+    torch.testing.assert_close(got, want[:, :33, :17, :30])
+
+
+def test_wrong_inputs_are_refused():
+    net = _net([2, 2, 2])
+    with pytest.raises(TypeError, match="need a PatchFreeUNet, not Conv3d"):
+        predict_patch_free_tiles(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), [8, 8, 8], 0.5, [], 0.125, CPU)
+    with pytest.raises(ValueError, match="blended features of 5 channels; the network's heads take 8"):
+        heads_by_slabs(net, torch.zeros(5, 4, 4, 4), CPU)
+
+
+def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(monkeypatch):
+    """A patch-free network predicted by tiles goes through this path; in one pass (one tile) and for other
+    networks the plain sliding window runs."""
+    from autoseg.inference import predictor as predictor_module
+    from autoseg.inference.predictor import Predictor
+
+    calls: list[str] = []
+    real = pft.predict_patch_free_tiles
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("features")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "predict_patch_free_tiles", spy)
+    net = _net([2, 2, 2], channels=1)
+    predictor = Predictor.__new__(Predictor)  # only what _logits reads
+    predictor.device, predictor.step, predictor.mirror_axes = CPU, 0.5, []
+    predictor.plans = type("P", (), {"inference": type("I", (), {"gaussian_sigma_scale": 0.125})()})()
+    several = predictor._logits(net, torch.randn(1, 32, 16, 16), [16, 16, 16])
+    assert calls == ["features"] and several.shape == (3, 32, 16, 16)
+    one = predictor._logits(net, torch.randn(1, 16, 16, 16), [16, 16, 16])
+    assert calls == ["features"] and one.shape == (3, 16, 16, 16)
+    predictor._logits(torch.nn.Conv3d(1, 3, 1).eval(), torch.randn(1, 32, 16, 16), [16, 16, 16])
+    assert calls == ["features"]
