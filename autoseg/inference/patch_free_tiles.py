@@ -86,8 +86,8 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
     the full-resolution region ``patch``; the other arguments as :func:`predict_logits`'s, which slides the U-Net
     over the low-resolution scan (tiles of ``patch / factor``).
 
-    The scan is zero-padded at its far end to a multiple of the factor, averaged down, predicted, and the result
-    cropped back.
+    The scan is padded at its far end to a multiple of the factor by repeating its last voxels (so that the last
+    low-resolution voxel averages the scan, not zeros), averaged down, predicted, and the result cropped back.
 
     Raises:
         TypeError: ``net`` is not a :class:`PatchFreeUNet`.
@@ -98,7 +98,8 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
     spatial = list(image.shape[1:])
     padded = [ceil(s / f) * f for s, f in zip(spatial, factor)]
     if padded != spatial:
-        image = F.pad(image, [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)])
+        pads = [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)]
+        image = F.pad(image.unsqueeze(0), pads, mode="replicate")[0]
     low = F.avg_pool3d(image.unsqueeze(0), tuple(factor))[0] if any(f > 1 for f in factor) else image
     low_patch = [p // f for p, f in zip(patch, factor)]
     blended = predict_logits(_Body(net), low, low_patch, step, mirror_axes, sigma_scale, device, tiles_per_batch,

@@ -93,11 +93,12 @@ def test_mirrored_tiles_average_the_flipped_back_features():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_a_scan_not_divisible_by_the_factor_is_padded_and_cropped_back():
+def test_a_scan_not_divisible_by_the_factor_is_padded_with_its_edge_and_cropped_back():
     net = _net([2, 2, 2])
     x = torch.randn(2, 33, 17, 30)
     got = predict_patch_free_tiles(net, x, [16, 16, 16], 0.5, [], 0.125, CPU)
-    padded = F.pad(x, [0, 0, 0, 1, 0, 1])  # zeros at the far end up to a multiple of 2 (x is one already)
+    padded = F.pad(x[None], [0, 0, 0, 1, 0, 1], mode="replicate")[0]  # the last voxels repeated up to a multiple
+    assert torch.equal(padded[:, 33, :17], x[:, 32]) and torch.equal(padded[:, :33, 17], x[:, :, 16])  # of 2
     want = predict_patch_free_tiles(net, padded, [16, 16, 16], 0.5, [], 0.125, CPU)
     assert got.shape == (3, 33, 17, 30)
     torch.testing.assert_close(got, want[:, :33, :17, :30])
