@@ -14,7 +14,7 @@ copies; the low-resolution grid is one for the whole scan instead of one per til
 
 from __future__ import annotations
 
-from math import ceil, prod
+from math import ceil, isqrt, prod
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ from autoseg.networks.patchfree import PatchFreeUNet
 
 __all__ = ["predict_patch_free_tiles", "heads_by_slabs", "HEADS_SLAB_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
 
-#: float32 bytes the heads may hold at full resolution per slab (their input, the up-sampled and concatenated
-#: features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
+#: float32 bytes the heads may hold at full resolution per block, margins included (their input, the up-sampled
+#: and concatenated features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
 HEADS_SLAB_BYTES = 256 * 2**20
 #: the heads' input channels-last on the CPU: their convolutions have few channels (8 on CPU plans) at full
 #: resolution, where oneDNN's channels-last kernels ran a 16x120x120-voxel slab 2.3x faster on a 2-core host
@@ -47,33 +47,53 @@ class _Body(nn.Module):
         return torch.cat([features, logits[0]], dim=1)
 
 
+def _blocks(low: list[int], margin: list[int], lines: int) -> list[int]:
+    """Edges (first two axes, low-resolution voxels) of the blocks the heads run on: whole planes of as many
+    slices as ``lines`` lines along the last axis allow with the margins, where that keeps at least twice the
+    margin per block (the margins then cost at most as much again); else square blocks of the first two axes."""
+    whole_planes = lines // low[1] - 2 * margin[0]
+    if whole_planes >= min(low[0], 2 * margin[0]):
+        return [max(1, min(low[0], whole_planes)), low[1]]
+    side = max(isqrt(max(lines, 1)) - 2 * max(margin), 2 * max(margin), 1)
+    return [min(low[0], side), min(low[1], side)]
+
+
 def heads_by_slabs(net: PatchFreeUNet, blended: torch.Tensor, device: torch.device, amp: bool = False,
                    budget_bytes: int = HEADS_SLAB_BYTES) -> torch.Tensor:
     """Full-resolution logits ``(K, *low * factor)``, float32 on the CPU, of blended low-resolution ``blended``
-    ``(f0 + K, *low)``: the segmentation head plus the up-sampled logits, as the network's eval forward gives
-    them, computed slab by slab along the first axis, each with :attr:`PatchFreeUNet.margin` (at least one)
-    low-resolution slices of context so that it equals the whole volume's result.
+    ``(f0 + K, *low)``: :meth:`PatchFreeUNet.segmentation`, as the network's eval forward gives it, computed block
+    by block over the first two axes (whole planes where the budget allows), each block with
+    :attr:`PatchFreeUNet.margin` (at least one) low-resolution voxels of context so that it equals the whole
+    volume's result. A block and its margins hold about ``budget_bytes`` of head activations.
 
-    On the CPU the slabs go through the heads channels-last (:data:`HEADS_CHANNELS_LAST_ON_CPU`)."""
+    On the CPU the blocks go through the heads channels-last (:data:`HEADS_CHANNELS_LAST_ON_CPU`).
+
+    Raises:
+        ValueError: ``blended`` has not the heads' plus the logits' channels.
+    """
     f0, n_classes, h = net.up_seg.in_channels, net.seg_out.out_channels, net.up_seg.out_channels
     if blended.shape[0] != f0 + n_classes:
         raise ValueError(f"blended features of {blended.shape[0]} channels; the network's heads take {f0} and its "
                          f"logits have {n_classes}")
     low, factor = list(blended.shape[1:]), net.factor
-    plane = prod(low[1:]) * prod(factor[1:])
-    rows = max(1, budget_bytes // (4 * 5 * h * plane * factor[0]))
-    margin = max(1, net.margin[0])
+    margin = [max(1, m) for m in net.margin]
+    line_bytes = 4 * 5 * h * low[2] * prod(factor)  # one low-resolution line along the last axis, at full res
+    edge = _blocks(low, margin, budget_bytes // line_bytes)
     out = torch.empty((n_classes, *[n * f for n, f in zip(low, factor)]), dtype=torch.float32)
-    for z in range(0, low[0], rows):
-        a, b = max(0, z - margin), min(low[0], z + rows + margin)
-        part = blended[:, a:b].to(device).unsqueeze(0)
-        features = part[:, :f0]
-        if device.type == "cpu" and HEADS_CHANNELS_LAST_ON_CPU:
-            features = features.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            seg = net.heads(features)[0].float() + net.upsampled(part[:, f0:].float())
-        keep = slice((z - a) * factor[0], (min(z + rows, low[0]) - a) * factor[0])
-        out[:, z * factor[0]:min(z + rows, low[0]) * factor[0]] = seg[0, :, keep].cpu()
+    for z in range(0, low[0], edge[0]):
+        for y in range(0, low[1], edge[1]):
+            corner, stop = [z, y], [min(z + edge[0], low[0]), min(y + edge[1], low[1])]
+            lo = [max(0, c - m) for c, m in zip(corner, margin)]
+            hi = [min(n, s + m) for n, s, m in zip(low, stop, margin)]
+            part = blended[:, lo[0]:hi[0], lo[1]:hi[1]].to(device).unsqueeze(0)
+            features = part[:, :f0]
+            if device.type == "cpu" and HEADS_CHANNELS_LAST_ON_CPU:
+                features = features.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                seg = net.segmentation(features, part[:, f0:].float()).float()
+            keep = [slice((c - a) * f, (s - a) * f) for c, s, a, f in zip(corner, stop, lo, factor)]
+            out[:, corner[0] * factor[0]:stop[0] * factor[0], corner[1] * factor[1]:stop[1] * factor[1]] = \
+                seg[0, :, keep[0], keep[1]].cpu()
     return out
 
 
@@ -97,10 +117,10 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
     factor = net.factor
     spatial = list(image.shape[1:])
     padded = [ceil(s / f) * f for s, f in zip(spatial, factor)]
+    batch = image.unsqueeze(0)
     if padded != spatial:
-        pads = [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)]
-        image = F.pad(image.unsqueeze(0), pads, mode="replicate")[0]
-    low = F.avg_pool3d(image.unsqueeze(0), tuple(factor))[0] if any(f > 1 for f in factor) else image
+        batch = F.pad(batch, [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)], mode="replicate")
+    low = net.low_resolution(batch)[0]
     low_patch = [p // f for p, f in zip(patch, factor)]
     blended = predict_logits(_Body(net), low, low_patch, step, mirror_axes, sigma_scale, device, tiles_per_batch,
                              amp, accumulate_on, chunk, flips_per_call)

@@ -12,6 +12,7 @@ A Python API for people who embed autoseg::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import traceback
@@ -324,19 +325,28 @@ class Predictor:
         return (f"out of memory (RAM) predicting {volume}: its sums and input alone take {need:.1f} GiB; free "
                 f"RAM (other programs, fewer runs at once), predict on a machine with more RAM{folds}")
 
-    def _gpu_layout(self, x: torch.Tensor, patch: list[int]) -> tuple[torch.device, int]:
+    def _gpu_layout(self, x: torch.Tensor, patch: list[int], low_resolution: bool = False) -> tuple[torch.device, int]:
         """Where the sums live and how many tiles go through the network at once, decided from the GPU's
         free memory before any tile runs (:func:`choose_sums_device`, :func:`choose_tiles_per_batch`).
 
         One tile's forward memory is estimated by the training memory model's ``activation_bytes``: what a
         training step keeps for backward, which bounds what a forward pass without gradients holds at once.
+        ``low_resolution``: the patch-free U-Net slid over the scan averaged down
+        (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`): its sums are its features and
+        logits at low resolution, its tiles the U-Net's alone on the region divided by the factor.
         """
-        k, c = len(self.plans.labels), x.shape[0]
-        padded = padded_shape(list(x.shape[1:]), patch)
+        k, c, net = len(self.plans.labels), x.shape[0], self.plans.network
+        shape, sums = list(x.shape[1:]), k
+        if low_resolution:
+            shape = [-(-s // f) for s, f in zip(shape, net.upsample_factor)]
+            patch = [p // f for p, f in zip(patch, net.upsample_factor)]
+            net = dataclasses.replace(net, architecture="residual_unet", upsample_factor=[1, 1, 1])
+            sums = net.features[0] + k
+        padded = padded_shape(shape, patch)
         free = cuda_free_bytes(self.device)
-        need = sums_bytes(k, c, padded)
+        need = sums_bytes(sums, c, padded)
         on_gpu = choose_sums_device(need, free) == "cuda"
-        per_tile = network_step_cost(self.plans.network, patch, 1, c, k, self.plans.amp).activation_bytes
+        per_tile = network_step_cost(net, patch, 1, c, k, self.plans.amp).activation_bytes
         n_tiles = len(tile_boxes(padded, patch, self.step))
         batch = choose_tiles_per_batch(per_tile, free - need if on_gpu else free, n_tiles, "cuda")
         log.debug("GPU: %.2f GiB free; sums %.2f GiB in %s; %d tile(s) of %d per batch (%.2f GiB each)",
@@ -365,7 +375,7 @@ class Predictor:
         run = predict_patch_free_tiles if isinstance(net, PatchFreeUNet) and several else predict_logits
         if self.device.type != "cuda":
             return run(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
-        sums_on, batch = self._gpu_layout(x, patch)
+        sums_on, batch = self._gpu_layout(x, patch, run is predict_patch_free_tiles)
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":
             log.info("keeping the sums of the %s volume in RAM: they do not fit the free GPU memory", shape)

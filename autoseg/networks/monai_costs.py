@@ -3,7 +3,7 @@
 The planner used to measure these networks with a forward pass on PyTorch's ``meta`` device
 (:mod:`autoseg.planning.measured`), which needs MONAI imported (seconds: its package imports its transforms
 and their dependencies) and PyTorch's meta kernels (their first normalisation imports ``torch._dynamo``). Here
-each network's layers are walked in the order :mod:`autoseg.networks.monai_nets` builds and MONAI 1.4-1.6 runs
+each network's layers are walked in the order :mod:`autoseg.networks.monai_nets` builds and MONAI (1.6) runs
 them, and counted as that measurement counts (``tests/networks/test_monai_costs.py`` checks every term against
 it, exactly, on all three networks and several shapes):
 

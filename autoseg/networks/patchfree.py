@@ -147,11 +147,20 @@ class PatchFreeUNet(nn.Module):
             raise ValueError(f"patch-free input {list(x.shape[2:])} is not divisible by the factor {self.factor}")
         return F.avg_pool3d(x, tuple(self.factor)) if any(f > 1 for f in self.factor) else x
 
+    def _fused(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segmentation head's output and the super-resolution head's features it reads."""
+        r = self.sr_convs(self.up_sr(features))
+        return self.seg_out(self.seg_convs(torch.cat([self.up_seg(features), r], dim=1))), r
+
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-resolution segmentation logits and reconstruction from low-resolution decoder ``features``."""
-        r = self.sr_convs(self.up_sr(features))
-        seg = self.seg_out(self.seg_convs(torch.cat([self.up_seg(features), r], dim=1)))
+        seg, r = self._fused(features)
         return seg, self.sr_out(r)
+
+    def segmentation(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What prediction returns: the segmentation head on the decoder ``features`` plus the low-resolution
+        ``logits`` up-sampled (the reconstruction is not computed)."""
+        return self._fused(features)[0] + self.upsampled(logits)
 
     def patch_heads(self, features: torch.Tensor, corners: list[list[int]],
                     size: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +195,9 @@ class PatchFreeUNet(nn.Module):
         ``(B, 3)`` gives (None: the centred patch)."""
         low = self.low_resolution(x)
         features, logits = self.body.decode(low)
-        base = self.upsampled(logits[0])
         if not self.training:
-            return self.heads(features)[0] + base
+            return self.segmentation(features, logits[0])
+        base = self.upsampled(logits[0])
         size = guidance_size(low.shape[2:], self.share)
         if guide is None:
             guide = torch.tensor([[(n - s) // 2 for n, s in zip(low.shape[2:], size)]] * x.shape[0])

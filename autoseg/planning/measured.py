@@ -16,11 +16,13 @@ costs milliseconds whatever the patch, and counts:
 - the parameters.
 
 It does so at small patches (2 and 3 times the network's total stride per axis) and fits ``c + a v`` in the
-patch's voxels ``v``: convolutional networks are affine in ``v`` (``c``: per-channel statistics). UNETR's
-attention adds the square of its token count, so for it a third patch (4 times) fits ``c + a v + b v^2``. The
-fit is exact for patches the network divides; ``tests/planning/test_measured.py`` checks it against a
-measurement at the planned patch. The same measurement is the reference the counted models of MONAI's networks
-are tested against. The loss and the optimiser's copies are added by the same formulas as for our U-Net.
+patch's voxels ``v``: convolutional networks are affine in ``v`` (``c``: per-channel statistics). The fit also
+takes MONAI's networks, which the planner no longer measures but the tests compare with their counted models:
+for UNETR, whose attention adds the square of its token count, a third patch (4 times) fits
+``c + a v + b v^2``. The fit is exact for patches the network divides; ``tests/planning/test_measured.py``
+checks it against a measurement at the planned patch. The same measurement is the reference the counted models
+of MONAI's networks are tested against. The loss and the optimiser's copies are added by the same formulas as
+for our U-Net.
 
 Mixed precision is not measured on ``meta`` (autocast has no meta kernels): under CUDA AMP the activations are
 taken at half the float32 bytes, as for our U-Net, whose saved activations are all float16.

@@ -54,10 +54,20 @@ def test_heads_by_slabs_equal_the_networks_forward(factor):
         want = net(x)[0]
         features, logits = net.body.decode(net.low_resolution(x))
         blended = torch.cat([features, logits[0]], 1)[0]
-        whole = heads_by_slabs(net, blended, CPU)
-        thin = heads_by_slabs(net, blended, CPU, budget_bytes=1)  # one low-resolution slice per slab
-    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(thin, want, rtol=1e-5, atol=1e-5)
+        line = 4 * 5 * net.up_seg.out_channels * blended.shape[3] * 8 // (2 if factor[0] == 1 else 1)
+        for budget in (pft.HEADS_SLAB_BYTES,  # one block
+                       line * blended.shape[2] * 9,  # whole planes, 5 slices a block (and 2 x 2 of margin)
+                       1):  # square blocks over the first two axes, as small as the margins allow
+            got = heads_by_slabs(net, blended, CPU, budget_bytes=budget)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_fill_whole_planes_else_squares():
+    assert pft._blocks([40, 60, 60], [2, 2, 2], 60 * 14) == [10, 60]  # 10 slices + 2 x 2 of margin
+    assert pft._blocks([40, 60, 60], [2, 2, 2], 60 * 100) == [40, 60]  # the whole volume
+    assert pft._blocks([40, 60, 60], [2, 2, 2], 60 * 7) == [16, 16]  # 3 slices: mostly margin; (16 + 4)^2 <= 420
+    assert pft._blocks([40, 60, 60], [2, 2, 2], 0) == [4, 4]
+    assert pft._blocks([3, 60, 60], [2, 2, 2], 60 * 7) == [3, 60]  # a thin volume: every slice in one block
 
 
 def test_one_tile_is_the_networks_forward():
@@ -77,7 +87,7 @@ def test_several_tiles_blend_features_then_run_the_heads_once(step):
     got = predict_patch_free_tiles(net, x, region, step, [], 0.125, CPU)
     with torch.no_grad():
         blended = _blended_by_hand(net, x, region, step)
-        want = net.heads(blended[None, :8])[0][0] + net.upsampled(blended[None, 8:])[0]
+        want = net.segmentation(blended[None, :8], blended[None, 8:])[0]
     assert got.shape == (3, 32, 24, 40)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
@@ -89,7 +99,7 @@ def test_mirrored_tiles_average_the_flipped_back_features():
     got = predict_patch_free_tiles(net, x, region, 0.5, [0], 0.125, CPU)
     with torch.no_grad():
         blended = _blended_by_hand(net, x, region, 0.5, mirror=True)
-        want = net.heads(blended[None, :8])[0][0] + net.upsampled(blended[None, 8:])[0]
+        want = net.segmentation(blended[None, :8], blended[None, 8:])[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -102,6 +112,23 @@ def test_a_scan_not_divisible_by_the_factor_is_padded_with_its_edge_and_cropped_
     want = predict_patch_free_tiles(net, padded, [16, 16, 16], 0.5, [], 0.125, CPU)
     assert got.shape == (3, 33, 17, 30)
     torch.testing.assert_close(got, want[:, :33, :17, :30])
+
+
+def test_a_scan_thinner_than_the_region_on_one_axis_and_longer_on_another():
+    """The low-resolution scan is padded to the low-resolution tile on the thin axis (the sliding window's
+    symmetric zero padding) and slid along the long one; the result is the hand blend of the padded scan."""
+    net = _net([2, 2, 2])
+    x = torch.randn(2, 9, 40, 16)  # 9 slices: repeated to 10, then 5 low-resolution slices padded to the tile's 8
+    region = [16, 16, 16]
+    got = predict_patch_free_tiles(net, x, region, 0.5, [], 0.125, CPU)
+    with torch.no_grad():
+        low = net.low_resolution(F.pad(x[None], [0, 0, 0, 0, 0, 1], mode="replicate"))[0]
+        low = F.pad(low, [0, 0, 0, 0, 1, 2])  # predict_logits: (8 - 5) // 2 before, the rest after
+        up = F.interpolate(low[None], scale_factor=2, mode="nearest")[0]  # whose 2x2x2 means are `low` again
+        blended = _blended_by_hand(net, up, region, 0.5)[:, 1:6]
+        want = net.segmentation(blended[None, :8], blended[None, 8:])[0]
+    assert got.shape == (3, 9, 40, 16)
+    torch.testing.assert_close(got, want[:, :9], rtol=1e-4, atol=1e-5)
 
 
 def test_wrong_inputs_are_refused():
@@ -136,3 +163,37 @@ def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(mo
     assert calls == ["features"] and one.shape == (3, 16, 16, 16)
     predictor._logits(torch.nn.Conv3d(1, 3, 1).eval(), torch.randn(1, 32, 16, 16), [16, 16, 16])
     assert calls == ["features"]
+
+
+def test_the_gpu_layout_prices_the_low_resolution_sums_and_tiles(monkeypatch):
+    """On a GPU the sums of this path are the U-Net's features and logits at low resolution and a tile is the
+    U-Net's alone on the region divided by the factor: that is what the layout must price (the full-resolution
+    logit sums and whole-network tiles of the other path would be wrong both ways)."""
+    from dataclasses import replace
+
+    from autoseg.inference import predictor as predictor_module
+    from autoseg.inference.predictor import Predictor
+    from autoseg.inference.sliding_window import padded_shape, sums_bytes
+    from autoseg.planning import make_plan
+    from autoseg.planning.memory import step_cost
+    from autoseg.plans import select_configuration
+
+    from ..planning.fingerprints import CT, device
+
+    p = select_configuration(make_plan(CT, device("cuda", 24), configurations=["3d", "patch_free"]), "patch_free")
+    region, net = p.stages[-1].patch_size, p.network
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(predictor_module, "cuda_free_bytes", lambda d: 2**40)
+    monkeypatch.setattr(predictor_module, "choose_sums_device",
+                        lambda need, free: seen.setdefault("need", need) and "cuda")
+    monkeypatch.setattr(predictor_module, "choose_tiles_per_batch",
+                        lambda per_tile, free, n, kind: seen.setdefault("per_tile", per_tile) and 1)
+    predictor = Predictor(p, [(torch.nn.Identity(), region)], CPU)  # the layout reads the plan, not the net
+    scan = [3 * r + 1 for r in region]
+    predictor._gpu_layout(torch.zeros(1, *scan), region, low_resolution=True)
+    low = [-(-s // f) for s, f in zip(scan, net.upsample_factor)]
+    low_patch = [r // f for r, f in zip(region, net.upsample_factor)]
+    k = len(p.labels)
+    assert seen["need"] == sums_bytes(net.features[0] + k, 1, padded_shape(low, low_patch))
+    body = replace(net, architecture="residual_unet", upsample_factor=[1, 1, 1])
+    assert seen["per_tile"] == step_cost(body, low_patch, 1, 1, k, p.amp).activation_bytes
