@@ -7,7 +7,7 @@ were half of the network's time. The heads are local (a few convolutions, no nor
 the U-Net's last decoder features, so here the U-Net alone is slid over the scan averaged down by the network's
 factor: its features and low-resolution logits are blended with the Gaussian weights and mirroring of
 :func:`autoseg.inference.sliding_window.predict_logits`, at low resolution, and the heads then run once per voxel,
-slab by slab, over the blended features. The result is the network's full-resolution output (heads plus the
+block by block, over the blended features. The result is the network's full-resolution output (heads plus the
 up-sampled low-resolution logits) with the features rather than the outputs averaged over tiles and mirrored
 copies; the low-resolution grid is one for the whole scan instead of one per tile.
 """
@@ -23,11 +23,11 @@ from torch import nn
 from autoseg.inference.sliding_window import predict_logits
 from autoseg.networks.patchfree import PatchFreeUNet
 
-__all__ = ["predict_patch_free_tiles", "heads_by_slabs", "HEADS_SLAB_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
+__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "HEADS_BLOCK_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
 
 #: float32 bytes the heads may hold at full resolution per block, margins included (their input, the up-sampled
 #: and concatenated features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
-HEADS_SLAB_BYTES = 256 * 2**20
+HEADS_BLOCK_BYTES = 256 * 2**20
 #: the heads' input channels-last on the CPU: their convolutions have few channels (8 on CPU plans) at full
 #: resolution, where oneDNN's channels-last kernels ran a 16x120x120-voxel slab 2.3x faster on a 2-core host
 #: (1.18 s against 2.71 s; the same values to 1e-7)
@@ -58,8 +58,8 @@ def _blocks(low: list[int], margin: list[int], lines: int) -> list[int]:
     return [min(low[0], side), min(low[1], side)]
 
 
-def heads_by_slabs(net: PatchFreeUNet, blended: torch.Tensor, device: torch.device, amp: bool = False,
-                   budget_bytes: int = HEADS_SLAB_BYTES) -> torch.Tensor:
+def heads_by_blocks(net: PatchFreeUNet, blended: torch.Tensor, device: torch.device, amp: bool = False,
+                   budget_bytes: int = HEADS_BLOCK_BYTES) -> torch.Tensor:
     """Full-resolution logits ``(K, *low * factor)``, float32 on the CPU, of blended low-resolution ``blended``
     ``(f0 + K, *low)``: :meth:`PatchFreeUNet.segmentation`, as the network's eval forward gives it, computed block
     by block over the first two axes (whole planes where the budget allows), each block with
@@ -124,6 +124,6 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
     low_patch = [p // f for p, f in zip(patch, factor)]
     blended = predict_logits(_Body(net), low, low_patch, step, mirror_axes, sigma_scale, device, tiles_per_batch,
                              amp, accumulate_on, chunk, flips_per_call)
-    logits = heads_by_slabs(net, blended, device, amp)
+    logits = heads_by_blocks(net, blended, device, amp)
     return logits[(slice(None), *(slice(0, s) for s in spatial))]
 

@@ -21,20 +21,19 @@ it, exactly, on all three networks and several shapes):
 
 from __future__ import annotations
 
-from math import ceil, floor, log2, prod
+from math import ceil, prod
 from typing import TYPE_CHECKING
 
+from autoseg.networks.monai_nets import UNETR_TOKEN, segresnet_resolution, segresnet_strides
 from autoseg.networks.resunet import NetworkCost
 
 if TYPE_CHECKING:
     from autoseg.plans import NetworkPlan
 
-__all__ = ["monai_costs", "segresnet_scales", "UNETR_LAYERS"]
+__all__ = ["monai_costs", "UNETR_LAYERS"]
 
 #: transformer blocks in MONAI's UNETR (fixed there)
 UNETR_LAYERS = 12
-#: voxels per UNETR token edge (fixed by MONAI)
-_TOKEN = 16
 #: UNETR's transformer outputs that feed its encoders 2-4 (MONAI's choice)
 _UNETR_SKIPS = 3
 
@@ -65,15 +64,6 @@ def _conv_out(shape: list[int], kernel: list[int], stride: list[int]) -> list[in
     return [(e + 2 * (k // 2) - k) // s + 1 for e, k, s in zip(shape, kernel, stride)]
 
 
-def segresnet_scales(resolution: tuple[float, float, float], n_stages: int) -> list[list[int]]:
-    """SegResNetDS's downsampling per stage for a spacing: an axis ``2**k`` times finer than the coarsest is
-    halved alone for the first ``k`` stages, then every axis is (MONAI's rule, restated)."""
-    lead = [int(floor(log2(max(resolution) / r))) for r in resolution]
-    scales = [[1 if i >= n else 2 for n in lead] for i in range(max(lead))]
-    scales += [[2, 2, 2]] * max(0, n_stages - max(lead))
-    return scales[:n_stages]
-
-
 def _segres_block(t: _Tally, f: int, kernel: list[int], voxels: int) -> None:
     """norm-act-conv-norm-act-conv plus the input; keeps the two norms' inputs and the two activations."""
     t.keep(4 * f * voxels + 2 * 3 * f)
@@ -83,10 +73,10 @@ def _segres_block(t: _Tally, f: int, kernel: list[int], voxels: int) -> None:
 
 
 def _segresnet(net: NetworkPlan, cin: int, n_classes: int, patch: list[int]) -> _Tally:
-    from autoseg.networks.monai_nets import segresnet_resolution
-
     t, n = _Tally(), len(net.blocks_per_stage)
-    scales = segresnet_scales(segresnet_resolution(net.strides), n)
+    # MONAI's downsampling after each of the n stages (the plan holds the first n - 1; the last one sets the
+    # last stage's kernels): the strides its rule gives the spacing MONAI is built with, one stage further
+    scales = segresnet_strides(list(segresnet_resolution(net.strides)), n + 1)[1:]
     kernels = [[3 if s > 1 else 1 for s in sc] for sc in scales]
     feats = [net.features[0] * 2**i for i in range(n)]
     shapes = [list(patch)]
@@ -175,11 +165,11 @@ def _res_block(t: _Tally, cin: int, cout: int, voxels: int) -> None:
 def _unetr(net: NetworkPlan, cin: int, n_classes: int, patch: list[int]) -> _Tally:
     t = _Tally()
     f, hid, mlp, heads = net.features[0], net.hidden_size, net.mlp_dim, net.num_heads
-    grid = [e // _TOKEN for e in patch]
+    grid = [e // UNETR_TOKEN for e in patch]
     tok = prod(grid)
     vox = [tok * 8**k for k in range(5)]  # token grid up to full resolution, twice per axis each step
     t.keep(cin * prod(patch))  # the patch embedding's input (the first encoder's too)
-    t.conv(cin, hid, [_TOKEN] * 3, tok, True)
+    t.conv(cin, hid, [UNETR_TOKEN] * 3, tok, True)
     for _ in range(UNETR_LAYERS):
         t.keep(2 * (hid * tok + 2 * tok))  # two layer norms: input and 2 statistics per token
         t.params += 2 * 2 * hid

@@ -38,6 +38,7 @@ import torch
 
 from autoseg.networks.factory import MONAI_ARCHITECTURES
 from autoseg.networks.monai_costs import monai_costs
+from autoseg.networks.monai_nets import UNETR_TOKEN
 from autoseg.planning.memory import (
     PARAM_COPIES,
     StepCost,
@@ -157,7 +158,7 @@ def _fit(net: NetworkPlan, in_channels: int, n_classes: int) -> tuple[np.ndarray
 
 def _embedding_parameters(net: NetworkPlan, patch: list[int]) -> int:
     """UNETR's position embedding: one ``hidden_size`` vector per token of the patch it is sized for."""
-    return net.hidden_size * prod(e // 16 for e in patch) if net.architecture == "unetr" else 0
+    return net.hidden_size * prod(e // UNETR_TOKEN for e in patch) if net.architecture == "unetr" else 0
 
 
 def fitted_step(net: NetworkPlan, patch: list[int], in_channels: int, n_classes: int) -> Measurement:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from autoseg.inference import patch_free_tiles as pft
-from autoseg.inference.patch_free_tiles import heads_by_slabs, predict_patch_free_tiles
+from autoseg.inference.patch_free_tiles import heads_by_blocks, predict_patch_free_tiles
 from autoseg.inference.sliding_window import gaussian_weights
 from autoseg.networks.patchfree import PatchFreeUNet
 from autoseg.tiling import tile_boxes
@@ -45,8 +45,8 @@ def _blended_by_hand(net: PatchFreeUNet, x: torch.Tensor, region: list[int], ste
 
 
 @pytest.mark.parametrize("factor", [[2, 2, 2], [1, 2, 2]])
-def test_heads_by_slabs_equal_the_networks_forward(factor):
-    """One slab or one low-resolution slice per slab: the same full-resolution logits as the eval forward, whose
+def test_heads_by_blocks_equal_the_networks_forward(factor):
+    """One block, whole planes or small squares: the same full-resolution logits as the eval forward, whose
     heads see the whole region."""
     net = _net(factor)
     x = torch.randn(1, 2, 16, 24, 32)
@@ -55,10 +55,10 @@ def test_heads_by_slabs_equal_the_networks_forward(factor):
         features, logits = net.body.decode(net.low_resolution(x))
         blended = torch.cat([features, logits[0]], 1)[0]
         line = 4 * 5 * net.up_seg.out_channels * blended.shape[3] * 8 // (2 if factor[0] == 1 else 1)
-        for budget in (pft.HEADS_SLAB_BYTES,  # one block
+        for budget in (pft.HEADS_BLOCK_BYTES,  # one block
                        line * blended.shape[2] * 9,  # whole planes, 5 slices a block (and 2 x 2 of margin)
                        1):  # square blocks over the first two axes, as small as the margins allow
-            got = heads_by_slabs(net, blended, CPU, budget_bytes=budget)
+            got = heads_by_blocks(net, blended, CPU, budget_bytes=budget)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_wrong_inputs_are_refused():
     with pytest.raises(TypeError, match="need a PatchFreeUNet, not Conv3d"):
         predict_patch_free_tiles(torch.nn.Conv3d(1, 2, 1), torch.zeros(1, 8, 8, 8), [8, 8, 8], 0.5, [], 0.125, CPU)
     with pytest.raises(ValueError, match="blended features of 5 channels; the network's heads take 8"):
-        heads_by_slabs(net, torch.zeros(5, 4, 4, 4), CPU)
+        heads_by_blocks(net, torch.zeros(5, 4, 4, 4), CPU)
 
 
 def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(monkeypatch):

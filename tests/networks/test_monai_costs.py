@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from autoseg.networks.monai_costs import monai_costs, segresnet_scales
-from autoseg.networks.monai_nets import segresnet_resolution
+from autoseg.networks.monai_costs import monai_costs
+from autoseg.networks.monai_nets import segresnet_resolution, segresnet_strides
 from autoseg.planning import make_plan
 from autoseg.planning.measured import STEP_PER_FORWARD, _embedding_parameters, measure_step
 from autoseg.plans import NetworkPlan, select_configuration
@@ -84,14 +84,13 @@ def test_unetr_with_as_many_channels_as_features_has_no_projection():
                                      [1.0, 1.0, 4.5]])
 @pytest.mark.parametrize("n_stages", [3, 4, 5])
 def test_segresnet_scales_are_monais(spacing, n_stages):
+    """The cost model takes SegResNetDS's downsampling after each stage, the last one included, from our stride
+    rule one stage further on the spacing MONAI is built with: the same as MONAI's own scales."""
     from monai.networks.nets.segresnet_ds import scales_for_resolution
 
-    from autoseg.networks.monai_nets import segresnet_strides
-
-    strides = segresnet_strides(spacing, n_stages)
-    resolution = segresnet_resolution(strides)
-    assert segresnet_scales(resolution, n_stages) == [list(map(int, s)) for s in
-                                                      scales_for_resolution(resolution, n_stages)]
+    resolution = segresnet_resolution(segresnet_strides(spacing, n_stages))
+    assert segresnet_strides(list(resolution), n_stages + 1)[1:] == [list(map(int, s)) for s in
+                                                                    scales_for_resolution(resolution, n_stages)]
 
 
 def test_other_architectures_are_refused():
