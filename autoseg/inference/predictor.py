@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
-from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST
+from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST, PATCH_FREE_CPU_INFERENCE_CHANNELS_LAST
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
@@ -85,8 +85,8 @@ def _in_layout(net: nn.Module, device: torch.device, channels_last: bool | None)
     current = getattr(net, "channels_last", None)
     if not isinstance(current, bool):
         return net
-    want = channels_last if channels_last is not None else (
-        CPU_INFERENCE_CHANNELS_LAST if device.type == "cpu" else current)
+    on_cpu = PATCH_FREE_CPU_INFERENCE_CHANNELS_LAST if isinstance(net, PatchFreeUNet) else CPU_INFERENCE_CHANNELS_LAST
+    want = channels_last if channels_last is not None else (on_cpu if device.type == "cpu" else current)
     if want == current:
         return net
     other = copy.deepcopy(net)
@@ -145,7 +145,8 @@ class Predictor:
         step: sliding-window step as a share of the patch (default: the plan's).
         postprocessing: applied to the labels (``from_run`` loads the run's ``postprocessing.json``).
         channels_last: memory layout of our U-Nets during prediction (None: contiguous on the CPU,
-            :data:`autoseg.defaults.CPU_INFERENCE_CHANNELS_LAST`, and as trained on a GPU); a network in the
+            :data:`autoseg.defaults.CPU_INFERENCE_CHANNELS_LAST`, a patch-free network channels-last,
+            :data:`~autoseg.defaults.PATCH_FREE_CPU_INFERENCE_CHANNELS_LAST`; as trained on a GPU); a network in the
             other layout is copied and converted, so the caller's keeps its own.
         whole_volume: a patch-free network planned with ``whole_volume_prediction`` segments a scan in one pass
             where it fits (:meth:`tile`); False slides its training region over the scan instead, as any other

@@ -36,7 +36,7 @@ def build_network(net: NetworkPlan, in_channels: int, n_classes: int) -> nn.Modu
 
         return PatchFreeUNet(in_channels, n_classes, net.features, net.kernel_sizes, net.strides,
                              net.blocks_per_stage, net.decoder_convs, net.deep_supervision, net.upsample_factor,
-                             net.guidance_share, net.reconstruction_weight)
+                             net.guidance_share, net.reconstruction_weight, channels_last=net.channels_last)
     if net.architecture in ARCHITECTURES:
         from autoseg.networks.monai_nets import build_monai_network
 

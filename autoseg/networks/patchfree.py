@@ -113,11 +113,17 @@ class PatchFreeUNet(nn.Module):
         factor: down-sampling factor per axis (z, y, x) between the input region and the U-Net's input.
         guidance_share: the guidance patch's edge as a share of the low-resolution region's, per axis.
         reconstruction_weight: the super-resolution loss's weight, passed on in :class:`PatchFreeOutput`.
+        channels_last: weights and activations channels-last (``torch.channels_last_3d``), the U-Net's and the
+            heads' alike (:class:`ResidualUNet`'s ``channels_last``). The heads' convolutions have few channels
+            at full resolution, where oneDNN's contiguous kernels are slow: on a 2-core AVX2 host a training
+            step of the brain set's CPU plan took 0.43 s instead of 0.58 (zoom-in) and 0.79 s instead of 1.04
+            (zoom-out), a 128x160x160 eval pass 2.1 s instead of 2.9 (the same values to 1e-6).
     """
 
     def __init__(self, in_channels: int, n_classes: int, features: list[int], kernel_sizes: list[list[int]],
                  strides: list[list[int]], blocks_per_stage: list[int], decoder_convs: int, deep_supervision: bool,
-                 factor: list[int], guidance_share: float, reconstruction_weight: float):
+                 factor: list[int], guidance_share: float, reconstruction_weight: float,
+                 channels_last: bool = False):
         super().__init__()
         if len(factor) != 3 or any(f < 1 for f in factor):
             raise ValueError(f"upsample_factor {factor}: expected 3 positive ints (z, y, x)")
@@ -140,6 +146,19 @@ class PatchFreeUNet(nn.Module):
         # segmentation output lies behind the reconstruction's convolutions and its own
         reach = [2 * HEAD_CONVS * (e // 2) for e in k]
         self.margin = [ceil(r / f) for r, f in zip(reach, self.factor)]
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]  # torch's stubs lack it
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the input is made channels-last in :meth:`forward` (and the U-Net's in its own); setting it
+        does not convert the weights (as with :class:`ResidualUNet`, whoever switches it converts them)."""
+        return self.body.channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        self.body.channels_last = value
 
     def low_resolution(self, x: torch.Tensor) -> torch.Tensor:
         """The region averaged down by ``factor`` (edges must be multiples of it)."""
@@ -193,6 +212,8 @@ class PatchFreeUNet(nn.Module):
         """Eval: full-resolution logits ``(B, K, *x.shape[2:])``. Training: a :class:`PatchFreeOutput`, the
         full-resolution heads inside each sample's guidance patch, whose low-resolution corners ``guide``
         ``(B, 3)`` gives (None: the centred patch)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         low = self.low_resolution(x)
         features, logits = self.body.decode(low)
         if not self.training:

@@ -146,7 +146,7 @@ class _Fitter:
             net = replace(_network(topo, self.device), architecture="patch_free", upsample_factor=factor,
                           guidance_share=defaults.PATCH_FREE_GUIDANCE_SHARE,
                           reconstruction_weight=defaults.PATCH_FREE_RECONSTRUCTION_WEIGHT,
-                          whole_volume_prediction=defaults.PATCH_FREE_WHOLE_VOLUME, channels_last=False)
+                          whole_volume_prediction=defaults.PATCH_FREE_WHOLE_VOLUME)
             return [p * f for p, f in zip(topo.patch, factor)], net
         if self._fixed is None:
             self._fixed = _monai_network(self.arch, patch, self.spacing, self.device)

@@ -122,6 +122,25 @@ def test_the_cpu_predicts_with_a_contiguous_copy_of_a_channels_last_network(trai
     assert predictor_module._in_layout(net, torch.device("cuda"), None) is net  # a GPU predicts as trained
 
 
+def test_the_cpu_predicts_with_a_channels_last_patch_free_network(trained_run):
+    """A patch-free network is the exception (its full-resolution heads are faster channels-last on the CPU):
+    a contiguous one predicts through a channels-last copy, flag included, with the same probabilities."""
+    from autoseg.networks.patchfree import PatchFreeUNet
+
+    torch.manual_seed(0)
+    net = PatchFreeUNet(1, 3, [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], 1, True, [2, 2, 2], 0.5, 0.5)
+    plans = load_plans(trained_run / PLANS_FILE)  # 1 channel, 3 classes
+    last = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"))
+    copy = last.networks[0][0]
+    assert copy is not net and copy.channels_last is True and copy.body.channels_last is True
+    assert net.channels_last is False and all(p.is_contiguous() for p in net.parameters())
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in copy.parameters() if p.dim() == 5)
+    contiguous = Predictor(plans, [(net, [8, 8, 8])], torch.device("cpu"), channels_last=False)
+    assert contiguous.networks[0][0] is net
+    x = np.random.default_rng(0).normal(size=(1, 12, 10, 9)).astype(np.float32)
+    np.testing.assert_allclose(last.predict_preprocessed(x), contiguous.predict_preprocessed(x), atol=1e-5)
+
+
 def test_the_cpu_puts_two_inputs_in_a_call_mirrored_copies_first_then_tiles(trained_run):
     """On the CPU (with a plan that trained the patch at batch 2 or more) a network call takes two mirrored copies
     of a tile, or without mirroring two tiles of the volume; the probabilities equal one input per call to float

@@ -103,6 +103,38 @@ def test_training_output_follows_the_guide_and_every_parameter_learns():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_channels_last_computes_the_same_values_and_gradients():
+    """The channels-last patch-free network (CPU plans) is the same function with the same gradients as the
+    contiguous one, in training (guidance patch, reconstruction) and in prediction; its weights, the heads'
+    included, are channels-last, and switching the flag on a contiguous copy (as the predictor does after
+    converting the weights) makes the U-Net take channels-last input too."""
+    plain = _net([2, 2, 2])
+    torch.manual_seed(0)
+    last = PatchFreeUNet(2, 3, [8, 16, 32], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [1, 1, 1], 1, True,
+                         [2, 2, 2], 0.5, 0.5, channels_last=True)
+    last.load_state_dict(plain.state_dict())
+    convs = [m.weight for m in last.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert last.channels_last and last.body.channels_last and not plain.channels_last
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    assert any(w is last.seg_convs[0][0].weight for w in convs)  # the full-resolution heads too
+    x, guide = torch.randn(2, 2, 32, 32, 32), torch.tensor([[0, 0, 0], [8, 4, 2]])
+    y = torch.randint(0, 3, (2, 32, 32, 32))
+    loss = DeepSupervisionLoss(DiceCELoss([1.0, 1.0], True), [0.6, 0.4])
+    out_plain, out_last = plain.train()(x, guide), last.train()(x, guide)
+    assert out_last.full_res.is_contiguous(memory_format=torch.channels_last_3d)
+    for a, b in [(out_plain.full_res, out_last.full_res), (out_plain.reconstruction, out_last.reconstruction),
+                 *zip(out_plain.low_res, out_last.low_res)]:
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    loss(out_plain, y).backward()
+    loss(out_last, y).backward()
+    for (name, p), q in zip(plain.named_parameters(), last.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(last.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+        plain.channels_last = True
+        assert plain.body.channels_last
+
+
 def test_loss_is_low_resolution_plus_guidance_patch_plus_weighted_reconstruction():
     net = _net([2, 2, 2]).train()
     x = torch.randn(2, 2, 32, 32, 32)
@@ -143,3 +175,4 @@ def test_built_from_a_plan_and_costed_by_measurement():
     assert abs(fit.saved_bytes / real.saved_bytes - 1) < 0.3 and abs(fit.flops / real.flops - 1) < 0.3
     with pytest.raises(ValueError, match="guidance_share"):
         build_network(replace(plan, guidance_share=0.0), 1, 2)
+    assert build_network(replace(plan, channels_last=True), 1, 2).channels_last

@@ -55,6 +55,7 @@ def test_regions_fit_the_budget_and_cover_more_than_the_3d_patch(fp, kind, gib):
     pf = select_configuration(plan, "patch_free")
     net = pf.network
     assert net.architecture == "patch_free" and net.upsample_factor == patch_free_factor(plan.target_spacing)
+    assert net.channels_last is (kind == "cpu")  # as our U-Net: channels-last on the CPU, contiguous on a GPU
     for st in pf.stages:
         assert all(e % s == 0 for e, s in zip(st.patch_size, net.total_stride))
         c = network_step_cost(net, st.patch_size, st.batch_size, len(fp.channel_names), len(fp.labels), plan.amp)
