@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.inference.sliding_window import predict_logits
+from autoseg.inference.sliding_window import padded_shape, predict_logits
 from autoseg.networks.patchfree import PatchFreeUNet
+from autoseg.tiling import tile_boxes
 
-__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "HEADS_BLOCK_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
+__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "low_resolution_tiles", "LowResolutionBody",
+           "HEADS_BLOCK_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
 
 #: float32 bytes the heads may hold at full resolution per block, margins included (their input, the up-sampled
 #: and concatenated features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
@@ -34,7 +36,7 @@ HEADS_BLOCK_BYTES = 256 * 2**20
 HEADS_CHANNELS_LAST_ON_CPU = True
 
 
-class _Body(nn.Module):
+class LowResolutionBody(nn.Module):
     """The patch-free network's U-Net on low-resolution input: its last decoder features and logits, one tensor
     ``(B, f0 + K, *low)``, so that the sliding window blends both."""
 
@@ -45,6 +47,14 @@ class _Body(nn.Module):
     def forward(self, low: torch.Tensor) -> torch.Tensor:
         features, logits = self.net.body.decode(low)
         return torch.cat([features, logits[0]], dim=1)
+
+
+def low_resolution_tiles(shape: list[int], patch: list[int], factor: list[int], step: float) -> int:
+    """How many tiles :func:`predict_patch_free_tiles` slides the U-Net over for a scan of spatial ``shape``
+    (full-resolution voxels), the region ``patch`` and the network's ``factor``."""
+    low = [-(-s // f) for s, f in zip(shape, factor)]
+    low_patch = [p // f for p, f in zip(patch, factor)]
+    return len(tile_boxes(padded_shape(low, low_patch), low_patch, step))
 
 
 def _blocks(low: list[int], margin: list[int], lines: int) -> list[int]:
@@ -122,8 +132,8 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
         batch = F.pad(batch, [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)], mode="replicate")
     low = net.low_resolution(batch)[0]
     low_patch = [p // f for p, f in zip(patch, factor)]
-    blended = predict_logits(_Body(net), low, low_patch, step, mirror_axes, sigma_scale, device, tiles_per_batch,
-                             amp, accumulate_on, chunk, flips_per_call)
+    blended = predict_logits(LowResolutionBody(net), low, low_patch, step, mirror_axes, sigma_scale, device,
+                             tiles_per_batch, amp, accumulate_on, chunk, flips_per_call)
     logits = heads_by_blocks(net, blended, device, amp)
     return logits[(slice(None), *(slice(0, s) for s in spatial))]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from autoseg.atomic import atomic_path, remove_temporaries
 from autoseg.dataset import load_dataset
 from autoseg.evaluation.evaluate import METRICS, dice_score, score_case
 from autoseg.fingerprint import FINGERPRINT_FILE, load_fingerprint
+from autoseg.inference.patch_free_tiles import LowResolutionBody, heads_by_blocks, low_resolution_tiles
 from autoseg.inference.predictor import PredictionMemoryError, Predictor
 from autoseg.inference.sliding_window import padded_shape
 from autoseg.io import read_image, write_image
+from autoseg.networks.patchfree import PatchFreeUNet
 from autoseg.plans import Plans
 from autoseg.preprocessing.run import PREPROCESSED_DIR
 from autoseg.preprocessing.storage import read_case_arrays, read_properties, stored_references
@@ -198,7 +201,12 @@ class ValidationCost:
     copies of a tile, or without mirroring the tiles of a case that has several); None: one input at a time,
     ``forward_seconds`` each. ``lone_tiles`` counts the tiles of cases that have only one: unmirrored, such a
     tile goes through the network alone. ``tiled_seconds``: the extra prediction of the cases a patch-free network
-    segments in one pass, by tiles of the trained patch without mirroring, back to the grid and scored."""
+    segments in one pass, by tiles of the trained patch without mirroring, back to the grid and scored.
+
+    Cases a patch-free network predicts by several tiles
+    (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`) are not in ``tiles``: their U-Net
+    slides over ``low_tiles`` low-resolution tiles of ``low_tile_seconds`` each (per mirrored copy), and the
+    full-resolution heads run once per prediction over all of them, ``heads_seconds``."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
@@ -209,16 +217,22 @@ class ValidationCost:
     item_seconds: float | None = None
     lone_tiles: float = 0.0
     tiled_seconds: float = 0.0
+    low_tiles: int = 0
+    low_tile_seconds: float = 0.0
+    heads_seconds: float = 0.0
 
     def seconds(self, tta: bool, tiles: bool = True) -> float:
         """The validation's seconds, mirrored or not (``tta``), with or without the tiled prediction of the cases
         a patch-free network segments in one pass (``tiles``)."""
         item = self.forward_seconds if self.item_seconds is None else self.item_seconds
-        unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item
+        low = self.low_tiles * self.low_tile_seconds + self.heads_seconds
+        unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item + low
         extra = self.tiled_seconds if tiles else 0.0
         if not tta or self.flips == 1:
             return unmirrored + self.rest_seconds + extra
-        return self.tiles * self.flips * item + unmirrored + self.rest_seconds + self.finish_seconds + extra
+        mirrored = self.tiles * self.flips * item + self.low_tiles * self.flips * self.low_tile_seconds \
+            + self.heads_seconds
+        return mirrored + unmirrored + self.rest_seconds + self.finish_seconds + extra
 
 
 def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Module, patch: list[int],
@@ -229,9 +243,12 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
     ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
     one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
-    measured the same way. Cases a patch-free network segments in one pass are also predicted by tiles of the
-    trained patch, unmirrored: their tiles x the forward seconds at that patch (its share of a call), plus their
-    way back to the grid. The rest (probabilities saved, back to the scan's grid, written, scored): timed on
+    measured the same way. A case a patch-free network predicts by several tiles costs its low-resolution tiles
+    x the U-Net's forward seconds on one (its share of a call) per mirrored copy, plus the full-resolution
+    heads once per prediction (their seconds on one region's features, scaled by the case's voxels). Cases a
+    patch-free network segments in one pass are also predicted by tiles of the trained patch, unmirrored,
+    priced the same way (the whole network per tile if the network is not a patch-free one), plus their way
+    back to the grid. The rest (probabilities saved, back to the scan's grid, written, scored): timed on
     the case of median size after one untimed run (its first-time imports would otherwise be scaled to every
     case), scaled to the others by their voxel count; it is fed a random probability map and scores the
     reference against itself, because a trained network's prediction is close to the reference while a random
@@ -242,34 +259,71 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     props = {c: read_properties(folder, c) for c in case_ids}
     predictor = Predictor(plans, [(net, patch)], device, tta=True)
     flips = len(mirror_combinations(predictor.mirror_axes))
-    sizes = {c: int(np.prod(p.shape_after_resampling)) for c, p in props.items()}
+    shapes = {c: list(p.shape_after_resampling) for c, p in props.items()}
+    sizes = {c: prod(s) for c, s in shapes.items()}
     probe = sorted(case_ids, key=lambda c: (sizes[c], c))[len(case_ids) // 2]
     # a patch-free network predicting whole volumes has one tile per case, of the case's size: its forward time
     # is measured at the median case's and scaled by voxels to the others
-    tile = {c: predictor.tile(patch, list(p.shape_after_resampling)) for c, p in props.items()}
-    n_tiles = {c: len(tile_boxes(padded_shape(p.shape_after_resampling, tile[c]), tile[c], predictor.step))
-               for c, p in props.items()}
-    share = {c: prod(tile[c]) / prod(tile[probe]) for c in case_ids}
-    tiles = sum(n_tiles[c] * share[c] for c in case_ids)
-    lone = sum(share[c] for c in case_ids if n_tiles[c] == 1)
-    shape = [len(plans.channel_names), *tile[probe]]
+    tile = {c: predictor.tile(patch, s) for c, s in shapes.items()}
+    n_tiles = {c: len(tile_boxes(padded_shape(s, tile[c]), tile[c], predictor.step)) for c, s in shapes.items()}
     inference_net = predictor.networks[0][0]  # in the layout prediction uses
-    forward = _forward_seconds(inference_net, shape, device, plans.amp)
-    inputs = predictor.call_inputs(tile[probe], patch)
-    item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
+    low_net = inference_net if isinstance(inference_net, PatchFreeUNet) else None
+    by_low = [c for c in case_ids if low_net is not None and n_tiles[c] > 1]  # predict_patch_free_tiles
+    direct = [c for c in case_ids if c not in by_low]
+    share = {c: prod(tile[c]) / prod(tile[probe]) for c in direct}
+    tiles = sum(n_tiles[c] * share[c] for c in direct)
+    lone = sum(share[c] for c in direct if n_tiles[c] == 1)
+    shape = [len(plans.channel_names), *tile[probe]]
+    forward, item = 0.0, None
+    if direct:
+        forward = _forward_seconds(inference_net, shape, device, plans.amp)
+        inputs = predictor.call_inputs(tile[probe], patch)
+        item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
     ref = read_image(reference_labels(run_dir)[probe])[0][0]
     _rest_seconds(predictor, props[probe], ref)  # untimed: first-time imports would be scaled to every case
     finish, rest = _rest_seconds(predictor, props[probe], ref)
     scale = sum(sizes.values()) / sizes[probe]
     whole = [c for c in case_ids if tile[c] != list(patch)]
+    low = _LowResolutionCost()
+    if low_net is not None and (by_low or whole):
+        low = _low_resolution_cost(predictor, low_net, patch, device, plans.amp)
     tiled = 0.0
     if whole:
-        n_patch = sum(len(tile_boxes(padded_shape(props[c].shape_after_resampling, patch), patch, predictor.step))
-                      for c in whole)
-        per_call = predictor.call_inputs(patch, patch)
-        tiled = (n_patch * _forward_seconds(inference_net, [shape[0], *patch], device, plans.amp, per_call) / per_call
-                 + finish * sum(sizes[c] for c in whole) / sizes[probe])
-    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone, tiled)
+        if low_net is not None:
+            tiled = low.seconds([shapes[c] for c in whole], patch, predictor.step)
+        else:
+            n_patch = sum(len(tile_boxes(padded_shape(shapes[c], patch), patch, predictor.step)) for c in whole)
+            per_call = predictor.call_inputs(patch, patch)
+            tiled = n_patch * _forward_seconds(inference_net, [shape[0], *patch], device, plans.amp,
+                                               per_call) / per_call
+        tiled += finish * sum(sizes[c] for c in whole) / sizes[probe]
+    n_low = sum(low_resolution_tiles(shapes[c], patch, low.factor, predictor.step) for c in by_low)
+    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone, tiled, n_low,
+                          low.tile_seconds, low.heads_per_voxel * sum(sizes[c] for c in by_low))
+
+
+@dataclass
+class _LowResolutionCost:
+    """Measured cost of :func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`: one low-resolution
+    tile through the U-Net (its share of a call) and the full-resolution heads per voxel."""
+
+    factor: list[int] = field(default_factory=lambda: [1, 1, 1])
+    tile_seconds: float = 0.0
+    heads_per_voxel: float = 0.0
+
+    def seconds(self, shapes: list[list[int]], patch: list[int], step: float) -> float:
+        """One unmirrored prediction of scans of spatial ``shapes``."""
+        return sum(low_resolution_tiles(s, patch, self.factor, step) * self.tile_seconds
+                   + prod(s) * self.heads_per_voxel for s in shapes)
+
+
+def _low_resolution_cost(predictor: Predictor, net: PatchFreeUNet, patch: list[int], device: torch.device,
+                         amp: bool) -> _LowResolutionCost:
+    """:class:`_LowResolutionCost` measured for ``net`` and the region ``patch`` (median of 3 after a warm-up)."""
+    low = [p // f for p, f in zip(patch, net.factor)]
+    inputs = predictor.call_inputs(patch, patch)
+    body = _forward_seconds(LowResolutionBody(net), [len(predictor.plans.channel_names), *low], device, amp, inputs)
+    return _LowResolutionCost(list(net.factor), body / inputs, _heads_seconds(net, low, device, amp) / prod(patch))
 
 
 def _rest_seconds(predictor: Predictor, props: CaseProperties, ref: np.ndarray) -> tuple[float, float]:
@@ -294,11 +348,28 @@ def _forward_seconds(net: nn.Module, shape: list[int], device: torch.device, amp
     """Median seconds of one forward pass of ``batch`` tiles ``(C, *patch)`` (after one warm-up)."""
     net = net.to(device).eval()
     x = torch.randn(batch, *shape, device=device)
+
+    def run() -> None:
+        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            net(x)
+    return _median_seconds(run, device)
+
+
+@torch.no_grad()
+def _heads_seconds(net: PatchFreeUNet, low: list[int], device: torch.device, amp: bool) -> float:
+    """Median seconds of the full-resolution heads over blended features of ``low`` low-resolution voxels (as
+    :func:`~autoseg.inference.patch_free_tiles.heads_by_blocks` runs them after the U-Net's tiles)."""
+    net = net.to(device).eval()
+    blended = torch.randn(net.up_seg.in_channels + net.seg_out.out_channels, *low)
+    return _median_seconds(lambda: heads_by_blocks(net, blended, device, amp), device)
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Median seconds of three calls of ``run`` after one untimed warm-up."""
     times = []
     for i in range(4):
         t0 = _clock()
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            net(x)
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i:

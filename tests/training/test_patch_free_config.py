@@ -227,3 +227,52 @@ def test_the_budget_counts_the_tiled_prediction_of_one_pass_cases(free_run, monk
                                                + cost.finish_seconds + cost.tiled_seconds)
     assert cost.seconds(True, tiles=False) == pytest.approx(cost.seconds(True) - cost.tiled_seconds)
     assert cost.seconds(False, tiles=False) == pytest.approx(plain)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_the_budget_prices_patch_free_tiles_at_low_resolution(free_run, monkeypatch, whole):
+    """A case a patch-free network predicts by several tiles costs what predict_patch_free_tiles runs: its
+    low-resolution U-Net tiles (counted here by running the prediction) x one tile's measured seconds per
+    mirrored copy, plus the heads once per prediction (measured on one region's features, scaled by voxels);
+    with one-pass prediction (``whole``) the same prices the extra tiled prediction of those cases."""
+    from math import prod
+
+    import autoseg.workflows.validate as validate_module
+    from autoseg.inference.patch_free_tiles import LowResolutionBody, low_resolution_tiles
+    from autoseg.inference.predictor import Predictor
+    from autoseg.networks import build_network
+    from autoseg.preprocessing.storage import read_case_arrays
+
+    p, cases, stride, shapes = _one_pass_setup(free_run)
+    p = replace(p, network=replace(p.network, whole_volume_prediction=whole))
+    patch = [2 * t for t in stride]  # the U-Net's bottom 2 voxels a side: instance norm needs more than one
+    torch.manual_seed(0)
+    net = build_network(p.network, len(p.channel_names), len(p.labels)).eval()
+    clock = iter([0.0, 40.0, 90.0, 100.0, 102.0, 112.5])  # as in test_train.py: the way back 2 s, the rest 12.5 s
+    monkeypatch.setattr(validate_module, "_clock", lambda: next(clock))
+    monkeypatch.setattr(validate_module, "_forward_seconds",  # 0.25 s per input, whatever the network
+                        lambda net, shape, device, amp, batch=1: 0.25 * batch)
+    monkeypatch.setattr(validate_module, "_heads_seconds", lambda net, low, device, amp: 3.0)  # one region's
+    cpu = torch.device("cpu")
+    cost = validate_module.validation_cost(free_run, p, cases, net, patch, cpu)
+
+    calls: list[int] = []  # inputs the U-Net is given when the cases are predicted by tiles, unmirrored
+    body = LowResolutionBody.forward
+    monkeypatch.setattr(LowResolutionBody, "forward", lambda self, x: calls.append(len(x)) or body(self, x))
+    tiled = Predictor(p, [(net, patch)], cpu, tta=False, whole_volume=False)
+    for c in cases:
+        tiled.predict_preprocessed(np.asarray(read_case_arrays(free_run / "preprocessed", c)[0][:]))
+    n_low = sum(low_resolution_tiles(s, patch, net.factor, p.inference.tile_step) for s in shapes.values())
+    assert sum(calls) == n_low > len(cases)
+    heads = 3.0 * sum(prod(s) for s in shapes.values()) / prod(patch)
+    sizes = sorted(prod(s) for s in shapes.values())
+    if whole:  # every case in one pass (one tile of its own size each), and by tiles for find-best
+        assert cost.low_tiles == 0 and cost.heads_seconds == 0 and cost.lone_tiles == pytest.approx(cost.tiles)
+        assert cost.tiled_seconds == pytest.approx(n_low * 0.25 + heads + 2.0 * sum(sizes) / sizes[len(sizes) // 2])
+        return
+    assert cost.tiles == 0 and cost.tiled_seconds == 0
+    assert (cost.low_tiles, cost.low_tile_seconds, cost.heads_seconds) == (n_low, 0.25, pytest.approx(heads))
+    once = n_low * 0.25 + heads
+    assert cost.seconds(False) == pytest.approx(once + cost.rest_seconds)
+    assert cost.seconds(True) == pytest.approx(once + n_low * cost.flips * 0.25 + heads + cost.rest_seconds
+                                               + cost.finish_seconds)
