@@ -24,12 +24,15 @@ from autoseg.inference.sliding_window import padded_shape, predict_logits
 from autoseg.networks.patchfree import PatchFreeUNet
 from autoseg.tiling import tile_boxes
 
-__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "low_resolution_tiles", "LowResolutionBody",
-           "HEADS_BLOCK_BYTES", "HEADS_CHANNELS_LAST_ON_CPU"]
+__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "low_resolution_input", "low_resolution_tiles",
+           "LowResolutionBody", "HEADS_BLOCK_BYTES", "HEADS_FALLBACK_SHARE", "HEADS_CHANNELS_LAST_ON_CPU"]
 
 #: float32 bytes the heads may hold at full resolution per block, margins included (their input, the up-sampled
 #: and concatenated features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
 HEADS_BLOCK_BYTES = 256 * 2**20
+#: on a GPU that ran out of memory in the heads, the share of :data:`HEADS_BLOCK_BYTES` the blocks are tried
+#: with once more before the heads run on the CPU
+HEADS_FALLBACK_SHARE = 1 / 16
 #: the heads' input channels-last on the CPU: their convolutions have few channels (8 on CPU plans) at full
 #: resolution, where oneDNN's channels-last kernels ran a 16x120x120-voxel slab 2.3x faster on a 2-core host
 #: (1.18 s against 2.71 s; the same values to 1e-7)
@@ -68,6 +71,7 @@ def _blocks(low: list[int], margin: list[int], lines: int) -> list[int]:
     return [min(low[0], side), min(low[1], side)]
 
 
+@torch.no_grad()
 def heads_by_blocks(net: PatchFreeUNet, blended: torch.Tensor, device: torch.device, amp: bool = False,
                    budget_bytes: int = HEADS_BLOCK_BYTES) -> torch.Tensor:
     """Full-resolution logits ``(K, *low * factor)``, float32 on the CPU, of blended low-resolution ``blended``
@@ -116,24 +120,30 @@ def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[in
     the full-resolution region ``patch``; the other arguments as :func:`predict_logits`'s, which slides the U-Net
     over the low-resolution scan (tiles of ``patch / factor``).
 
-    The scan is padded at its far end to a multiple of the factor by repeating its last voxels (so that the last
-    low-resolution voxel averages the scan, not zeros), averaged down, predicted, and the result cropped back.
+    The scan is brought to low resolution (:func:`low_resolution_input`), its U-Net slid over it, the heads run
+    over the blended features (:func:`heads_by_blocks`), and the result cropped back to the scan.
 
     Raises:
         TypeError: ``net`` is not a :class:`PatchFreeUNet`.
     """
     if not isinstance(net, PatchFreeUNet):
         raise TypeError(f"tiles of the low-resolution U-Net need a PatchFreeUNet, not {type(net).__name__}")
-    factor = net.factor
-    spatial = list(image.shape[1:])
-    padded = [ceil(s / f) * f for s, f in zip(spatial, factor)]
-    batch = image.unsqueeze(0)
-    if padded != spatial:
-        batch = F.pad(batch, [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)], mode="replicate")
-    low = net.low_resolution(batch)[0]
-    low_patch = [p // f for p, f in zip(patch, factor)]
+    low = low_resolution_input(net, image)
+    low_patch = [p // f for p, f in zip(patch, net.factor)]
     blended = predict_logits(LowResolutionBody(net), low, low_patch, step, mirror_axes, sigma_scale, device,
                              tiles_per_batch, amp, accumulate_on, chunk, flips_per_call)
     logits = heads_by_blocks(net, blended, device, amp)
-    return logits[(slice(None), *(slice(0, s) for s in spatial))]
+    return logits[(slice(None), *(slice(0, s) for s in image.shape[1:]))]
 
+
+@torch.no_grad()
+def low_resolution_input(net: PatchFreeUNet, image: torch.Tensor) -> torch.Tensor:
+    """``image`` ``(C, *spatial)`` padded at its far end to a multiple of the network's factor by repeating its
+    last voxels (so that the last low-resolution voxel averages the scan, not zeros) and averaged down:
+    ``(C, *ceil(spatial / factor))``."""
+    spatial = list(image.shape[1:])
+    padded = [ceil(s / f) * f for s, f in zip(spatial, net.factor)]
+    batch = image.unsqueeze(0)
+    if padded != spatial:
+        batch = F.pad(batch, [p for s, q in zip(spatial[::-1], padded[::-1]) for p in (0, q - s)], mode="replicate")
+    return net.low_resolution(batch)[0]

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,13 @@ from torch import nn
 from autoseg.checkpoint import load_checkpoint
 from autoseg.defaults import CPU_INFERENCE_CHANNELS_LAST, PATCH_FREE_CPU_INFERENCE_CHANNELS_LAST
 from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
-from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
+from autoseg.inference.patch_free_tiles import (
+    HEADS_BLOCK_BYTES,
+    HEADS_FALLBACK_SHARE,
+    LowResolutionBody,
+    heads_by_blocks,
+    low_resolution_input,
+)
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
     CPU_ITEMS_PER_CALL,
@@ -332,15 +339,13 @@ class Predictor:
 
         One tile's forward memory is estimated by the training memory model's ``activation_bytes``: what a
         training step keeps for backward, which bounds what a forward pass without gradients holds at once.
-        ``low_resolution``: the patch-free U-Net slid over the scan averaged down
-        (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`): its sums are its features and
-        logits at low resolution, its tiles the U-Net's alone on the region divided by the factor.
+        ``low_resolution``: ``x`` and ``patch`` are the scan averaged down and the region divided by the factor
+        that a patch-free network's U-Net alone slides over (:meth:`_logits`): its sums are its features and
+        logits, its tiles the U-Net's alone.
         """
         k, c, net = len(self.plans.labels), x.shape[0], self.plans.network
         shape, sums = list(x.shape[1:]), k
         if low_resolution:
-            shape = [-(-s // f) for s, f in zip(shape, net.upsample_factor)]
-            patch = [p // f for p, f in zip(patch, net.upsample_factor)]
             net = dataclasses.replace(net, architecture="residual_unet", upsample_factor=[1, 1, 1])
             sums = net.features[0] + k
         padded = padded_shape(shape, patch)
@@ -359,31 +364,44 @@ class Predictor:
         """Sliding-window logits ``(K, *spatial)``, float32 on the CPU; ``cpu_calls`` tiles and mirrored copies
         per network call on the CPU (:meth:`_cpu_calls`; a GPU batches tiles by its free memory instead).
 
+        A patch-free network that needs several tiles slides its U-Net alone over the scan at low resolution
+        (:meth:`_slide`) and runs its full-resolution heads once over the blended features (:meth:`_heads`), as
+        :func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles` does, each part with its own
+        fallbacks on a GPU, so that running out of memory in the heads does not repeat the U-Net's pass.
+
+        Raises:
+            RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
+        """
+        several = len(tile_boxes(padded_shape(list(x.shape[1:]), patch), patch, self.step)) > 1
+        if not (isinstance(net, PatchFreeUNet) and several):
+            return self._slide(net, x, patch, cpu_calls)
+        low = low_resolution_input(net, x)
+        blended = self._slide(LowResolutionBody(net), low, [p // f for p, f in zip(patch, net.factor)], cpu_calls,
+                              low_resolution=True)
+        return self._heads(net, blended)[(slice(None), *(slice(0, s) for s in x.shape[1:]))]
+
+    def _slide(self, net: nn.Module, x: torch.Tensor, patch: list[int], cpu_calls: tuple[int, int],
+               low_resolution: bool = False) -> torch.Tensor:
+        """:func:`predict_logits` of ``net`` over ``x`` (``low_resolution``: a patch-free network's U-Net over
+        the scan averaged down, :meth:`_gpu_layout`).
+
         On a GPU, the fallback chain is: sums in GPU memory -> sums in RAM -> the network on the CPU. The first
         rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
         first rung tried batches tiles; after an out-of-memory error the next rung runs one tile at a time. The
         cache is emptied after leaving the ``except`` block: inside it, the exception's traceback still holds
         the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing.
-
-        A patch-free network that needs several tiles slides its U-Net alone and runs its heads once over the
-        blended features (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`).
-
-        Raises:
-            RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
         """
         args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
-        several = len(tile_boxes(padded_shape(list(x.shape[1:]), patch), patch, self.step)) > 1
-        run = predict_patch_free_tiles if isinstance(net, PatchFreeUNet) and several else predict_logits
         if self.device.type != "cuda":
-            return run(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
-        sums_on, batch = self._gpu_layout(x, patch, run is predict_patch_free_tiles)
+            return predict_logits(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
+        sums_on, batch = self._gpu_layout(x, patch, low_resolution)
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":
             log.info("keeping the sums of the %s volume in RAM: they do not fit the free GPU memory", shape)
         rungs = ([self.device] if sums_on.type == "cuda" else []) + [CPU]
         for i, acc_on in enumerate(rungs):
             try:
-                return run(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
+                return predict_logits(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
             except RuntimeError as e:
                 if not is_gpu_out_of_memory(e):
                     raise
@@ -392,8 +410,31 @@ class Predictor:
             log.warning("GPU out of memory for the %s volume with the sums in %s (%s): %s", shape,
                         "GPU memory" if acc_on.type == "cuda" else "RAM", failure,
                         "keeping the sums in RAM" if i + 1 < len(rungs) else "predicting it on the CPU")
+        return self._on_cpu(net, lambda: predict_logits(net, *args, CPU))
+
+    def _heads(self, net: PatchFreeUNet, blended: torch.Tensor) -> torch.Tensor:
+        """:func:`heads_by_blocks` of the blended low-resolution features; on a GPU, after an out-of-memory
+        error, again in blocks of :data:`HEADS_FALLBACK_SHARE` of the memory, then on the CPU (the cache
+        emptied outside the ``except`` block, as in :meth:`_slide`)."""
+        if self.device.type != "cuda":
+            return heads_by_blocks(net, blended, self.device)
+        budgets = [HEADS_BLOCK_BYTES, int(HEADS_BLOCK_BYTES * HEADS_FALLBACK_SHARE)]
+        for i, budget in enumerate(budgets):
+            try:
+                return heads_by_blocks(net, blended, self.device, self.plans.amp, budget)
+            except RuntimeError as e:
+                if not is_gpu_out_of_memory(e):
+                    raise
+                failure = first_line(e)
+            torch.cuda.empty_cache()
+            log.warning("GPU out of memory in the patch-free heads with blocks of %d MiB (%s): %s", budget >> 20,
+                        failure, "smaller blocks" if i + 1 < len(budgets) else "running them on the CPU")
+        return self._on_cpu(net, lambda: heads_by_blocks(net, blended, CPU))
+
+    def _on_cpu(self, net: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()`` with ``net`` moved to the CPU, and back to the device afterwards (the last rung)."""
         net.to(CPU)
         try:
-            return run(net, *args, CPU)
+            return run()
         finally:
             net.to(self.device)

@@ -139,30 +139,87 @@ def test_wrong_inputs_are_refused():
         heads_by_blocks(net, torch.zeros(5, 4, 4, 4), CPU)
 
 
-def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(monkeypatch):
-    """A patch-free network predicted by tiles goes through this path; in one pass (one tile) and for other
-    networks the plain sliding window runs."""
-    from autoseg.inference import predictor as predictor_module
+def _bare_predictor(device: torch.device = CPU):
+    """A Predictor with only what ``_logits`` reads."""
     from autoseg.inference.predictor import Predictor
 
+    predictor = Predictor.__new__(Predictor)
+    predictor.device, predictor.step, predictor.mirror_axes = device, 0.5, []
+    predictor.plans = type("P", (), {"inference": type("I", (), {"gaussian_sigma_scale": 0.125})(), "amp": False})()
+    return predictor
+
+
+def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(monkeypatch):
+    """A patch-free network predicted by tiles goes through this path (the predictor's own composition, with its
+    fallbacks, equal to predict_patch_free_tiles); in one pass (one tile) and for other networks the plain
+    sliding window runs."""
+    from autoseg.inference import predictor as predictor_module
+
     calls: list[str] = []
-    real = pft.predict_patch_free_tiles
+    real = pft.heads_by_blocks
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append("features")
+        calls.append("heads")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predictor_module, "predict_patch_free_tiles", spy)
+    monkeypatch.setattr(predictor_module, "heads_by_blocks", spy)
     net = _net([2, 2, 2], channels=1)
-    predictor = Predictor.__new__(Predictor)  # only what _logits reads
-    predictor.device, predictor.step, predictor.mirror_axes = CPU, 0.5, []
-    predictor.plans = type("P", (), {"inference": type("I", (), {"gaussian_sigma_scale": 0.125})()})()
-    several = predictor._logits(net, torch.randn(1, 32, 16, 16), [16, 16, 16])
-    assert calls == ["features"] and several.shape == (3, 32, 16, 16)
+    predictor = _bare_predictor()
+    x = torch.randn(1, 31, 16, 16)  # odd: padded with its edge, cropped back
+    several = predictor._logits(net, x, [16, 16, 16])
+    assert calls == ["heads"] and several.shape == (3, 31, 16, 16)
+    torch.testing.assert_close(several, predict_patch_free_tiles(net, x, [16, 16, 16], 0.5, [], 0.125, CPU))
     one = predictor._logits(net, torch.randn(1, 16, 16, 16), [16, 16, 16])
-    assert calls == ["features"] and one.shape == (3, 16, 16, 16)
+    assert calls == ["heads"] and one.shape == (3, 16, 16, 16)
     predictor._logits(torch.nn.Conv3d(1, 3, 1).eval(), torch.randn(1, 32, 16, 16), [16, 16, 16])
-    assert calls == ["features"]
+    assert calls == ["heads"]
+
+
+def test_gpu_out_of_memory_in_the_heads_keeps_the_u_nets_pass(monkeypatch):
+    """On a GPU the U-Net's low-resolution pass and the heads have their own fallbacks: out of memory in the
+    heads retries them in smaller blocks, then on the CPU, without sliding the U-Net again; the cache is
+    emptied outside the except block; the network comes back to the GPU after its CPU rung."""
+    import sys
+
+    from autoseg.inference import predictor as predictor_module
+    from autoseg.plans import NetworkPlan
+
+    from .test_predict import GPU_OOM
+
+    net = _net([2, 2, 2], channels=1)
+    moves: list[str] = []
+    net.to = lambda device: moves.append(str(device)) or net  # type: ignore[method-assign]  # a CPU-only torch
+    slides: list[tuple] = []
+    heads: list[tuple[str, int]] = []
+    handling: list = []
+
+    def predict_logits(body, x, patch, step, mirror_axes, sigma, device, batch=1, amp=False, accumulate_on=None):
+        slides.append((tuple(x.shape), tuple(patch), device.type))
+        return torch.zeros(net.up_seg.in_channels + 3, *x.shape[1:])
+
+    def heads_by_blocks(net_, blended, device, amp=False, budget_bytes=pft.HEADS_BLOCK_BYTES):
+        heads.append((device.type, budget_bytes))
+        if device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError(GPU_OOM)
+        return torch.ones(3, *[n * 2 for n in blended.shape[1:]])
+
+    monkeypatch.setattr(predictor_module, "predict_logits", predict_logits)
+    monkeypatch.setattr(predictor_module, "heads_by_blocks", heads_by_blocks)
+    monkeypatch.setattr(predictor_module, "cuda_free_bytes", lambda device: 10**12)
+    monkeypatch.setattr(predictor_module, "choose_sums_device", lambda need, free: "cuda")
+    monkeypatch.setattr(predictor_module, "choose_tiles_per_batch", lambda per_tile, free, n, kind: 4)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: handling.append(sys.exc_info()[0]))
+    predictor = _bare_predictor(torch.device("cuda"))
+    predictor.plans.network = NetworkPlan("patch_free", [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], 1,
+                                          True, upsample_factor=[2, 2, 2], guidance_share=0.5,
+                                          reconstruction_weight=0.5)
+    predictor.plans.labels = {0: "a", 1: "b", 2: "c"}
+    out = predictor._logits(net, torch.randn(1, 31, 16, 16), [16, 16, 16])
+    assert out.shape == (3, 31, 16, 16) and bool((out == 1).all())
+    assert slides == [((1, 16, 8, 8), (8, 8, 8), "cuda")]  # once, at low resolution
+    small = int(pft.HEADS_BLOCK_BYTES * pft.HEADS_FALLBACK_SHARE)
+    assert heads == [("cuda", pft.HEADS_BLOCK_BYTES), ("cuda", small), ("cpu", pft.HEADS_BLOCK_BYTES)]
+    assert handling == [None, None] and moves == ["cpu", "cuda"]
 
 
 def test_the_gpu_layout_prices_the_low_resolution_sums_and_tiles(monkeypatch):
@@ -190,9 +247,9 @@ def test_the_gpu_layout_prices_the_low_resolution_sums_and_tiles(monkeypatch):
                         lambda per_tile, free, n, kind: seen.setdefault("per_tile", per_tile) and 1)
     predictor = Predictor(p, [(torch.nn.Identity(), region)], CPU)  # the layout reads the plan, not the net
     scan = [3 * r + 1 for r in region]
-    predictor._gpu_layout(torch.zeros(1, *scan), region, low_resolution=True)
     low = [-(-s // f) for s, f in zip(scan, net.upsample_factor)]
     low_patch = [r // f for r, f in zip(region, net.upsample_factor)]
+    predictor._gpu_layout(torch.zeros(1, *low), low_patch, low_resolution=True)
     k = len(p.labels)
     assert seen["need"] == sums_bytes(net.features[0] + k, 1, padded_shape(low, low_patch))
     body = replace(net, architecture="residual_unet", upsample_factor=[1, 1, 1])
