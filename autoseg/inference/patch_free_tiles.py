@@ -1,19 +1,21 @@
 """Tiled prediction of a patch-free network: its U-Net slid over the low-resolution scan, its full-resolution
-heads run once over the blended features.
+heads run once per mirrored copy over the blended features.
 
 Sliding the whole network over full-resolution tiles runs its full-resolution heads on every voxel as often as
 tiles overlap it (about 8 times at a step of half a tile), and in a profile of a 4-channel brain scan the heads
 were half of the network's time. The heads are local (a few convolutions, no normalisation) and their input is
 the U-Net's last decoder features, so here the U-Net alone is slid over the scan averaged down by the network's
-factor: its features and low-resolution logits are blended with the Gaussian weights and mirroring of
+factor: its features and low-resolution logits are blended with the Gaussian weights of
 :func:`autoseg.inference.sliding_window.predict_logits`, at low resolution, and the heads then run once per voxel,
 block by block, over the blended features. The result is the network's full-resolution output (heads plus the
-up-sampled low-resolution logits) with the features rather than the outputs averaged over tiles and mirrored
-copies; the low-resolution grid is one for the whole scan instead of one per tile.
+up-sampled low-resolution logits) with the features rather than the outputs averaged over tiles; the
+low-resolution grid is one for the whole scan instead of one per tile. Mirroring repeats all of it per mirrored
+copy and averages the outputs (:func:`mirrored_patch_free`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from math import ceil, isqrt, prod
 
 import torch
@@ -22,10 +24,11 @@ from torch import nn
 
 from autoseg.inference.sliding_window import padded_shape, predict_logits
 from autoseg.networks.patchfree import PatchFreeUNet
-from autoseg.tiling import tile_boxes
+from autoseg.tiling import mirror_combinations, tile_boxes
 
-__all__ = ["predict_patch_free_tiles", "heads_by_blocks", "low_resolution_input", "low_resolution_tiles",
-           "LowResolutionBody", "HEADS_BLOCK_BYTES", "HEADS_FALLBACK_SHARE", "HEADS_CHANNELS_LAST_ON_CPU"]
+__all__ = ["predict_patch_free_tiles", "mirrored_patch_free", "heads_by_blocks", "low_resolution_input",
+           "low_resolution_tiles", "LowResolutionBody", "HEADS_BLOCK_BYTES", "HEADS_FALLBACK_SHARE",
+           "HEADS_CHANNELS_LAST_ON_CPU"]
 
 #: float32 bytes the heads may hold at full resolution per block, margins included (their input, the up-sampled
 #: and concatenated features and one convolution's output: about ``5 h`` channels, ``h`` the heads' width)
@@ -115,25 +118,56 @@ def heads_by_blocks(net: PatchFreeUNet, blended: torch.Tensor, device: torch.dev
 def predict_patch_free_tiles(net: nn.Module, image: torch.Tensor, patch: list[int], step: float,
                              mirror_axes: list[int], sigma_scale: float, device: torch.device,
                              tiles_per_batch: int = 1, amp: bool = False, accumulate_on: torch.device | None = None,
-                             chunk: int | None = None, flips_per_call: int = 1) -> torch.Tensor:
+                             chunk: int | None = None) -> torch.Tensor:
     """Full-resolution logits ``(K, *spatial)`` (float32, on the CPU) of ``image`` ``(C, *spatial)`` by tiles of
-    the full-resolution region ``patch``; the other arguments as :func:`predict_logits`'s, which slides the U-Net
-    over the low-resolution scan (tiles of ``patch / factor``).
-
-    The scan is brought to low resolution (:func:`low_resolution_input`), its U-Net slid over it, the heads run
-    over the blended features (:func:`heads_by_blocks`), and the result cropped back to the scan.
+    the full-resolution region ``patch``, mirrored along ``mirror_axes`` (:func:`mirrored_patch_free`); the
+    other arguments as :func:`predict_logits`'s, which slides the U-Net over the low-resolution scan (tiles of
+    ``patch / factor``, ``tiles_per_batch`` per call).
 
     Raises:
         TypeError: ``net`` is not a :class:`PatchFreeUNet`.
     """
     if not isinstance(net, PatchFreeUNet):
         raise TypeError(f"tiles of the low-resolution U-Net need a PatchFreeUNet, not {type(net).__name__}")
-    low = low_resolution_input(net, image)
+
+    def slide(body: nn.Module, low: torch.Tensor, low_patch: list[int]) -> torch.Tensor:
+        return predict_logits(body, low, low_patch, step, [], sigma_scale, device, tiles_per_batch, amp,
+                              accumulate_on, chunk)
+    return mirrored_patch_free(net, image, patch, mirror_axes, slide, lambda n, b: heads_by_blocks(n, b, device, amp))
+
+
+#: ``slide(body, low, low_patch)``: the blended, unmirrored sliding window of the U-Net ``body`` over ``low``
+Slide = Callable[[nn.Module, torch.Tensor, list[int]], torch.Tensor]
+#: ``heads(net, blended)``: the full-resolution logits of blended features (:func:`heads_by_blocks`)
+Heads = Callable[[PatchFreeUNet, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def mirrored_patch_free(net: PatchFreeUNet, image: torch.Tensor, patch: list[int], mirror_axes: list[int],
+                        slide: Slide, heads: Heads) -> torch.Tensor:
+    """Full-resolution logits ``(K, *spatial)`` of ``image`` ``(C, *spatial)``, averaged over the mirrored
+    copies along ``mirror_axes`` (every combination, as :func:`predict_logits` mirrors): each copy is flipped,
+    brought to low resolution (:func:`low_resolution_input`), its U-Net slid over it unmirrored (``slide``,
+    tiles of ``patch / factor``), the heads run over the blended features (``heads``), the result cropped to the
+    scan and flipped back.
+
+    The heads run once per mirrored copy: averaging the flipped copies' features and running the heads once
+    (eight times cheaper in the heads) scored below not mirroring at all on the brain set (mean Dice 0.963
+    against 0.969 unmirrored; the heads per copy 0.977, docs/planning.md).
+    """
     low_patch = [p // f for p, f in zip(patch, net.factor)]
-    blended = predict_logits(LowResolutionBody(net), low, low_patch, step, mirror_axes, sigma_scale, device,
-                             tiles_per_batch, amp, accumulate_on, chunk, flips_per_call)
-    logits = heads_by_blocks(net, blended, device, amp)
-    return logits[(slice(None), *(slice(0, s) for s in image.shape[1:]))]
+    body = LowResolutionBody(net)
+    crop = (slice(None), *(slice(0, s) for s in image.shape[1:]))
+    combos = mirror_combinations(mirror_axes)
+    total: torch.Tensor | None = None
+    for axes in combos:
+        dims = [a + 1 for a in axes]
+        copy = torch.flip(image, dims) if dims else image
+        logits = heads(net, slide(body, low_resolution_input(net, copy), low_patch))[crop]
+        logits = torch.flip(logits, dims) if dims else logits
+        total = logits.clone() if total is None else total.add_(logits)
+    assert total is not None
+    return total.div_(len(combos)) if len(combos) > 1 else total
 
 
 @torch.no_grad()

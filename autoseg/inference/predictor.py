@@ -30,9 +30,8 @@ from autoseg.device import first_line, is_gpu_out_of_memory, is_out_of_memory
 from autoseg.inference.patch_free_tiles import (
     HEADS_BLOCK_BYTES,
     HEADS_FALLBACK_SHARE,
-    LowResolutionBody,
     heads_by_blocks,
-    low_resolution_input,
+    mirrored_patch_free,
 )
 from autoseg.inference.postprocessing import Postprocessing, apply_postprocessing, load_postprocessing
 from autoseg.inference.sliding_window import (
@@ -364,10 +363,11 @@ class Predictor:
         """Sliding-window logits ``(K, *spatial)``, float32 on the CPU; ``cpu_calls`` tiles and mirrored copies
         per network call on the CPU (:meth:`_cpu_calls`; a GPU batches tiles by its free memory instead).
 
-        A patch-free network that needs several tiles slides its U-Net alone over the scan at low resolution
-        (:meth:`_slide`) and runs its full-resolution heads once over the blended features (:meth:`_heads`), as
-        :func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles` does, each part with its own
-        fallbacks on a GPU, so that running out of memory in the heads does not repeat the U-Net's pass.
+        A patch-free network that needs several tiles slides its U-Net alone over each mirrored copy of the scan
+        at low resolution (:meth:`_slide`) and runs its full-resolution heads over the blended features
+        (:meth:`_heads`), as :func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles` does, each part
+        with its own fallbacks on a GPU, so that running out of memory in the heads does not repeat the U-Net's
+        pass; on the CPU a call's inputs are tiles (each copy slides unmirrored).
 
         Raises:
             RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
@@ -375,15 +375,17 @@ class Predictor:
         several = len(tile_boxes(padded_shape(list(x.shape[1:]), patch), patch, self.step)) > 1
         if not (isinstance(net, PatchFreeUNet) and several):
             return self._slide(net, x, patch, cpu_calls)
-        low = low_resolution_input(net, x)
-        blended = self._slide(LowResolutionBody(net), low, [p // f for p, f in zip(patch, net.factor)], cpu_calls,
-                              low_resolution=True)
-        return self._heads(net, blended)[(slice(None), *(slice(0, s) for s in x.shape[1:]))]
+        calls = (cpu_calls[0] * cpu_calls[1], 1)
+
+        def slide(body: nn.Module, low: torch.Tensor, low_patch: list[int]) -> torch.Tensor:
+            return self._slide(body, low, low_patch, calls, low_resolution=True)
+        return mirrored_patch_free(net, x, patch, self.mirror_axes, slide, self._heads)
 
     def _slide(self, net: nn.Module, x: torch.Tensor, patch: list[int], cpu_calls: tuple[int, int],
                low_resolution: bool = False) -> torch.Tensor:
-        """:func:`predict_logits` of ``net`` over ``x`` (``low_resolution``: a patch-free network's U-Net over
-        the scan averaged down, :meth:`_gpu_layout`).
+        """:func:`predict_logits` of ``net`` over ``x``, mirrored along the predictor's axes
+        (``low_resolution``: a patch-free network's U-Net over one copy of the scan averaged down, unmirrored,
+        :meth:`_gpu_layout`).
 
         On a GPU, the fallback chain is: sums in GPU memory -> sums in RAM -> the network on the CPU. The first
         rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
@@ -391,7 +393,8 @@ class Predictor:
         cache is emptied after leaving the ``except`` block: inside it, the exception's traceback still holds
         the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing.
         """
-        args = (x, patch, self.step, self.mirror_axes, self.plans.inference.gaussian_sigma_scale)
+        mirror_axes = [] if low_resolution else self.mirror_axes
+        args = (x, patch, self.step, mirror_axes, self.plans.inference.gaussian_sigma_scale)
         if self.device.type != "cuda":
             return predict_logits(net, *args, self.device, cpu_calls[0], flips_per_call=cpu_calls[1])
         sums_on, batch = self._gpu_layout(x, patch, low_resolution)

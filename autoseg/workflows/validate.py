@@ -205,8 +205,9 @@ class ValidationCost:
 
     Cases a patch-free network predicts by several tiles
     (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`) are not in ``tiles``: their U-Net
-    slides over ``low_tiles`` low-resolution tiles of ``low_tile_seconds`` each (per mirrored copy), and the
-    full-resolution heads run once per prediction over all of them, ``heads_seconds``."""
+    slides over ``low_tiles`` low-resolution tiles of ``low_tile_seconds`` each, and the full-resolution heads
+    run over all of them, ``heads_seconds``; both once per mirrored copy
+    (:func:`~autoseg.inference.patch_free_tiles.mirrored_patch_free`)."""
 
     #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
     tiles: float
@@ -230,8 +231,8 @@ class ValidationCost:
         extra = self.tiled_seconds if tiles else 0.0
         if not tta or self.flips == 1:
             return unmirrored + self.rest_seconds + extra
-        mirrored = self.tiles * self.flips * item + self.low_tiles * self.flips * self.low_tile_seconds \
-            + self.heads_seconds
+        mirrored = self.tiles * self.flips * item + self.flips * (self.low_tiles * self.low_tile_seconds
+                                                                    + self.heads_seconds)
         return mirrored + unmirrored + self.rest_seconds + self.finish_seconds + extra
 
 
@@ -243,9 +244,9 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     unmirrored prediction a mirrored validation also scores) x the measured seconds of one forward pass of
     ``net`` (median of 3; its weights do not matter for the time); where the predictor puts several inputs in
     one call (mirrored copies; tiles of a case without mirroring), an input costs its share of such a call,
-    measured the same way. A case a patch-free network predicts by several tiles costs its low-resolution tiles
-    x the U-Net's forward seconds on one (its share of a call) per mirrored copy, plus the full-resolution
-    heads once per prediction (their seconds on one region's features, scaled by the case's voxels). Cases a
+    measured the same way. A case a patch-free network predicts by several tiles costs, per mirrored copy, its
+    low-resolution tiles x the U-Net's forward seconds on one (its share of a call) plus the full-resolution
+    heads (their seconds on one region's features, scaled by the case's voxels). Cases a
     patch-free network segments in one pass are also predicted by tiles of the trained patch, unmirrored,
     priced the same way (the whole network per tile if the network is not a patch-free one), plus their way
     back to the grid. The rest (probabilities saved, back to the scan's grid, written, scored): timed on

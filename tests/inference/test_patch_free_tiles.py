@@ -1,5 +1,6 @@
 """Tiled prediction of the patch-free network: the U-Net slid over the low-resolution scan, the heads once over
-the blended features, checked against the network's own forward and a hand-blended computation."""
+the blended features (per mirrored copy), checked against the network's own forward and a hand-blended
+computation."""
 
 from __future__ import annotations
 
@@ -23,10 +24,8 @@ def _net(factor: list[int], channels: int = 2, classes: int = 3) -> PatchFreeUNe
     return net.eval()
 
 
-def _blended_by_hand(net: PatchFreeUNet, x: torch.Tensor, region: list[int], step: float,
-                     mirror: bool = False) -> torch.Tensor:
-    """Features and logits of the U-Net on each low-resolution tile (``mirror``: averaged with those of the tile
-    flipped along its first axis, flipped back), Gaussian-weighted, summed, divided."""
+def _blended_by_hand(net: PatchFreeUNet, x: torch.Tensor, region: list[int], step: float) -> torch.Tensor:
+    """Features and logits of the U-Net on each low-resolution tile, Gaussian-weighted, summed, divided."""
     low = F.avg_pool3d(x[None], tuple(net.factor))[0]
     patch = [r // f for r, f in zip(region, net.factor)]
     w = gaussian_weights(patch, 0.125)
@@ -35,9 +34,6 @@ def _blended_by_hand(net: PatchFreeUNet, x: torch.Tensor, region: list[int], ste
         tile = low[(slice(None), *box)][None]
         features, logits = net.body.decode(tile)
         out = torch.cat([features, logits[0]], 1)[0]
-        if mirror:
-            features, logits = net.body.decode(tile.flip(2))
-            out = (out + torch.cat([features, logits[0]], 1)[0].flip(1)) / 2
         acc = torch.zeros((out.shape[0], *low.shape[1:])) if acc is None else acc
         acc[(slice(None), *box)] += out * w
         norm[box] += w
@@ -92,15 +88,23 @@ def test_several_tiles_blend_features_then_run_the_heads_once(step):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_mirrored_tiles_average_the_flipped_back_features():
+@pytest.mark.parametrize("axes", [[0], [0, 2]])
+def test_mirrored_tiles_average_each_flipped_copys_output(axes):
+    """Mirrored, each copy goes through the whole tiled path (its own low-resolution grid, U-Net and heads) and
+    the outputs, flipped back, are averaged; a scan not divisible by the factor along a mirrored axis is
+    cropped before it is flipped back, so each copy's padding stays on its own far side."""
     net = _net([2, 2, 2])
-    x = torch.randn(2, 32, 16, 16)
+    x = torch.randn(2, 31, 16, 20)
     region = [16, 16, 16]
-    got = predict_patch_free_tiles(net, x, region, 0.5, [0], 0.125, CPU)
-    with torch.no_grad():
-        blended = _blended_by_hand(net, x, region, 0.5, mirror=True)
-        want = net.segmentation(blended[None, :8], blended[None, 8:])[0]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got = predict_patch_free_tiles(net, x, region, 0.5, axes, 0.125, CPU)
+    combos = [[], [0]] if axes == [0] else [[], [0], [2], [0, 2]]
+    copies = []
+    for flip in combos:
+        dims = [a + 1 for a in flip]
+        out = predict_patch_free_tiles(net, x.flip(dims) if dims else x, region, 0.5, [], 0.125, CPU)
+        copies.append(out.flip(dims) if dims else out)
+    torch.testing.assert_close(got, torch.stack(copies).mean(0), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, copies[0], atol=1e-3)  # the mirrored copies change the result
 
 
 def test_a_scan_not_divisible_by_the_factor_is_padded_with_its_edge_and_cropped_back():
@@ -173,6 +177,11 @@ def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(mo
     assert calls == ["heads"] and one.shape == (3, 16, 16, 16)
     predictor._logits(torch.nn.Conv3d(1, 3, 1).eval(), torch.randn(1, 32, 16, 16), [16, 16, 16])
     assert calls == ["heads"]
+    predictor.mirror_axes = [0, 2]  # mirrored: the heads per copy; a CPU call's two inputs are two tiles
+    mirrored = predictor._logits(net, x, [16, 16, 16], (1, 2))
+    assert calls == ["heads"] * 5
+    torch.testing.assert_close(mirrored, predict_patch_free_tiles(net, x, [16, 16, 16], 0.5, [0, 2], 0.125, CPU),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_gpu_out_of_memory_in_the_heads_keeps_the_u_nets_pass(monkeypatch):

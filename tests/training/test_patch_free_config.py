@@ -231,9 +231,9 @@ def test_the_budget_counts_the_tiled_prediction_of_one_pass_cases(free_run, monk
 
 @pytest.mark.parametrize("whole", [False, True])
 def test_the_budget_prices_patch_free_tiles_at_low_resolution(free_run, monkeypatch, whole):
-    """A case a patch-free network predicts by several tiles costs what predict_patch_free_tiles runs: its
-    low-resolution U-Net tiles (counted here by running the prediction) x one tile's measured seconds per
-    mirrored copy, plus the heads once per prediction (measured on one region's features, scaled by voxels);
+    """A case a patch-free network predicts by several tiles costs what predict_patch_free_tiles runs, per
+    mirrored copy: its low-resolution U-Net tiles (counted here by running the prediction) x one tile's measured
+    seconds, plus the heads (measured on one region's features, scaled by voxels);
     with one-pass prediction (``whole``) the same prices the extra tiled prediction of those cases."""
     from math import prod
 
@@ -274,5 +274,4 @@ def test_the_budget_prices_patch_free_tiles_at_low_resolution(free_run, monkeypa
     assert (cost.low_tiles, cost.low_tile_seconds, cost.heads_seconds) == (n_low, 0.25, pytest.approx(heads))
     once = n_low * 0.25 + heads
     assert cost.seconds(False) == pytest.approx(once + cost.rest_seconds)
-    assert cost.seconds(True) == pytest.approx(once + n_low * cost.flips * 0.25 + heads + cost.rest_seconds
-                                               + cost.finish_seconds)
+    assert cost.seconds(True) == pytest.approx(once + cost.flips * once + cost.rest_seconds + cost.finish_seconds)
