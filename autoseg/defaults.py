@@ -55,8 +55,9 @@ CPU_BLOCKS_PER_STAGE = (1, 1, 1, 1, 1, 1)
 #: training steps of the Hippocampus CPU plan took 0.563 s instead of 0.607 (zoom-in) and 1.139 s instead of
 #: 1.257 (zoom-out) on a 2-core AVX2 EPYC host (``benchmarks/bench_speed.py step``, same run). GPU plans
 #: stay contiguous (nnU-Net's layout; not measured here: ``benchmarks/gpu_check.py`` times both). The patch-free
-#: network too, heads included: its steps on the 4-channel brain set's CPU plan took 0.43 s instead of 0.58
-#: (zoom-in) and 0.79 s instead of 1.04 (zoom-out), its few-channel full-resolution heads gaining most
+#: network too, heads included: its steps on the 4-channel brain set's CPU plan took 0.35 s instead of 0.47
+#: (zoom-in) and 0.51 s instead of 0.72 (zoom-out) on an idle 2-core host, its few-channel full-resolution heads
+#: gaining most
 CPU_CHANNELS_LAST = True
 #: prediction on the CPU runs our U-Nets contiguous whatever layout they trained in (a copy of a channels-last
 #: network is converted; the trainer's own keeps its layout): with mirrored copies in pairs, the network part of
@@ -64,8 +65,9 @@ CPU_CHANNELS_LAST = True
 #: 2-core AVX2 host (``benchmarks/bench_speed.py predict``, same run, labels identical)
 CPU_INFERENCE_CHANNELS_LAST = False
 #: except the patch-free network, whose full-resolution heads are faster channels-last: one pass over a
-#: preprocessed brain scan (139x199x169, 4 channels) took 3.4-4.3 s instead of 5.0-6.0 s (labels identical to
-#: 1 voxel in 4.7 million); by tiles, 6.5-7.5 s either way (the tiled path's heads are channels-last anyway)
+#: preprocessed brain scan (139x199x169, 4 channels, idle host) took 2.8-3.0 s instead of 4.4-4.5 s (labels
+#: identical to 1 voxel in 4.7 million); by tiles 4.3-4.8 s against 3.9-4.5 s contiguous (the one pass is the
+#: default; the tiled path's heads take channels-last input either way)
 PATCH_FREE_CPU_INFERENCE_CHANNELS_LAST = True
 
 # --- planning: memory and compute budget ----------------------------------------------------------

@@ -313,9 +313,10 @@ def check_prediction(run: Path, device: torch.device) -> Row:
 
 
 def check_patch_free_tiles(device: torch.device) -> Row:
-    """The patch-free network predicted by tiles (its U-Net slid at low resolution, its heads once over the
-    blended features) on the GPU, in fp32 and under AMP, against the CPU: a seeded network, a 2-channel volume of
-    2.5 regions per axis, mirrored along every axis."""
+    """The patch-free network predicted by tiles (per mirrored copy, its U-Net slid at low resolution and its
+    heads run over the blended features) on the GPU, in fp32 and under AMP, against the CPU: a seeded network, a
+    2-channel volume of 2.5 regions per axis, mirrored along every axis. (The predictor's own out-of-memory
+    fallbacks around this path are tested on the CPU with a simulated GPU only.)"""
     if device.type != "cuda":
         return Row("patch-free tiles GPU vs CPU", "skipped: no CUDA", "")
     from autoseg.inference.patch_free_tiles import predict_patch_free_tiles

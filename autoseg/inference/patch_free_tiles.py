@@ -51,6 +51,8 @@ class LowResolutionBody(nn.Module):
         self.net = net
 
     def forward(self, low: torch.Tensor) -> torch.Tensor:
+        if self.net.channels_last:  # as the network's own forward: weights and input in one layout
+            low = low.contiguous(memory_format=torch.channels_last_3d)
         features, logits = self.net.body.decode(low)
         return torch.cat([features, logits[0]], dim=1)
 

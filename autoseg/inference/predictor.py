@@ -367,7 +367,8 @@ class Predictor:
         at low resolution (:meth:`_slide`) and runs its full-resolution heads over the blended features
         (:meth:`_heads`), as :func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles` does, each part
         with its own fallbacks on a GPU, so that running out of memory in the heads does not repeat the U-Net's
-        pass; on the CPU a call's inputs are tiles (each copy slides unmirrored).
+        pass; a rung that ran out of memory for one copy is not tried again for the next. On the CPU a call's
+        inputs are tiles (each copy slides unmirrored).
 
         Raises:
             RuntimeError: the network on the CPU, the last rung, fails too (out of RAM or otherwise).
@@ -376,13 +377,18 @@ class Predictor:
         if not (isinstance(net, PatchFreeUNet) and several):
             return self._slide(net, x, patch, cpu_calls)
         calls = (cpu_calls[0] * cpu_calls[1], 1)
+        slide_failed: set[str] = set()
+        heads_failed: set[int] = set()
 
         def slide(body: nn.Module, low: torch.Tensor, low_patch: list[int]) -> torch.Tensor:
-            return self._slide(body, low, low_patch, calls, low_resolution=True)
-        return mirrored_patch_free(net, x, patch, self.mirror_axes, slide, self._heads)
+            return self._slide(body, low, low_patch, calls, low_resolution=True, failed=slide_failed)
+
+        def heads(net: PatchFreeUNet, blended: torch.Tensor) -> torch.Tensor:
+            return self._heads(net, blended, heads_failed)
+        return mirrored_patch_free(net, x, patch, self.mirror_axes, slide, heads)
 
     def _slide(self, net: nn.Module, x: torch.Tensor, patch: list[int], cpu_calls: tuple[int, int],
-               low_resolution: bool = False) -> torch.Tensor:
+               low_resolution: bool = False, failed: set[str] | None = None) -> torch.Tensor:
         """:func:`predict_logits` of ``net`` over ``x``, mirrored along the predictor's axes
         (``low_resolution``: a patch-free network's U-Net over one copy of the scan averaged down, unmirrored,
         :meth:`_gpu_layout`).
@@ -391,8 +397,11 @@ class Predictor:
         rung is only tried when :meth:`_gpu_layout` finds that the sums fit the free GPU memory, and only the
         first rung tried batches tiles; after an out-of-memory error the next rung runs one tile at a time. The
         cache is emptied after leaving the ``except`` block: inside it, the exception's traceback still holds
-        the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing.
+        the failed attempt's frames and so its GPU tensors, and ``empty_cache`` could free nothing. ``failed``
+        collects the rungs that ran out of memory and skips them (shared by the calls for one scan); tiles are
+        batched only while none has.
         """
+        failed = set() if failed is None else failed
         mirror_axes = [] if low_resolution else self.mirror_axes
         args = (x, patch, self.step, mirror_axes, self.plans.inference.gaussian_sigma_scale)
         if self.device.type != "cuda":
@@ -401,27 +410,30 @@ class Predictor:
         shape = "x".join(map(str, x.shape[1:]))
         if sums_on.type == "cpu":
             log.info("keeping the sums of the %s volume in RAM: they do not fit the free GPU memory", shape)
-        rungs = ([self.device] if sums_on.type == "cuda" else []) + [CPU]
+        rungs = [r for r in ([self.device] if sums_on.type == "cuda" else []) + [CPU] if r.type not in failed]
         for i, acc_on in enumerate(rungs):
             try:
-                return predict_logits(net, *args, self.device, batch if i == 0 else 1, self.plans.amp, acc_on)
+                return predict_logits(net, *args, self.device, 1 if failed else batch, self.plans.amp, acc_on)
             except RuntimeError as e:
                 if not is_gpu_out_of_memory(e):
                     raise
                 failure = first_line(e)
+            failed.add(acc_on.type)
             torch.cuda.empty_cache()
             log.warning("GPU out of memory for the %s volume with the sums in %s (%s): %s", shape,
                         "GPU memory" if acc_on.type == "cuda" else "RAM", failure,
                         "keeping the sums in RAM" if i + 1 < len(rungs) else "predicting it on the CPU")
         return self._on_cpu(net, lambda: predict_logits(net, *args, CPU))
 
-    def _heads(self, net: PatchFreeUNet, blended: torch.Tensor) -> torch.Tensor:
+    def _heads(self, net: PatchFreeUNet, blended: torch.Tensor, failed: set[int] | None = None) -> torch.Tensor:
         """:func:`heads_by_blocks` of the blended low-resolution features; on a GPU, after an out-of-memory
         error, again in blocks of :data:`HEADS_FALLBACK_SHARE` of the memory, then on the CPU (the cache
-        emptied outside the ``except`` block, as in :meth:`_slide`)."""
+        emptied outside the ``except`` block, as in :meth:`_slide`; ``failed``: the block budgets that ran out
+        of memory for an earlier copy of the scan, skipped)."""
         if self.device.type != "cuda":
             return heads_by_blocks(net, blended, self.device)
-        budgets = [HEADS_BLOCK_BYTES, int(HEADS_BLOCK_BYTES * HEADS_FALLBACK_SHARE)]
+        failed = set() if failed is None else failed
+        budgets = [b for b in (HEADS_BLOCK_BYTES, int(HEADS_BLOCK_BYTES * HEADS_FALLBACK_SHARE)) if b not in failed]
         for i, budget in enumerate(budgets):
             try:
                 return heads_by_blocks(net, blended, self.device, self.plans.amp, budget)
@@ -429,6 +441,7 @@ class Predictor:
                 if not is_gpu_out_of_memory(e):
                     raise
                 failure = first_line(e)
+            failed.add(budget)
             torch.cuda.empty_cache()
             log.warning("GPU out of memory in the patch-free heads with blocks of %d MiB (%s): %s", budget >> 20,
                         failure, "smaller blocks" if i + 1 < len(budgets) else "running them on the CPU")

@@ -115,9 +115,11 @@ class PatchFreeUNet(nn.Module):
         reconstruction_weight: the super-resolution loss's weight, passed on in :class:`PatchFreeOutput`.
         channels_last: weights and activations channels-last (``torch.channels_last_3d``), the U-Net's and the
             heads' alike (:class:`ResidualUNet`'s ``channels_last``). The heads' convolutions have few channels
-            at full resolution, where oneDNN's contiguous kernels are slow: on a 2-core AVX2 host a training
-            step of the brain set's CPU plan took 0.43 s instead of 0.58 (zoom-in) and 0.79 s instead of 1.04
-            (zoom-out), a 128x160x160 eval pass 2.1 s instead of 2.9 (the same values to 1e-6).
+            at full resolution, where oneDNN's contiguous kernels are slow: on an idle 2-core AVX2 host a
+            training step of the brain set's CPU plan took 0.35 s instead of 0.47 (zoom-in) and 0.51 s instead
+            of 0.72 (zoom-out), one pass over a brain scan 2.8-3.0 s instead of 4.4-4.5 (the same values to
+            1e-6). The U-Net's input is converted after the averaging down, whose pooling returns contiguous
+            output.
     """
 
     def __init__(self, in_channels: int, n_classes: int, features: list[int], kernel_sizes: list[list[int]],
@@ -152,8 +154,9 @@ class PatchFreeUNet(nn.Module):
 
     @property
     def channels_last(self) -> bool:
-        """Whether the input is made channels-last in :meth:`forward` (and the U-Net's in its own); setting it
-        does not convert the weights (as with :class:`ResidualUNet`, whoever switches it converts them)."""
+        """Whether :meth:`forward` (and :class:`~autoseg.inference.patch_free_tiles.LowResolutionBody`) make the
+        input channels-last; kept equal to the U-Net's flag. Setting it does not convert the weights (as with
+        :class:`ResidualUNet`, whoever switches it converts them)."""
         return self.body.channels_last
 
     @channels_last.setter
@@ -212,9 +215,9 @@ class PatchFreeUNet(nn.Module):
         """Eval: full-resolution logits ``(B, K, *x.shape[2:])``. Training: a :class:`PatchFreeOutput`, the
         full-resolution heads inside each sample's guidance patch, whose low-resolution corners ``guide``
         ``(B, 3)`` gives (None: the centred patch)."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
         low = self.low_resolution(x)
+        if self.channels_last:  # pooling returns contiguous output whatever its input
+            low = low.contiguous(memory_format=torch.channels_last_3d)
         features, logits = self.body.decode(low)
         if not self.training:
             return self.segmentation(features, logits[0])

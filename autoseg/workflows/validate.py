@@ -209,7 +209,8 @@ class ValidationCost:
     run over all of them, ``heads_seconds``; both once per mirrored copy
     (:func:`~autoseg.inference.patch_free_tiles.mirrored_patch_free`)."""
 
-    #: tiles of every case, counted in tiles of the size ``forward_seconds`` was measured at
+    #: tiles of every case not predicted by low-resolution tiles, counted in tiles of the size
+    #: ``forward_seconds`` was measured at
     tiles: float
     flips: int
     forward_seconds: float
@@ -269,16 +270,17 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
     n_tiles = {c: len(tile_boxes(padded_shape(s, tile[c]), tile[c], predictor.step)) for c, s in shapes.items()}
     inference_net = predictor.networks[0][0]  # in the layout prediction uses
     low_net = inference_net if isinstance(inference_net, PatchFreeUNet) else None
-    by_low = [c for c in case_ids if low_net is not None and n_tiles[c] > 1]  # predict_patch_free_tiles
-    direct = [c for c in case_ids if c not in by_low]
-    share = {c: prod(tile[c]) / prod(tile[probe]) for c in direct}
+    by_low = [c for c in case_ids if low_net is not None and n_tiles[c] > 1]  # Predictor._logits: U-Net, heads
+    direct = [c for c in case_ids if c not in by_low]  # through the whole network, tile by tile
+    timed = sorted(direct, key=lambda c: (sizes[c], c))[len(direct) // 2] if direct else probe
+    share = {c: prod(tile[c]) / prod(tile[timed]) for c in direct}
     tiles = sum(n_tiles[c] * share[c] for c in direct)
     lone = sum(share[c] for c in direct if n_tiles[c] == 1)
-    shape = [len(plans.channel_names), *tile[probe]]
+    shape = [len(plans.channel_names), *tile[timed]]
     forward, item = 0.0, None
     if direct:
         forward = _forward_seconds(inference_net, shape, device, plans.amp)
-        inputs = predictor.call_inputs(tile[probe], patch)
+        inputs = predictor.call_inputs(tile[timed], patch)
         item = None if inputs == 1 else _forward_seconds(inference_net, shape, device, plans.amp, inputs) / inputs
     ref = read_image(reference_labels(run_dir)[probe])[0][0]
     _rest_seconds(predictor, props[probe], ref)  # untimed: first-time imports would be scaled to every case

@@ -58,6 +58,23 @@ def test_heads_by_blocks_equal_the_networks_forward(factor):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_low_resolution_body_feeds_a_channels_last_u_net_channels_last_input():
+    """The tiles' U-Net pass converts its input as the network's own forward does (weights and input in one
+    layout: a mixed layout takes oneDNN's slower path), with the same values."""
+    plain = _net([2, 2, 2])
+    last = _net([2, 2, 2])
+    last.to(memory_format=torch.channels_last_3d)
+    last.channels_last = True
+    seen: list[bool] = []
+    last.body.stem.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    low = torch.randn(2, 2, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(pft.LowResolutionBody(last)(low), pft.LowResolutionBody(plain)(low),
+                                   rtol=1e-4, atol=1e-5)
+    assert seen == [True]
+
+
 def test_blocks_fill_whole_planes_else_squares():
     assert pft._blocks([40, 60, 60], [2, 2, 2], 60 * 14) == [10, 60]  # 10 slices + 2 x 2 of margin
     assert pft._blocks([40, 60, 60], [2, 2, 2], 60 * 100) == [40, 60]  # the whole volume
@@ -184,10 +201,13 @@ def test_the_predictor_slides_the_u_net_only_where_a_scan_needs_several_tiles(mo
                                rtol=1e-4, atol=1e-5)
 
 
-def test_gpu_out_of_memory_in_the_heads_keeps_the_u_nets_pass(monkeypatch):
+@pytest.mark.parametrize("where", ["heads", "sums"])
+def test_gpu_out_of_memory_falls_back_once_per_scan_in_each_part(monkeypatch, where):
     """On a GPU the U-Net's low-resolution pass and the heads have their own fallbacks: out of memory in the
-    heads retries them in smaller blocks, then on the CPU, without sliding the U-Net again; the cache is
-    emptied outside the except block; the network comes back to the GPU after its CPU rung."""
+    heads retries them in smaller blocks, then on the CPU, without sliding the U-Net again; the next mirrored
+    copy goes straight to the rung that worked; the cache is emptied outside the except block; the network
+    comes back to the GPU after each CPU rung. Likewise for the U-Net's sums in GPU memory (``where``): the next
+    copy keeps them in RAM, one tile at a time."""
     import sys
 
     from autoseg.inference import predictor as predictor_module
@@ -203,12 +223,14 @@ def test_gpu_out_of_memory_in_the_heads_keeps_the_u_nets_pass(monkeypatch):
     handling: list = []
 
     def predict_logits(body, x, patch, step, mirror_axes, sigma, device, batch=1, amp=False, accumulate_on=None):
-        slides.append((tuple(x.shape), tuple(patch), device.type))
+        slides.append((tuple(x.shape), tuple(patch), batch, accumulate_on.type))
+        if where == "sums" and accumulate_on.type == "cuda":
+            raise torch.cuda.OutOfMemoryError(GPU_OOM)
         return torch.zeros(net.up_seg.in_channels + 3, *x.shape[1:])
 
     def heads_by_blocks(net_, blended, device, amp=False, budget_bytes=pft.HEADS_BLOCK_BYTES):
         heads.append((device.type, budget_bytes))
-        if device.type == "cuda":
+        if where == "heads" and device.type == "cuda":
             raise torch.cuda.OutOfMemoryError(GPU_OOM)
         return torch.ones(3, *[n * 2 for n in blended.shape[1:]])
 
@@ -219,16 +241,23 @@ def test_gpu_out_of_memory_in_the_heads_keeps_the_u_nets_pass(monkeypatch):
     monkeypatch.setattr(predictor_module, "choose_tiles_per_batch", lambda per_tile, free, n, kind: 4)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: handling.append(sys.exc_info()[0]))
     predictor = _bare_predictor(torch.device("cuda"))
+    predictor.mirror_axes = [0]  # two mirrored copies
     predictor.plans.network = NetworkPlan("patch_free", [4, 8], [[3, 3, 3]] * 2, [[1, 1, 1], [2, 2, 2]], [1, 1], 1,
                                           True, upsample_factor=[2, 2, 2], guidance_share=0.5,
                                           reconstruction_weight=0.5)
     predictor.plans.labels = {0: "a", 1: "b", 2: "c"}
     out = predictor._logits(net, torch.randn(1, 31, 16, 16), [16, 16, 16])
     assert out.shape == (3, 31, 16, 16) and bool((out == 1).all())
-    assert slides == [((1, 16, 8, 8), (8, 8, 8), "cuda")]  # once, at low resolution
+    low = ((1, 16, 8, 8), (8, 8, 8))  # the U-Net's input and tile: low resolution
+    if where == "sums":  # the first copy's sums fall back to RAM; the second copy's start there
+        assert slides == [(*low, 4, "cuda"), (*low, 1, "cpu"), (*low, 1, "cpu")]
+        assert heads == [("cuda", pft.HEADS_BLOCK_BYTES)] * 2 and handling == [None] and moves == []
+        return
+    assert slides == [(*low, 4, "cuda")] * 2  # once per copy
     small = int(pft.HEADS_BLOCK_BYTES * pft.HEADS_FALLBACK_SHARE)
-    assert heads == [("cuda", pft.HEADS_BLOCK_BYTES), ("cuda", small), ("cpu", pft.HEADS_BLOCK_BYTES)]
-    assert handling == [None, None] and moves == ["cpu", "cuda"]
+    cpu_rung = ("cpu", pft.HEADS_BLOCK_BYTES)
+    assert heads == [("cuda", pft.HEADS_BLOCK_BYTES), ("cuda", small), cpu_rung, cpu_rung]
+    assert handling == [None, None] and moves == ["cpu", "cuda"] * 2
 
 
 def test_the_gpu_layout_prices_the_low_resolution_sums_and_tiles(monkeypatch):

@@ -106,8 +106,8 @@ def test_training_output_follows_the_guide_and_every_parameter_learns():
 def test_channels_last_computes_the_same_values_and_gradients():
     """The channels-last patch-free network (CPU plans) is the same function with the same gradients as the
     contiguous one, in training (guidance patch, reconstruction) and in prediction; its weights, the heads'
-    included, are channels-last, and switching the flag on a contiguous copy (as the predictor does after
-    converting the weights) makes the U-Net take channels-last input too."""
+    included, are channels-last, its U-Net gets channels-last input, and switching the flag on a contiguous
+    network (as the predictor does after converting the weights) makes its forward convert the input."""
     plain = _net([2, 2, 2])
     torch.manual_seed(0)
     last = PatchFreeUNet(2, 3, [8, 16, 32], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [1, 1, 1], 1, True,
@@ -129,10 +129,16 @@ def test_channels_last_computes_the_same_values_and_gradients():
     loss(out_last, y).backward()
     for (name, p), q in zip(plain.named_parameters(), last.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-6, msg=name)
+    seen: list[bool] = []  # whether the U-Net's first convolution got channels-last input
+    for net in (last, plain):
+        net.body.stem.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
     with torch.no_grad():
         torch.testing.assert_close(last.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
-        plain.channels_last = True
+        plain.channels_last = True  # the flag alone: the forward converts the input
         assert plain.body.channels_last
+        plain(x)
+    assert seen[-3:] == [True, False, True]
 
 
 def test_loss_is_low_resolution_plus_guidance_patch_plus_weighted_reconstruction():

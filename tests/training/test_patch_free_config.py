@@ -250,11 +250,23 @@ def test_the_budget_prices_patch_free_tiles_at_low_resolution(free_run, monkeypa
     net = build_network(p.network, len(p.channel_names), len(p.labels)).eval()
     clock = iter([0.0, 40.0, 90.0, 100.0, 102.0, 112.5])  # as in test_train.py: the way back 2 s, the rest 12.5 s
     monkeypatch.setattr(validate_module, "_clock", lambda: next(clock))
-    monkeypatch.setattr(validate_module, "_forward_seconds",  # 0.25 s per input, whatever the network
-                        lambda net, shape, device, amp, batch=1: 0.25 * batch)
-    monkeypatch.setattr(validate_module, "_heads_seconds", lambda net, low, device, amp: 3.0)  # one region's
+    timed: list[tuple] = []  # what was timed: the network's type and input shape, the heads' region
+
+    def forward_seconds(net, shape, device, amp, batch=1):  # 0.25 s per input
+        timed.append((type(net).__name__, list(shape)))
+        return 0.25 * batch
+
+    def heads_seconds(net, low, device, amp):  # 3 s for one region's features
+        timed.append(("heads", list(low)))
+        return 3.0
+    monkeypatch.setattr(validate_module, "_forward_seconds", forward_seconds)
+    monkeypatch.setattr(validate_module, "_heads_seconds", heads_seconds)
     cpu = torch.device("cpu")
     cost = validate_module.validation_cost(free_run, p, cases, net, patch, cpu)
+    low = [r // f for r, f in zip(patch, net.factor)]
+    assert ("LowResolutionBody", [len(p.channel_names), *low]) in timed and ("heads", low) in timed
+    if not whole:  # nothing goes through the whole network
+        assert [t for t in timed if t[0] == "PatchFreeUNet"] == []
 
     calls: list[int] = []  # inputs the U-Net is given when the cases are predicted by tiles, unmirrored
     body = LowResolutionBody.forward
