@@ -204,9 +204,9 @@ class ValidationCost:
     segments in one pass, by tiles of the trained patch without mirroring, back to the grid and scored.
 
     Cases a patch-free network predicts by several tiles
-    (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`) are not in ``tiles``: their U-Net
-    slides over ``low_tiles`` low-resolution tiles of ``low_tile_seconds`` each, and the full-resolution heads
-    run over all of them, ``heads_seconds``; both once per mirrored copy
+    (:func:`~autoseg.inference.patch_free_tiles.predict_patch_free_tiles`) are not in ``tiles``:
+    ``low_resolution_seconds`` is one unmirrored prediction of them (their U-Net's low-resolution tiles and
+    their full-resolution heads), which a mirrored prediction repeats per mirrored copy
     (:func:`~autoseg.inference.patch_free_tiles.mirrored_patch_free`)."""
 
     #: tiles of every case not predicted by low-resolution tiles, counted in tiles of the size
@@ -219,21 +219,18 @@ class ValidationCost:
     item_seconds: float | None = None
     lone_tiles: float = 0.0
     tiled_seconds: float = 0.0
-    low_tiles: int = 0
-    low_tile_seconds: float = 0.0
-    heads_seconds: float = 0.0
+    low_resolution_seconds: float = 0.0
 
     def seconds(self, tta: bool, tiles: bool = True) -> float:
         """The validation's seconds, mirrored or not (``tta``), with or without the tiled prediction of the cases
         a patch-free network segments in one pass (``tiles``)."""
         item = self.forward_seconds if self.item_seconds is None else self.item_seconds
-        low = self.low_tiles * self.low_tile_seconds + self.heads_seconds
+        low = self.low_resolution_seconds
         unmirrored = self.lone_tiles * self.forward_seconds + (self.tiles - self.lone_tiles) * item + low
         extra = self.tiled_seconds if tiles else 0.0
         if not tta or self.flips == 1:
             return unmirrored + self.rest_seconds + extra
-        mirrored = self.tiles * self.flips * item + self.flips * (self.low_tiles * self.low_tile_seconds
-                                                                    + self.heads_seconds)
+        mirrored = self.flips * (self.tiles * item + low)
         return mirrored + unmirrored + self.rest_seconds + self.finish_seconds + extra
 
 
@@ -300,9 +297,8 @@ def validation_cost(run_dir: Path, plans: Plans, case_ids: list[str], net: nn.Mo
             tiled = n_patch * _forward_seconds(inference_net, [shape[0], *patch], device, plans.amp,
                                                per_call) / per_call
         tiled += finish * sum(sizes[c] for c in whole) / sizes[probe]
-    n_low = sum(low_resolution_tiles(shapes[c], patch, low.factor, predictor.step) for c in by_low)
-    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone, tiled, n_low,
-                          low.tile_seconds, low.heads_per_voxel * sum(sizes[c] for c in by_low))
+    return ValidationCost(tiles, flips, forward, rest * scale, finish * scale, item, lone, tiled,
+                          low.seconds([shapes[c] for c in by_low], patch, predictor.step))
 
 
 @dataclass

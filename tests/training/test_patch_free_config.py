@@ -279,11 +279,11 @@ def test_the_budget_prices_patch_free_tiles_at_low_resolution(free_run, monkeypa
     heads = 3.0 * sum(prod(s) for s in shapes.values()) / prod(patch)
     sizes = sorted(prod(s) for s in shapes.values())
     if whole:  # every case in one pass (one tile of its own size each), and by tiles for find-best
-        assert cost.low_tiles == 0 and cost.heads_seconds == 0 and cost.lone_tiles == pytest.approx(cost.tiles)
+        assert cost.low_resolution_seconds == 0 and cost.lone_tiles == pytest.approx(cost.tiles)
         assert cost.tiled_seconds == pytest.approx(n_low * 0.25 + heads + 2.0 * sum(sizes) / sizes[len(sizes) // 2])
         return
     assert cost.tiles == 0 and cost.tiled_seconds == 0
-    assert (cost.low_tiles, cost.low_tile_seconds, cost.heads_seconds) == (n_low, 0.25, pytest.approx(heads))
     once = n_low * 0.25 + heads
+    assert cost.low_resolution_seconds == pytest.approx(once)
     assert cost.seconds(False) == pytest.approx(once + cost.rest_seconds)
     assert cost.seconds(True) == pytest.approx(once + cost.flips * once + cost.rest_seconds + cost.finish_seconds)
