@@ -3,18 +3,19 @@ measured figure; exit code 1 if any check fails.
 
 Usage: python benchmarks/gpu_check.py [--device auto|cuda|cpu] [--gpus N] [--hippocampus DIR] [--keep DIR]
 
-Checks: device detection and the plan's memory budget; a short two-stage training (AMP on CUDA); per
-stage, the peak memory allocated by training steps against the plan's estimate; SIGTERM in the middle of a
-stage, rerun, and final weights equal to an uninterrupted run (``--deterministic``); two-process DDP (NCCL
-on 2 GPUs, gloo on the CPU) with replicas identical and the same stop on SIGTERM; prediction on the GPU
-against the same network on the CPU (fp32 on both; AMP reported beside) over a real case mirrored out to
-several tiles; MONAI's SegResNet, Attention U-Net and UNETR planned for the device (``plan --configs all``):
-per configuration and stage a training step at the plan's patch and batch in the plan's precision, and on
-CUDA its peak memory against the plan's measured estimate; training and prediction throughput of the
-Hippocampus plan (figures only; training also in the memory layout the plan did not choose, channels-last
-or contiguous, to check the plan's choice on this GPU); whether the default data workers feed the device
-(one worker's batches per second against the steps per second, which include the augmentation on the device
-where the plan puts it there, as GPU plans do; on a GPU a FAIL says it would starve).
+Checks: device detection and the plan's memory budget; a short two-stage training (AMP on CUDA); per stage, the
+peak memory allocated by training steps against the plan's estimate; SIGTERM in the middle of a stage, rerun, and
+final weights equal to an uninterrupted run (``--deterministic``); two-process DDP (NCCL on 2 GPUs, gloo on the
+CPU) with replicas identical and the same stop on SIGTERM; prediction on the GPU against the same network on the
+CPU (fp32 on both; AMP reported beside) over a real case mirrored out to several tiles; MONAI's SegResNet,
+Attention U-Net and UNETR planned for the device (``plan --configs all``): per configuration and stage a training
+step at the plan's patch and batch in the plan's precision, and on CUDA its peak memory against the plan's measured
+estimate; the patch-free network's tiles on the GPU against the CPU, and the predictor's own path for them (on CUDA
+also with the sums kept in RAM) against the plain function; training and prediction throughput of the Hippocampus
+plan (figures only; training also in the memory layout the plan did not choose, channels-last or contiguous, to
+check the plan's choice on this GPU); whether the default data workers feed the device (one worker's batches per
+second against the steps per second, which include the augmentation on the device where the plan puts it there, as
+GPU plans do; on a GPU a FAIL says it would starve).
 With ``--device cpu`` (what CI runs, to keep this script from rotting) the CUDA-only rows say "skipped: no
 CUDA". Data: a generated dataset (larger on a GPU), and ``--hippocampus`` (default
 ``../shared/data/MSD_Task04_Hippocampus``) for the throughput rows when it exists.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -315,8 +317,9 @@ def check_prediction(run: Path, device: torch.device) -> Row:
 def check_patch_free_tiles(device: torch.device) -> Row:
     """The patch-free network predicted by tiles (per mirrored copy, its U-Net slid at low resolution and its
     heads run over the blended features) on the GPU, in fp32 and under AMP, against the CPU: a seeded network, a
-    2-channel volume of 2.5 regions per axis, mirrored along every axis. (The predictor's own out-of-memory
-    fallbacks around this path are tested on the CPU with a simulated GPU only.)"""
+    2-channel volume of 2.5 regions per axis, mirrored along every axis. (The predictor's composition of this path
+    is :func:`check_patch_free_predictor`; its out-of-memory fallbacks past the sums in RAM are tested on the CPU
+    with a simulated GPU only.)"""
     if device.type != "cuda":
         return Row("patch-free tiles GPU vs CPU", "skipped: no CUDA", "")
     from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
@@ -336,6 +339,53 @@ def check_patch_free_tiles(device: torch.device) -> Row:
     return Row("patch-free tiles GPU vs CPU", "PASS" if agree >= AGREEMENT else "FAIL",
                f"80x160x150 volume, fp32: labels agree on {agree:.5%} of voxels, max logit difference {diff:.2e}; "
                f"with AMP: {amp_agree:.5%}")
+
+
+class _SumsInRam(Predictor):
+    """A predictor that keeps the sums in RAM whatever the GPU's free memory: the second rung of its ladder (the
+    network on the GPU, each batch of tile outputs copied to the sums in RAM), taken on a GPU when they do not fit."""
+
+    def _gpu_layout(self, x: torch.Tensor, patch: list[int], low_resolution: bool = False) -> tuple[torch.device, int]:
+        return torch.device("cpu"), 1
+
+
+def check_patch_free_predictor(run: Path, root: Path, device: torch.device) -> Row:
+    """The predictor's own patch-free path (:meth:`Predictor._logits`: per mirrored copy, the U-Net slid at low
+    resolution by its ladder, the heads by theirs) on ``device`` against :func:`predict_patch_free_tiles` on the
+    CPU, fp32, mirrored as planned: the patch-free configuration planned for this device (``plan --configs
+    patch_free``), seeded, its features capped at 32 so that the CPU reference stays quick, a region of twice its
+    total stride per axis and a volume of 1.5 regions (two tiles per axis). On CUDA also with the sums kept in RAM
+    (the ladder's second rung, otherwise reached only when a scan's sums do not fit the GPU)."""
+    from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
+
+    prun = root / "patch_free_run"
+    shutil.rmtree(prun, ignore_errors=True)
+    shutil.copytree(run, prun, ignore=shutil.ignore_patterns("fold_*", "2d"))
+    dataset = json.loads((prun / "fingerprint.json").read_text())["dataset_dir"]
+    cli("plan", dataset, "-o", str(prun), "--device", device.type, "--configs", "patch_free", "--no-progress")
+    planned = select_configuration(load_plans(prun / "plans.json"), "patch_free")
+    spec = dataclasses.replace(planned.network, features=[min(f, 32) for f in planned.network.features])
+    plans = dataclasses.replace(planned, network=spec, amp=False)
+    region = [2 * t for t in spec.total_stride]  # one stride would leave the U-Net's bottom a single voxel
+    torch.manual_seed(0)
+    net = build_network(spec, len(plans.channel_names), len(plans.labels)).eval()
+    volume = torch.randn(len(plans.channel_names), *[r * 3 // 2 for r in region])  # 2 tiles per axis
+    cpu = torch.device("cpu")
+    mirror, step = list(plans.inference.mirror_axes), plans.inference.tile_step
+    ref = predict_patch_free_tiles(net, volume, region, step, mirror, plans.inference.gaussian_sigma_scale, cpu)
+    ref_labels = ref.softmax(0).argmax(0).numpy()
+    figures, ok = [], True
+    kinds = [("as laid out", Predictor)] + ([("sums in RAM", _SumsInRam)] if device.type == "cuda" else [])
+    for kind, cls in kinds:
+        predictor = cls(plans, [(copy.deepcopy(net), region)], device, whole_volume=False)
+        probs = predictor.predict_preprocessed(volume.numpy())
+        agree = float((probs.argmax(0) == ref_labels).mean())
+        diff = float(np.abs(probs - ref.softmax(0).numpy()).max())
+        ok &= agree >= AGREEMENT
+        figures.append(f"{kind}: labels agree on {agree:.5%}, max probability difference {diff:.1e}")
+    shape = "x".join(map(str, volume.shape[1:]))
+    return Row("patch-free predictor vs CPU tiles", "PASS" if ok else "FAIL",
+               f"{shape} volume, region {'x'.join(map(str, region))}, {len(mirror)} mirror axes; " + "; ".join(figures))
 
 
 def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, device: torch.device,
@@ -470,6 +520,7 @@ def main() -> int:
     rows += _safe("prediction GPU vs CPU", lambda: check_prediction(run, device))
     rows += _safe("MONAI configurations", lambda: check_monai(run, root, device))
     rows += _safe("patch-free tiles GPU vs CPU", lambda: check_patch_free_tiles(device))
+    rows += _safe("patch-free predictor vs CPU tiles", lambda: check_patch_free_predictor(run, root, device))
     hippo = args.hippocampus if args.hippocampus.is_dir() else None
     rows += _safe("throughput", lambda: check_throughput(hippo, run, root, device, 10 if gpu else 2))
     rows += _safe("data workers feed the device", lambda: check_feeding(hippo, run, root, device, 20 if gpu else 4))
