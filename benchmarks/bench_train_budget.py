@@ -51,8 +51,9 @@ def edit_plan(path: Path, variant: str, seed: int | None) -> None:
     edits = dict(VARIANTS[variant])
     plan["training"].update(edits.pop("training", {}))
     if edits.pop("full_resolution_loss_only", False):  # deep supervision off: the full-resolution output's loss alone
-        n = len(plan["training"]["deep_supervision_weights"])
-        plan["training"]["deep_supervision_weights"] = [1.0] + [0.0] * (n - 1)
+        # every configuration holds its own weights (one per decoder output of its network)
+        for t in [plan["training"]] + plan.get("other_configurations", []):
+            t["deep_supervision_weights"] = [1.0] + [0.0] * (len(t["deep_supervision_weights"]) - 1)
     aug = edits.pop("augmentation", {})
     for a in [plan["training"]["augmentation"]] + [c["augmentation"] for c in plan.get("other_configurations", [])]:
         a.update(aug)
