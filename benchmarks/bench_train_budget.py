@@ -12,7 +12,8 @@ the zoom-out patch. A variant edits the copied plan (``VARIANTS``: ``plan`` is t
 the seeds' learning-rate schedules in place of poly, ``oversample50`` half the patches centred on foreground
 instead of a third, ``torchaug`` the augmentation in the training process in torch (what plans have done since
 2026-11-29), ``workeraug`` batchgenerators in the data workers (before), ``nods`` the loss of the
-full-resolution output alone instead of deep supervision's weighted sum); a seed replaces
+full-resolution output alone instead of deep supervision's weighted sum, ``batch4`` four patches per step
+instead of the plan's batch in every stage, ``wide`` twice the planned features at every level); a seed replaces
 ``training.seed`` (network initialisation, sampling and augmentation). Rows accumulate in the results
 JSON, so schedules can run one after another (each needs
 the whole machine) and the table shows all of them. nnU-Net v2's figure for the same budget comes from
@@ -43,6 +44,8 @@ VARIANTS: dict[str, dict] = {
     "torchaug": {"augmentation": {"on_device": True}},
     "workeraug": {"augmentation": {"on_device": False}},
     "nods": {"full_resolution_loss_only": True},
+    "batch4": {"batch_size": 4},
+    "wide": {"feature_factor": 2},
 }
 
 
@@ -54,6 +57,9 @@ def edit_plan(path: Path, variant: str, seed: int | None) -> None:
         # every configuration holds its own weights (one per decoder output of its network)
         for t in [plan["training"]] + plan.get("other_configurations", []):
             t["deep_supervision_weights"] = [1.0] + [0.0] * (len(t["deep_supervision_weights"]) - 1)
+    factor = edits.pop("feature_factor", 1)  # every configuration's network, every level's features
+    for net in [plan["network"]] + [c["network"] for c in plan.get("other_configurations", [])]:
+        net["features"] = [f * factor for f in net["features"]]
     aug = edits.pop("augmentation", {})
     for a in [plan["training"]["augmentation"]] + [c["augmentation"] for c in plan.get("other_configurations", [])]:
         a.update(aug)
