@@ -130,17 +130,22 @@ def check_memory(run: Path, device: torch.device) -> list[Row]:
     return _memory_rows(load_plans(run / "plans.json"), device, "")
 
 
+def _replan(run: Path, dest: Path, device: torch.device, configs: str) -> Plans:
+    """``run`` copied to ``dest`` without its trained folds, its dataset planned again there for ``device`` with
+    ``--configs configs`` (the preprocessed data reused): the returned plan holds those configurations."""
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("fold_*", "2d"))
+    dataset = json.loads((dest / "fingerprint.json").read_text())["dataset_dir"]
+    cli("plan", dataset, "-o", str(dest), "--device", device.type, "--configs", configs, "--no-progress")
+    return load_plans(dest / "plans.json")
+
+
 def check_monai(run: Path, root: Path, device: torch.device) -> list[Row]:
     """MONAI's networks and the patch-free network planned for this device beside ours: on CUDA the peak memory
     of their steps against the plan's estimate (measured on the meta device and scaled), on the CPU one step per
     stage, finite."""
     data = load_plans(run / "plans.json")
-    mrun = root / "monai_run"
-    shutil.rmtree(mrun, ignore_errors=True)
-    shutil.copytree(run, mrun, ignore=shutil.ignore_patterns("fold_*", "2d"))
-    dataset = json.loads((mrun / "fingerprint.json").read_text())["dataset_dir"]
-    cli("plan", dataset, "-o", str(mrun), "--device", device.type, "--configs", "all", "--no-progress")
-    plans = load_plans(mrun / "plans.json")
+    plans = _replan(run, root / "monai_run", device, "all")
     names = [n for n in configuration_names(plans) if n not in configuration_names(data)]
     missing = [n for n in ("segresnet", "attention_unet", "unetr", "patch_free") if n not in names]
     rows = [Row(f"plan {n}", "FAIL", plans.configuration_reasons.get(n, "")) for n in missing]
@@ -358,12 +363,7 @@ def check_patch_free_predictor(run: Path, root: Path, device: torch.device) -> R
     (the ladder's second rung, otherwise reached only when a scan's sums do not fit the GPU)."""
     from autoseg.inference.patch_free_tiles import predict_patch_free_tiles
 
-    prun = root / "patch_free_run"
-    shutil.rmtree(prun, ignore_errors=True)
-    shutil.copytree(run, prun, ignore=shutil.ignore_patterns("fold_*", "2d"))
-    dataset = json.loads((prun / "fingerprint.json").read_text())["dataset_dir"]
-    cli("plan", dataset, "-o", str(prun), "--device", device.type, "--configs", "patch_free", "--no-progress")
-    planned = select_configuration(load_plans(prun / "plans.json"), "patch_free")
+    planned = select_configuration(_replan(run, root / "patch_free_run", device, "patch_free"), "patch_free")
     spec = dataclasses.replace(planned.network, features=[min(f, 32) for f in planned.network.features])
     plans = dataclasses.replace(planned, network=spec, amp=False)
     region = [2 * t for t in spec.total_stride]  # one stride would leave the U-Net's bottom a single voxel

@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -411,19 +412,16 @@ class Predictor:
         if sums_on.type == "cpu":
             log.info("keeping the sums of the %s volume in RAM: they do not fit the free GPU memory", shape)
         rungs = [r for r in ([self.device] if sums_on.type == "cuda" else []) + [CPU] if r.type not in failed]
-        for i, acc_on in enumerate(rungs):
-            try:
-                return predict_logits(net, *args, self.device, 1 if failed else batch, self.plans.amp, acc_on)
-            except RuntimeError as e:
-                if not is_gpu_out_of_memory(e):
-                    raise
-                failure = first_line(e)
-            failed.add(acc_on.type)
-            torch.cuda.empty_cache()
+
+        def attempt(acc_on: torch.device) -> Callable[[], torch.Tensor]:
+            return lambda: predict_logits(net, *args, self.device, 1 if failed else batch, self.plans.amp, acc_on)
+
+        def warn(acc_on: str, failure: str, more: bool) -> None:
             log.warning("GPU out of memory for the %s volume with the sums in %s (%s): %s", shape,
-                        "GPU memory" if acc_on.type == "cuda" else "RAM", failure,
-                        "keeping the sums in RAM" if i + 1 < len(rungs) else "predicting it on the CPU")
-        return self._on_cpu(net, lambda: predict_logits(net, *args, CPU))
+                        "GPU memory" if acc_on == "cuda" else "RAM", failure,
+                        "keeping the sums in RAM" if more else "predicting it on the CPU")
+        return self._down_the_ladder(net, [(r.type, attempt(r)) for r in rungs], failed, warn,
+                                     lambda: predict_logits(net, *args, CPU))
 
     def _heads(self, net: PatchFreeUNet, blended: torch.Tensor, failed: set[int] | None = None) -> torch.Tensor:
         """:func:`heads_by_blocks` of the blended low-resolution features; on a GPU, after an out-of-memory
@@ -434,18 +432,33 @@ class Predictor:
             return heads_by_blocks(net, blended, self.device)
         failed = set() if failed is None else failed
         budgets = [b for b in (HEADS_BLOCK_BYTES, int(HEADS_BLOCK_BYTES * HEADS_FALLBACK_SHARE)) if b not in failed]
-        for i, budget in enumerate(budgets):
+
+        def attempt(budget: int) -> Callable[[], torch.Tensor]:
+            return lambda: heads_by_blocks(net, blended, self.device, self.plans.amp, budget)
+
+        def warn(budget: int, failure: str, more: bool) -> None:
+            log.warning("GPU out of memory in the patch-free heads with blocks of %d MiB (%s): %s", budget >> 20,
+                        failure, "smaller blocks" if more else "running them on the CPU")
+        return self._down_the_ladder(net, [(b, attempt(b)) for b in budgets], failed, warn,
+                                     lambda: heads_by_blocks(net, blended, CPU))
+
+    def _down_the_ladder(self, net: nn.Module, rungs: list[tuple[Any, Callable[[], torch.Tensor]]], failed: set[Any],
+                         warn: Callable[[Any, str, bool], None], last: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The first of ``rungs`` (a key and an attempt each, on the GPU) that does not run out of GPU memory;
+        after each that does, its key is added to ``failed``, the cache emptied (outside the ``except`` block,
+        whose traceback still holds the attempt's GPU tensors) and ``warn(key, first line, rungs left)`` called;
+        after all of them, ``last()`` with ``net`` on the CPU. Other errors propagate."""
+        for i, (key, run) in enumerate(rungs):
             try:
-                return heads_by_blocks(net, blended, self.device, self.plans.amp, budget)
+                return run()
             except RuntimeError as e:
                 if not is_gpu_out_of_memory(e):
                     raise
                 failure = first_line(e)
-            failed.add(budget)
+            failed.add(key)
             torch.cuda.empty_cache()
-            log.warning("GPU out of memory in the patch-free heads with blocks of %d MiB (%s): %s", budget >> 20,
-                        failure, "smaller blocks" if i + 1 < len(budgets) else "running them on the CPU")
-        return self._on_cpu(net, lambda: heads_by_blocks(net, blended, CPU))
+            warn(key, failure, i + 1 < len(rungs))
+        return self._on_cpu(net, last)
 
     def _on_cpu(self, net: nn.Module, run: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``run()`` with ``net`` moved to the CPU, and back to the device afterwards (the last rung)."""
