@@ -11,7 +11,7 @@ from autoseg.cli import main
 from autoseg.demo import demo_dataset
 
 
-def test_demo_runs_the_pipeline_and_segments_held_out_cases(tmp_path, capsys):
+def test_demo_runs_the_pipeline_and_segments_held_out_cases(tmp_path, capsys, step_time_fixed):
     out_dir = tmp_path / "demo"
     assert main(["demo", "--synthetic", "-o", str(out_dir), "--cases", "8", "--minutes", "1"]) == 0
     out = capsys.readouterr().out

@@ -341,8 +341,8 @@ def test_the_budget_measures_the_final_validation_and_scales_it(tiny_run, monkey
 
 
 @pytest.mark.parametrize("tiled, tiles_kept, planned", [(5.0, True, 8.0), (30.0, False, 3.0)])
-def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch, tiled, tiles_kept,
-                                                                       planned):
+def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, monkeypatch, step_time_fixed, tiled,
+                                                                       tiles_kept, planned):
     """A validation whose mirroring would take more than a quarter of the budget (here measured as 100 tiles
     x (8 mirrorings + the unmirrored prediction it also scores) x 0.02 s + 1 s = 19 s of 45 s) runs without
     mirroring: 100 x 0.02 + 1 = 3 s planned. The tiled prediction of one-pass cases (``tiled`` s) is judged
@@ -361,7 +361,7 @@ def test_a_time_budget_sets_epochs_from_measured_steps_and_validation(tiny_run, 
                for x in lines) is not tiles_kept
     assert json.loads((tiny_run / "fold_0" / "validation" / "metrics.json").read_text())["mirroring"] is False
     assert any(x.startswith("validation  without mirroring: with it, it would take ~19 s") for x in lines)
-    assert len(cfg["measured_step_seconds"]) == 2 and all(t > 0 for t in cfg["measured_step_seconds"])
+    assert cfg["measured_step_seconds"] == [0.05, 0.05]  # step_time_fixed
     assert cfg["stages"][0]["epochs"] >= 1 and cfg["stages"][1]["epochs"] >= 1
     assert cfg["measured_validation_seconds"] > 0
     assert any("(measured on one case)" in x for x in lines)
