@@ -59,7 +59,8 @@ def config_row(ds: str, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("datasets", type=Path, nargs="+", metavar="DATASET")
+    ap.add_argument("datasets", type=Path, nargs="+", metavar="DATASET",
+                    help="dataset folders in MSD or nnU-Net layout, each planned once for every configuration")
     ap.add_argument("--out", type=Path, required=True, metavar="DIR", help="results and runs (kept)")
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per configuration (default 30)")
     ap.add_argument("--configs", default=ALL, help=f"configurations to plan and train (default {ALL})")

@@ -199,10 +199,12 @@ def _row(name: str, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("datasets", type=Path, nargs="*", metavar="DATASET")
+    ap.add_argument("datasets", type=Path, nargs="*", metavar="DATASET",
+                    help="dataset folders in MSD or nnU-Net layout (none with --big)")
     ap.add_argument("--out", type=Path, required=True, metavar="DIR", help="results and runs (kept)")
     ap.add_argument("--minutes", type=float, default=30.0, help="training budget per tool (default 30)")
-    ap.add_argument("--tools", nargs="+", choices=("nnunet", "autoseg"), default=["nnunet", "autoseg"])
+    ap.add_argument("--tools", nargs="+", choices=("nnunet", "autoseg"), default=["nnunet", "autoseg"],
+                    help="tools to run on each dataset, one after the other (default both)")
     ap.add_argument("--config", default=None, help="autoseg configuration (default: the plan's default)")
     ap.add_argument("--nnunet-config", default="3d_fullres", choices=("3d_fullres", "2d"),
                     help="nnU-Net configuration to train (default 3d_fullres, run.sh's own)")

@@ -327,7 +327,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, deleted)")
     ap.add_argument("--kills", type=int, default=20, help="random kill moments per command (default 20)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random kill moments (default 0)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the commands it starts (ENV): the in-process training compares with them
     t0 = time.perf_counter()

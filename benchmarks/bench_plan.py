@@ -21,7 +21,8 @@ DEFAULT = REPO.parent / "shared" / "data" / "MSD_Task04_Hippocampus"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", nargs="?", type=Path, default=DEFAULT)
+    ap.add_argument("dataset", nargs="?", type=Path, default=DEFAULT,
+                    help="dataset folder in MSD or nnU-Net layout (default ../shared/data/MSD_Task04_Hippocampus)")
     ap.add_argument("--repeat", type=int, default=3, help="fresh (uncached) runs to time (default 3)")
     args = ap.parse_args()
     rows = []

@@ -80,13 +80,16 @@ def large_volume(folder: Path, size_xyz: list[int], spacing_xyz: list[float]) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("scans", type=Path)
-    ap.add_argument("--folds", nargs="+", default=["0"])
-    ap.add_argument("--large", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"))
-    ap.add_argument("--large-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("SX", "SY", "SZ"))
+    ap.add_argument("run_dir", type=Path, help="a trained autoseg run (autoseg train wrote its folds)")
+    ap.add_argument("scans", type=Path, help="folder of NIfTI scans to predict, named as autoseg predict expects")
+    ap.add_argument("--folds", nargs="+", default=["0"], help="autoseg folds to predict with (default 0)")
+    ap.add_argument("--large", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="also predict one generated CT-like volume of this many voxels, without mirroring")
+    ap.add_argument("--large-spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], metavar=("SX", "SY", "SZ"),
+                    help="voxel spacing in mm of the --large volume (default 1 1 1)")
     ap.add_argument("--nnunet-out", type=Path, default=None, help="run.sh's OUT folder (trained fold 0)")
-    ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/.venv-nnunet"))
+    ap.add_argument("--nnunet-venv", type=Path, default=Path("/work/.venv-nnunet"),
+                    help="venv with nnunetv2 installed (see ../shared/bench/README.md)")
     ap.add_argument("--nnunet-config", default="3d_fullres", help="nnU-Net configuration of the fold")
     args = ap.parse_args()
     rows = []

@@ -52,7 +52,8 @@ def nnunet_row(dataset: Path, tmp: Path, venv: Path) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", nargs="?", type=Path, default=SHARED / "data" / "MSD_Task04_Hippocampus")
+    ap.add_argument("dataset", nargs="?", type=Path, default=SHARED / "data" / "MSD_Task04_Hippocampus",
+                    help="dataset folder in MSD or nnU-Net layout (default ../shared/data/MSD_Task04_Hippocampus)")
     ap.add_argument("--nnunet-venv", type=Path, default=REPO.parent / ".venv-nnunet",
                     help="venv with nnunetv2 installed (see ../shared/bench/README.md)")
     ap.add_argument("--workers", type=int, default=None, help="autoseg -j (default: automatic)")

@@ -53,8 +53,10 @@ def predict_row(run: Path, scans: Path, out: Path, processes: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", type=Path, nargs="?", default=HERE.parents[1] / "shared" / "data" /
-                    "MSD_Task04_Hippocampus")
-    ap.add_argument("--out", type=Path, default=Path("bench_scale_out"))
+                    "MSD_Task04_Hippocampus",
+                    help="dataset folder in MSD or nnU-Net layout (default ../shared/data/MSD_Task04_Hippocampus)")
+    ap.add_argument("--out", type=Path, default=Path("bench_scale_out"),
+                    help="work folder, kept and reused by a rerun (default ./bench_scale_out)")
     ap.add_argument("--iterations", type=int, default=20, help="steps per epoch (default 20)")
     ap.add_argument("--scans", type=int, default=24, help="scans to predict (default 24)")
     args = ap.parse_args()

@@ -301,16 +301,23 @@ def _planned_run(run: Path | None, tmp: str) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["step", "loop", "predict", "augment"])
+    ap.add_argument("what", choices=["step", "loop", "predict", "augment"],
+                    help="which table: the bare training step, the real training loop, prediction, or one data "
+                         "worker's augmentation throughput (see above)")
     ap.add_argument("run", nargs="?", type=Path, help="a planned run directory (default: plan Hippocampus)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--fold", default="0")
-    ap.add_argument("--workers", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--iterations", type=int, default=30)
-    ap.add_argument("--cases", type=int, default=10)
-    ap.add_argument("--gpu-memory", type=float, default=24.0)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved timing rounds of every lever, for step, loop and predict (default 5)")
+    ap.add_argument("--steps", type=int, default=3, help="step: timed steps per lever and round (default 3)")
+    ap.add_argument("--batches", type=int, default=20, help="augment: batches timed per row (default 20)")
+    ap.add_argument("--fold", default="0", help="predict: the trained fold whose network is used (default 0)")
+    ap.add_argument("--workers", nargs="+", type=int, default=[0, 1],
+                    help="loop: data worker counts to compare, 0 = batches made in the training process "
+                         "(default 0 1)")
+    ap.add_argument("--iterations", type=int, default=30, help="loop: steps in the one epoch per stage (default 30)")
+    ap.add_argument("--cases", type=int, default=10, help="predict: first N validation cases of the fold (default 10)")
+    ap.add_argument("--gpu-memory", type=float, default=24.0,
+                    help="augment: GiB of the GPU whose plan (cost model) is measured beside the CPU plan "
+                         "(default 24)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = _planned_run(args.run, tmp)

@@ -41,8 +41,9 @@ def time_steps(plan, stage, steps: int) -> list[float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", nargs="?", type=Path, default=DEFAULT)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("dataset", nargs="?", type=Path, default=DEFAULT,
+                    help="dataset folder to plan for the CPU (default ../shared/data/MSD_Task04_Hippocampus)")
+    ap.add_argument("--steps", type=int, default=10, help="steps timed per stage after two warm-up steps (default 10)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if autoseg_main(["plan", str(args.dataset), "-o", tmp, "--device", "cpu", "--no-progress"]) != 0:

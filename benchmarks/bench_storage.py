@@ -43,9 +43,11 @@ def timed(fn, n: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", type=int, nargs=3, default=[200, 512, 512])
-    ap.add_argument("--patch", type=int, nargs=3, default=[64, 192, 192])
-    ap.add_argument("--reads", type=int, default=50)
+    ap.add_argument("--shape", type=int, nargs=3, default=[200, 512, 512],
+                    help="array shape of the generated volume (default 200 512 512)")
+    ap.add_argument("--patch", type=int, nargs=3, default=[64, 192, 192],
+                    help="array shape of each patch read (default 64 192 192)")
+    ap.add_argument("--reads", type=int, default=50, help="patches read at random places per format (default 50)")
     args = ap.parse_args()
     data = volume(tuple(args.shape))
     rng = np.random.default_rng(1)

@@ -114,15 +114,19 @@ def _key(row: dict) -> tuple:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("run_dir", type=Path, help="a planned and preprocessed run; the copies go beside it")
+    ap.add_argument("--minutes", type=float, default=30.0,
+                    help="training budget per run, final validation included (default 30)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="train N epochs of the first stage (autoseg train --epochs) instead of a time budget: the "
                          "same steps for every variant, so that only the variant and the seed differ")
-    ap.add_argument("--schedules", nargs="+", default=["both", "zoom-out"], choices=["both", "zoom-out", "zoom-in"])
-    ap.add_argument("--variants", nargs="+", default=["plan"], choices=sorted(VARIANTS))
+    ap.add_argument("--schedules", nargs="+", default=["both", "zoom-out"], choices=["both", "zoom-out", "zoom-in"],
+                    help="stages trained: both (zoom-in then zoom-out) or one stage alone (default both zoom-out)")
+    ap.add_argument("--variants", nargs="+", default=["plan"], choices=sorted(VARIANTS),
+                    help="plan edits to compare (see above; default plan)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[None], help="training seeds (default: the plan's)")
-    ap.add_argument("--results", type=Path, default=Path("bench_train_budget.json"))
+    ap.add_argument("--results", type=Path, default=Path("bench_train_budget.json"),
+                    help="results JSON, read first and rewritten after each run (default ./bench_train_budget.json)")
     ap.add_argument("--nnunet-dice", type=float, default=None, help="nnU-Net v2's fold-0 Dice for the same budget")
     args = ap.parse_args()
     rows = json.loads(args.results.read_text()) if args.results.is_file() else []

@@ -84,10 +84,12 @@ def time_autoseg(architecture: str, patch: list[int], batch: int, steps: int) ->
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nnunet-venv", type=Path, default=Path(__file__).resolve().parents[2] / ".venv-nnunet")
-    ap.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--nnunet-venv", type=Path, default=Path(__file__).resolve().parents[2] / ".venv-nnunet",
+                    help="venv with nnunetv2 installed; nnU-Net's row is left out without it")
+    ap.add_argument("--patch", type=int, nargs=3, default=[40, 56, 40],
+                    help="patch size in the networks' axis order (default 40 56 40)")
+    ap.add_argument("--batch", type=int, default=2, help="patches per step (default 2)")
+    ap.add_argument("--steps", type=int, default=8, help="steps timed after two warm-up steps (default 8)")
     args = ap.parse_args()
     rows = {a: time_autoseg(a, args.patch, args.batch, args.steps) for a in ("residual_unet", "plain_unet")}
     py = args.nnunet_venv / "bin" / "python"
