@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "plan, preprocess, train fold 0 within --minutes (the zoom-in stage alone, with the CPU "
                        "plan's Adam), predict the held-out scans (with overlay PNGs), evaluate them against their "
                        "labels, summarize and write the HTML report. Prints the held-out Dice and where the report "
-                       "is. About 4 minutes on a 2-core CPU; a rerun reuses what is done. --synthetic uses generated "
+                       "is. About 3.5 minutes on a 2-core CPU; a rerun reuses what is done. --synthetic uses generated "
                        "ellipsoid organs instead (a quick check any method passes).")
     d.add_argument("-o", "--output", type=Path, default=Path("autoseg_demo"), metavar="DIR",
                    help="folder for the run, predictions and report (default ./autoseg_demo)")
