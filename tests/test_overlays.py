@@ -16,6 +16,7 @@ from autoseg.overlays import (
     largest_structure_slices,
     plane,
     render_overlays,
+    window,
 )
 
 
@@ -79,10 +80,24 @@ def test_render_decodes_with_the_physical_aspect_and_is_not_blank():
     assert ((im[..., 0] - im[..., 1]) > 60).sum() > 50  # half of class 1's red-minus-green (205): never grey
 
 
-def test_blend_ignores_nan_and_constant_images():
-    image = np.full((3, 4, 5), np.nan, np.float32)
-    rgb = blend(image[0], None, (0.0, 1.0))
-    assert (rgb == 0).all()
+def test_window_and_blend_handle_nan_and_constant_images():
+    """``window`` reads finite voxels only: an all-NaN slice gets (0, 1) and a constant one (v, v + 1), so
+    ``blend`` never divides by zero; ``blend`` draws NaN at the window's low end (black) and maps the window
+    linearly to 0-255 grey."""
+    nan = np.full((4, 5), np.nan, np.float32)
+    assert window(nan) == (0.0, 1.0)
+    assert (blend(nan, None, window(nan)) == 0).all()
+    const = np.full((4, 5), 7.0, np.float32)
+    assert window(const) == (7.0, 8.0)
+    assert (blend(const, None, window(const)) == 0).all()
+    mixed = np.arange(20, dtype=np.float32).reshape(4, 5)
+    mixed[0, 0] = np.nan
+    finite = np.arange(1, 20, dtype=np.float64)
+    assert window(mixed) == pytest.approx(tuple(np.percentile(finite, [0.5, 99.5])))
+    rgb = blend(mixed, None, (1.0, 19.0))
+    assert rgb.shape == (4, 5, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[3, 4].tolist() == [255, 255, 255]
+    assert rgb[1, 0].tolist() == [int(np.round((5 - 1) / 18 * 255))] * 3  # 57
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (4.0, 0.5, 0.5)])

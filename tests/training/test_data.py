@@ -56,15 +56,29 @@ def test_oversampling_share_and_foreground_centre(tiny_run):
 
 
 def test_no_oversampling_gives_uniform_centres_inside(tiny_run):
+    """Without oversampling a patch's lower corner is uniform over the places where it lies inside the case
+    (or, on an axis where the case is smaller than the patch, where it covers the case): over 3000 samples the
+    corner's position within that range has mean 1/2 and variance 1/12 (a discrete uniform's, up to the
+    range's granularity), and both ends are reached."""
     _, sampler = _setup(tiny_run, oversample=0.0)
     rng = np.random.default_rng(1)
-    for _ in range(200):
+    spread: list[list[float]] = [[], [], []]
+    for _ in range(3000):
         s = sampler.sample(rng)
         shape = sampler.arrays(s.case_id)[0].shape[1:]
         assert s.foreground_class is None
-        for c, n, p in zip(s.centre, shape, sampler.patch):
+        for axis, (c, n, p) in enumerate(zip(s.centre, shape, sampler.patch)):
             lo = c - p // 2
-            assert min(0, n - p) <= lo <= max(0, n - p)
+            first, last = min(0, n - p), max(0, n - p)
+            assert first <= lo <= last
+            if last > first:
+                spread[axis].append((lo - first) / (last - first))
+    assert any(len(u) > 1000 for u in spread)
+    for u in (np.array(u) for u in spread if len(u) > 1000):
+        steps = 1 / np.min(np.diff(np.unique(u)))  # the range's number of steps: a discrete uniform over 0..steps
+        assert u.min() == 0.0 and u.max() == 1.0
+        assert u.mean() == pytest.approx(0.5, abs=0.03)
+        assert u.var() == pytest.approx((steps + 2) / (12 * steps), abs=0.02)
 
 
 @pytest.mark.parametrize("on_device", [False, True])

@@ -17,6 +17,7 @@ from torch import nn
 
 from autoseg.checkpoint import load_checkpoint
 from autoseg.cli import main
+from autoseg.networks.patchfree import guidance_size
 from autoseg.networks.resunet import ResidualUNet
 from autoseg.plans import AugmentationPlan, load_plans, select_configuration
 from autoseg.runconfig import Overrides, StageRun
@@ -246,6 +247,13 @@ def test_patch_free_guidance_is_chosen_on_the_augmented_labels(tiny_run):
     assert guide is not None and tuple(guide.shape) == (2, 3)
     assert ((guide >= 0) & (guide <= torch.tensor(low) // 2)).all()
     assert torch.equal(batch_tensors(batch, torch.device("cpu"), aug, guidance, 1.0)[2], guide)
+    # with oversampling 1, each sample's guidance patch (full resolution: corner x factor, size x factor)
+    # holds foreground of its augmented labels
+    size = guidance_size(low, net.guidance_share)
+    assert y.shape[0] == 2 and any(bool(lab.any()) for lab in y)
+    for lab, corner in zip(y, guide):
+        box = tuple(slice(int(c) * f, (int(c) + n) * f) for c, n, f in zip(corner, size, net.upsample_factor))
+        assert bool(lab[box].any()) or not bool(lab.any())
     overrides = Overrides("both", 1, 2, None)
     Trainer(tiny_run, "0", overrides, Runtime(torch.device("cpu"), workers=0, progress=False),
             configuration="patch_free", say=lambda s: None).fit()

@@ -220,7 +220,19 @@ def test_configuration_ensemble_averages_its_members_probabilities(tiny_run):
     pa, pb = np.exp([0.0, 2.0, 0.0]), np.exp([0.0, 0.0, 3.0])
     want = (pa / pa.sum() + pb / pb.sum()) / 2
     np.testing.assert_allclose(got[:, 3, 4, 5], want, rtol=1e-5)
-    assert ens.postprocessing is pp and len(ens.networks) == 3 and ens.plans.configuration == "3d"
+    assert len(ens.networks) == 3 and ens.plans.configuration == "3d"
+    # the post-processing reaches the labels: of class 1's two blobs only the larger stays (spacing 1 mm as
+    # planned and no zero voxel to crop, so the preprocessed grid is the scan's)
+    data, props = ens.preprocess(np.random.default_rng(0).uniform(1, 2, (1, 6, 10, 9)), spacing=(1.0, 1.0, 1.0))
+    assert data.shape == (1, 6, 10, 9)
+    probs = np.zeros((3, 6, 10, 9), np.float32)
+    probs[0] = 1.0
+    for blob in [(slice(0, 2), slice(0, 2), slice(0, 2)), (slice(3, 6), slice(5, 10), slice(4, 9))]:
+        probs[(slice(None), *blob)] = np.array([0.0, 1.0, 0.0])[:, None, None, None]
+    labels = ens.finish(probs, props).labels
+    assert (labels == 1).sum() == 3 * 5 * 5 and (labels[3:, 5:, 4:] == 1).all() and labels[0, 0, 0] == 0
+    unprocessed = ConfigurationEnsemble([a, b], None).finish(probs, props).labels
+    assert (unprocessed == 1).sum() == 8 + 3 * 5 * 5
 
 
 @pytest.fixture()

@@ -3,6 +3,8 @@ training with a clear message; AMP's GradScaler path is exercised on the CPU (bf
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -72,15 +74,31 @@ def test_a_run_of_non_finite_losses_stops_training_and_a_finite_one_resets_the_c
         guard.observe(True, "zoom_in step 14")
 
 
-def test_a_finite_loss_with_overflowing_gradients_is_skipped_without_counting_towards_divergence():
-    """Under AMP a scaled-gradient overflow is routine: the step is skipped, the loss is finite."""
+def test_overflowing_gradients_of_a_finite_loss_are_skipped_and_counted_apart_from_non_finite_losses():
+    """Under AMP a scaled-gradient overflow is routine: the step is skipped and its loss is finite, so the
+    non-finite-loss guard does not count it; it counts towards AMP's own, longer limit of skipped steps in a
+    row (MAX_SKIPPED_IN_A_ROW[True] = 30, not 10), which a good step resets and the 30th overflow in a row
+    reaches."""
     stepper, net = _stepper(amp=True)
-    assert stepper.scaler is not None
-    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # loss x scale overflows float32
+    overflow = (torch.ones(2, 4), torch.full((2, 1), 1000.0))  # loss x 2^127 overflows float32
+    guard = NonFiniteGuard()
     before = _weights(net)
-    r = stepper.step(torch.ones(2, 4), torch.full((2, 1), 1000.0), 0.1, "zoom_in step 0")
-    assert r.skipped and r.loss == r.loss  # finite loss
+    for i in range(MAX_SKIPPED_IN_A_ROW[True] - 1):
+        stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+        r = stepper.step(*overflow, 0.1, f"zoom_in step {i}")
+        assert r.skipped and math.isfinite(r.loss)
+        guard.observe(not math.isfinite(r.loss), f"zoom_in step {i}")
+    assert stepper.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW[True] - 1 > MAX_NON_FINITE_IN_A_ROW
+    assert guard.in_a_row == 0
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(net)))
+    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    assert not stepper.step(*GOOD, 0.1, "zoom_in step 29").skipped and stepper.skipped_in_a_row == 0
+    for i in range(MAX_SKIPPED_IN_A_ROW[True] - 1):
+        stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+        stepper.step(*overflow, 0.1, f"zoom_in step {30 + i}")
+    stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    with pytest.raises(TrainingDiverged, match="zoom_in step 59: 30 steps in a row had non-finite gradients"):
+        stepper.step(*overflow, 0.1, "zoom_in step 59")
 
 
 def test_non_finite_weights_stop_training():
