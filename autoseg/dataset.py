@@ -81,6 +81,8 @@ def _parse_labels(raw: object, where: str) -> dict[int, str]:
         if isinstance(v, bool):
             raise DatasetError([f"{where}: label {k!r} has value {v!r}; expected an integer or a name"])
         if isinstance(v, int):
+            if v < 0:
+                raise DatasetError([f"{where}: label {k!r} has value {v}; label values must be 0 or more"])
             labels[v] = str(k)
         elif isinstance(v, str) and re.fullmatch(r"\d+", str(k)):
             labels[int(k)] = v
@@ -97,13 +99,13 @@ def _parse_channels(meta: dict, where: str) -> list[str]:
     raw = meta.get("channel_names", meta.get("modality"))
     if not isinstance(raw, dict) or not raw:
         raise DatasetError([f"{where}: needs 'channel_names' (or MSD 'modality'), e.g. {{\"0\": \"CT\"}}"])
-    try:
-        keys = sorted(int(k) for k in raw)
-    except ValueError:
-        raise DatasetError([f"{where}: channel keys must be integers, got {sorted(raw)}"]) from None
+    if not all(isinstance(k, str) and re.fullmatch(r"0|[1-9]\d*", k) for k in raw):
+        raise DatasetError([f"{where}: channel keys must be integers written without leading zeros or spaces "
+                            f"(\"0\", \"1\", ...), got {sorted(raw)}"])
+    keys = sorted(int(k) for k in raw)
     if keys != list(range(len(keys))):
         raise DatasetError([f"{where}: channel keys must be 0..{len(keys) - 1}, got {keys}"])
-    return [str(raw[str(k)] if str(k) in raw else raw[k]) for k in keys]
+    return [str(raw[str(k)]) for k in keys]
 
 
 def _visible_images(folder: Path) -> dict[str, Path]:
@@ -133,6 +135,9 @@ def _case_from_listing(root: Path, entry: object, n_channels: int, problems: lis
     """A case from an MSD ``training`` entry ``{"image": "./imagesTr/x.nii.gz", "label": ...}``."""
     if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
         problems.append(f"dataset.json: training entry {entry!r} needs 'image' and 'label'")
+        return None
+    if not isinstance(entry["image"], str) or not isinstance(entry["label"], str):
+        problems.append(f"dataset.json: training entry {entry!r}: 'image' and 'label' must be paths (strings)")
         return None
     image, label = root / entry["image"], root / entry["label"]
     stem = strip_suffix(label.name) or label.name

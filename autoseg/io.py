@@ -129,11 +129,21 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
         arr = np.asanyarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]  # NIfTI images have it
     except Exception as e:  # noqa: BLE001 - nibabel raises many types (EOFError, zlib.error, ImageFileError)
         raise ImageReadError(f"cannot be read as an image ({type(e).__name__}: {str(e)[:140]})") from None
-    if ncomp > 1:  # vector pixels: (x, y, z, 1, c) -> (c, z, y, x)
-        arr = arr.reshape(arr.shape[:3] + (ncomp,)).T
-    else:
-        arr = arr.reshape(arr.shape[:dim]).T
-        arr = arr[None] if dim == 3 else arr
+    if arr.dtype.names:  # RGB(A) NIfTI: one record per voxel -> its components on a last axis
+        from numpy.lib import recfunctions
+
+        arr = recfunctions.structured_to_unstructured(arr)
+    if np.iscomplexobj(arr):
+        raise ImageReadError(f"has complex voxels ({arr.dtype}); expected real intensities")
+    try:
+        if ncomp > 1:  # vector pixels: (x, y, z, 1, c) -> (c, z, y, x)
+            arr = arr.reshape(arr.shape[:3] + (ncomp,)).T
+        else:
+            arr = arr.reshape(arr.shape[:dim]).T
+            arr = arr[None] if dim == 3 else arr
+    except ValueError:
+        raise ImageReadError(f"holds voxels of shape {list(arr.shape)}, which do not match its header's {dim}D "
+                             f"image of {ncomp} component(s) per voxel") from None
     arr = np.ascontiguousarray(arr)
     return arr, _geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), dim, arr.shape[1:])
 

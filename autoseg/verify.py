@@ -50,8 +50,10 @@ def label_dtype(max_label: int) -> type:
     return np.uint8 if max_label < 256 else np.int16 if max_label < 32768 else np.int32
 
 
-def _read_channels(case: CaseFiles, n_channels: int, problems: list[str]) -> tuple[list[np.ndarray], list[Geometry]]:
-    arrays, geoms = [], []
+def _read_channels(case: CaseFiles, n_channels: int,
+                   problems: list[str]) -> list[tuple[Path, np.ndarray, Geometry]]:
+    """The channel files that could be read, each with its voxels and geometry (the others become problems)."""
+    read: list[tuple[Path, np.ndarray, Geometry]] = []
     single_file = len(case.images) == 1
     for path in case.images:
         try:
@@ -65,9 +67,8 @@ def _read_channels(case: CaseFiles, n_channels: int, problems: list[str]) -> tup
                 "one channel per file in nnU-Net layout"
             problems.append(f"{case.case_id}: {path}: has {arr.shape[0]} channel(s); expected {what}")
             continue
-        arrays.append(arr)
-        geoms.append(geom)
-    return arrays, geoms
+        read.append((path, arr, geom))
+    return read
 
 
 def _check_image_values(case_id: str, path: Path, arr: np.ndarray, problems: list[str]) -> None:
@@ -119,22 +120,22 @@ def read_case(case: CaseFiles, n_channels: int, labels: dict[int, str]) -> tuple
         ``(loaded, problems)``: ``loaded`` is None whenever ``problems`` is not empty.
     """
     problems: list[str] = []
-    arrays, geoms = _read_channels(case, n_channels, problems)
+    read = _read_channels(case, n_channels, problems)
     label = _read_label(case, labels, problems)
-    for path, arr in zip(case.images, arrays):
+    for path, arr, _ in read:
         _check_image_values(case.case_id, path, arr, problems)
-    if geoms:
-        ref = geoms[0]
-        for path, g in zip(case.images[1:], geoms[1:]):
+    if read:
+        ref_path, _, ref = read[0]
+        for path, _, g in read[1:]:
             diff = geometry_mismatch(g, ref)
             if diff:
-                problems.append(f"{case.case_id}: {path}: {diff} of {case.images[0].name}; channels must align")
+                problems.append(f"{case.case_id}: {path}: {diff} of {ref_path.name}; channels must align")
         if label is not None:
             diff = geometry_mismatch(label[1], ref)
             if diff:
-                problems.append(f"{case.case_id}: {case.label}: {diff} of image {case.images[0].name}; "
+                problems.append(f"{case.case_id}: {case.label}: {diff} of image {ref_path.name}; "
                                 "label and image must align")
-    if problems or label is None or len(arrays) != len(case.images):
+    if problems or label is None or len(read) != len(case.images):
         return None, problems
-    image = np.concatenate(arrays, axis=0).astype(np.float32, copy=False)
-    return LoadedCase(case.case_id, image, label[0], geoms[0]), problems
+    image = np.concatenate([arr for _, arr, _ in read], axis=0).astype(np.float32, copy=False)
+    return LoadedCase(case.case_id, image, label[0], ref), problems

@@ -58,6 +58,11 @@ def test_num_training_mismatch(tmp_path):
     ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": [1, 2]}}', "region"),
     ('{"labels": {"background": 0}}', "needs 'channel_names'"),
     ('{"channel_names": {"0": "CT", "2": "PET"}, "labels": {"background": 0}}', "channel keys must be 0..1"),
+    ('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": -1}}', "label 'x' has value -1; label values "
+                                                                           "must be 0 or more"),
+    ('{"channel_names": {"0000": "CT"}, "labels": {"background": 0}}', "without leading zeros or spaces"),
+    ('{"channel_names": {" 0": "CT"}, "labels": {"background": 0}}', "without leading zeros or spaces"),
+    ('{"channel_names": {"one": "CT"}, "labels": {"background": 0}}', "without leading zeros or spaces"),
     ('[1, 2]', "expected a JSON object"),
 ])
 def test_bad_dataset_json(tmp_path, content, message):
@@ -91,3 +96,17 @@ def test_other_file_types(tmp_path):
     assert [c.case_id for c in spec.cases] == ["a", "b"]
     assert spec.cases[0].images[0].name == "a_0000.nrrd"
     assert np.all([p.exists() for c in spec.cases for p in c.images])
+
+
+@pytest.mark.parametrize("entry", [{"image": 1, "label": "./labelsTr/a.nii.gz"}, {"image": "./imagesTr/a.nii.gz",
+                                                                                  "label": None},
+                                   {"image": ["./imagesTr/a.nii.gz"], "label": "./labelsTr/a.nii.gz"}])
+def test_an_msd_training_entry_that_is_not_a_path_is_a_problem_not_a_crash(tmp_path, entry):
+    root = make_synthetic_dataset(tmp_path / "msd", n_cases=2, layout="msd", shape=(6, 8, 7))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"].append(entry)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    spec = load_dataset(root)
+    assert len(spec.cases) == 2
+    assert any("'image' and 'label' must be paths (strings)" in p and repr(entry) in p for p in spec.problems), \
+        spec.problems

@@ -71,3 +71,24 @@ def test_missing_and_2d(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5), np.float32)), str(tmp_path / "flat.nii.gz"))
     with pytest.raises(ImageReadError, match="is 2D"):
         read_image(tmp_path / "flat.nii.gz")
+
+
+def test_rgb_nifti_gives_its_components_as_channels(tmp_path):
+    """nibabel hands an RGB24 NIfTI back as one record per voxel; its three components become channels."""
+    import nibabel as nib
+
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])  # (x, y, z) in the file
+    rgb["R"], rgb["B"] = 10, 30
+    rgb["G"][1] = 20  # x = 1
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    arr, geo = read_image(tmp_path / "rgb.nii.gz")
+    assert arr.shape == (3, 6, 5, 4) and geo.shape == (6, 5, 4)
+    assert arr[:, 0, 0, 1].tolist() == [10, 20, 30] and arr[:, 0, 0, 0].tolist() == [10, 0, 30]
+
+
+def test_complex_nifti_is_refused_by_name(tmp_path):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.complex64), np.eye(4)), tmp_path / "c.nii.gz")
+    with pytest.raises(ImageReadError, match=r"has complex voxels \(complex64\); expected real intensities"):
+        read_image(tmp_path / "c.nii.gz")

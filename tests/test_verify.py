@@ -190,3 +190,20 @@ def test_empty_folder(tmp_path, capsys):
     assert main(["plan", str(root), "-o", str(tmp_path / "r"), "--no-progress"]) == 1
     assert "no training cases found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_channel_that_cannot_be_read_does_not_shift_the_others_problems(tmp_path):
+    """Three channels, the first corrupt: the second's NaN and the third's shifted origin are reported
+    against their own files, the origin compared with the second (the first one read)."""
+    root = nnunet_dataset(tmp_path / "d", n_channels=3)
+    image, _ = good_case(1)
+    (root / "imagesTr" / "c1_0000.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    with_nan = image.copy()
+    with_nan[0, 0, 0] = np.nan
+    write(root / "imagesTr" / "c1_0001.nii.gz", with_nan)
+    write(root / "imagesTr" / "c1_0002.nii.gz", image, origin=(10.0, -20.0, 7.5))
+    problems = problems_of(root, "c1")
+    assert len(problems) == 3, problems
+    assert "c1_0000.nii.gz: cannot be read as an image" in problems[0]
+    assert "c1_0001.nii.gz: contains 1 NaN and 0 infinite voxel(s)" in problems[1]
+    assert "c1_0002.nii.gz: origin" in problems[2] and "of c1_0001.nii.gz; channels must align" in problems[2]

@@ -21,6 +21,7 @@ from autoseg.dataset import DatasetError
 from autoseg.evaluation.distances import surface_scores
 from autoseg.io import ImageReadError, read_image, strip_suffix
 from autoseg.typedjson import write_json_atomic
+from autoseg.verify import geometry_mismatch
 
 __all__ = ["CaseScores", "score_case", "dice_score", "evaluate_folders", "EvaluationError", "METRICS", "format_table",
            "ratio"]
@@ -78,6 +79,16 @@ def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, label: int,
                       ratio(tp, tp + fn, empty), ratio(tp, tp + fp, empty), tp, fp, fn)
 
 
+def _non_integer(arr: np.ndarray) -> str | None:
+    """What is wrong with a label map whose voxels are not all integers (NaN included), or None."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        return None
+    bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    if not bad.any():
+        return None
+    return f"{int(bad.sum())} voxel(s) hold non-integer values such as {arr[bad].ravel()[0]:g}; expected integer labels"
+
+
 def _cases(folder: Path) -> dict[str, Path]:
     out = {}
     for f in sorted(folder.iterdir()):
@@ -92,7 +103,9 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: list[int] | None = N
 
     Raises:
         EvaluationError: a folder is missing or empty, a reference has no prediction, a file cannot be read,
-            or a prediction's shape or spacing differs from its reference (all problems at once).
+            a prediction's shape, spacing, origin or direction differs from its reference, a label map holds
+            non-integer values (NaN included), or no case holds a foreground label to score (all problems at
+            once).
     """
     problems = [f"{d}: not a folder" for d in (pred_dir, ref_dir) if not d.is_dir()]
     if problems:
@@ -121,11 +134,24 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: list[int] | None = N
                             f"{list(g_pred.spacing_zyx)}, the reference {list(ref.shape[1:])} and "
                             f"{list(g_ref.spacing_zyx)}")
             continue
+        diff = geometry_mismatch(g_pred, g_ref)
+        if diff:
+            problems.append(f"case {cid}: prediction {preds[cid].name}: {diff} of the reference {ref_path.name}; "
+                            "they must cover the same voxels")
+            continue
+        wrong = [f"case {cid}: {path}: {w}" for path, w in ((preds[cid], _non_integer(pred)),
+                                                           (ref_path, _non_integer(ref))) if w]
+        if wrong:
+            problems += wrong
+            continue
         loaded[cid] = (np.rint(pred[0]).astype(np.int64), np.rint(ref[0]).astype(np.int64), g_ref.spacing_zyx)
     if problems:
         raise EvaluationError(problems)
     if labels is None:
         labels = sorted({int(v) for p, r, _ in loaded.values() for v in np.union1d(np.unique(p), np.unique(r))} - {0})
+    if not labels:
+        raise EvaluationError([f"{pred_dir} and {ref_dir}: every prediction and reference is background only; "
+                               "nothing to score (give --labels to score classes absent from both)"])
     scores = [score_case(cid, p, r, lab, tuple(sp)) for cid, (p, r, sp) in loaded.items() for lab in labels]
     result = _summarise(scores, labels)
     write_json_atomic(result, pred_dir / "metrics.json")

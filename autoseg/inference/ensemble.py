@@ -20,8 +20,11 @@ def ensemble_folders(folders: list[Path], out_dir: Path, save_probs: bool = Fals
     """Average ``<case>.npz`` over ``folders`` into ``out_dir/<case>.nii.gz``; returns the case ids.
 
     Raises:
-        DatasetError: fewer than two folders, a folder without probabilities, a case missing from some
-            folder, or probabilities that disagree in shape, labels or geometry (all problems at once).
+        DatasetError: fewer than two folders, a folder without probabilities, or a case missing from some
+            folder (all problems at once, before anything is written).
+        ValueError: a file that is not autoseg's probabilities, or probabilities that disagree in shape,
+            labels or geometry with the first folder's; found case by case, so the message says how many
+            cases were already written.
     """
     problems = []
     if len(folders) < 2:
@@ -41,16 +44,20 @@ def ensemble_folders(folders: list[Path], out_dir: Path, save_probs: bool = Fals
         raise DatasetError(problems)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out_dir)  # what a killed run was writing
-    done = []
+    done: list[str] = []
     for cid in tqdm(sorted(every), unit="case", desc="ensemble", disable=not progress):
-        total, values, geo = load_probabilities(folders[0] / f"{cid}.npz")
-        for d in folders[1:]:
-            probs, v, g = load_probabilities(d / f"{cid}.npz")
-            if probs.shape != total.shape or v != values or not np.allclose(g.spacing, geo.spacing) or \
-                    not np.allclose(g.origin, geo.origin, atol=1e-2):
-                raise DatasetError([f"{d / (cid + '.npz')}: shape {list(probs.shape)}, labels {v} or geometry "
-                                    f"differ from {folders[0] / (cid + '.npz')}"])
-            total += probs
+        try:
+            total, values, geo = load_probabilities(folders[0] / f"{cid}.npz")
+            for d in folders[1:]:
+                probs, v, g = load_probabilities(d / f"{cid}.npz")
+                if probs.shape != total.shape or v != values or not np.allclose(g.spacing, geo.spacing) or \
+                        not np.allclose(g.origin, geo.origin, atol=1e-2):
+                    raise ValueError(f"{d / (cid + '.npz')}: shape {list(probs.shape)}, labels {v} or geometry "
+                                     f"differ from {folders[0] / (cid + '.npz')}")
+                total += probs
+        except ValueError as e:
+            where = f"the {len(done)} case(s) before it are in {out_dir}" if done else "nothing was written"
+            raise ValueError(f"{e}; stopped there: {where}") from None
         total /= len(folders)
         labels = np.asarray(values)[total.argmax(0)].astype(np.uint8 if max(values) < 256 else np.uint16)
         if save_probs:

@@ -131,8 +131,12 @@ def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]
                             f"{[f'_{c:04d}' for c in range(n_channels)]}")
             continue
         cases.append(ScanCase(cid, tuple(chans[c] for c in range(n_channels)), endings[cid]))
-    for cid, f in singles.items():
-        cases.append(ScanCase(cid, (f,), f.name[len(cid):]))
+    grouped = {c.case_id: c for c in cases}
+    clash = sorted(set(grouped) & set(singles))  # "a.nii.gz" and "a_0000.nii.gz": one prediction file for both
+    problems += [f"case {cid}: both {singles[cid].name} and channel file(s) "
+                 f"{', '.join(p.name for p in grouped[cid].files)}; keep one naming" for cid in clash]
+    cases = [c for c in cases if c.case_id not in clash]
+    cases += [ScanCase(cid, (f,), f.name[len(cid):]) for cid, f in singles.items() if cid not in clash]
     return sorted(cases, key=lambda c: c.case_id), problems
 
 
@@ -183,16 +187,23 @@ def load_probabilities(path: Path) -> tuple[np.ndarray, list[int], Geometry]:
     """Read what :func:`save_probabilities` wrote.
 
     Raises:
-        ValueError: not such a file.
+        ValueError: not such a file: unreadable, empty, truncated or corrupt, a bare ``.npy`` array, or an
+            archive without these arrays.
     """
+    import zipfile
+
     try:
-        with np.load(path) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with loaded as z:
             probs = z["probabilities"].astype(np.float32)
             values = [int(v) for v in z["labels"]]
             geo = Geometry(tuple(z["spacing"].tolist()), tuple(z["origin"].tolist()),  # type: ignore[arg-type]
                            tuple(z["direction"].tolist()), tuple(probs.shape[1:]))  # type: ignore[arg-type]
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: not a probabilities file written by autoseg predict ({e})") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        why = str(e) or type(e).__name__
+        raise ValueError(f"{path}: not a probabilities file written by autoseg predict ({why})") from None
     return probs, values, geo
 
 

@@ -140,6 +140,40 @@ def test_bad_folders_report_every_problem(tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
 
 
+def test_misplaced_non_integer_and_background_only_cases_are_problems_not_scores(tmp_path, capsys):
+    """A prediction at another origin or direction covers other voxels than its reference; NaN or fractional
+    label values are not labels (np.rint would have scored NaN as class -2^63); and folders with no
+    foreground at all leave nothing to score (means would be NaN). Each is a one-line problem."""
+    pred, ref, arrays = _folders(tmp_path, 4)
+    write(pred / "case_0.nii.gz", arrays["case_0"][0], origin=(10.0, -20.0, 7.5))
+    write(pred / "case_1.nii.gz", arrays["case_1"][0], direction=(0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    with_nan = arrays["case_2"][0].astype(np.float32)
+    with_nan[0, 0, 0] = np.nan
+    write(pred / "case_2.nii.gz", with_nan)
+    half = arrays["case_3"][1].astype(np.float32)
+    half[1, 1, 1] = 0.5
+    write(ref / "case_3.nii.gz", half)
+    with pytest.raises(EvaluationError) as e:
+        evaluate_folders(pred, ref)
+    assert len(e.value.problems) == 4, e.value.problems
+    p0, p1, p2, p3 = sorted(e.value.problems)
+    assert p0.startswith("case case_0: prediction case_0.nii.gz: origin (10") and "reference case_0.nii.gz" in p0
+    assert p1.startswith("case case_1: prediction case_1.nii.gz: direction")
+    assert p2 == f"case case_2: {pred / 'case_2.nii.gz'}: 1 voxel(s) hold non-integer values such as nan; " \
+                 "expected integer labels"
+    assert p3 == f"case case_3: {ref / 'case_3.nii.gz'}: 1 voxel(s) hold non-integer values such as 0.5; " \
+                 "expected integer labels"
+    assert not (pred / "metrics.json").exists()
+    empty_pred, empty_ref = tmp_path / "bp", tmp_path / "br"
+    write(empty_pred / "a.nii.gz", np.zeros((4, 5, 6), np.uint8))
+    write(empty_ref / "a.nii.gz", np.zeros((4, 5, 6), np.uint8))
+    assert main(["evaluate", str(empty_pred), str(empty_ref)]) == 1
+    err = capsys.readouterr().err
+    assert "every prediction and reference is background only; nothing to score" in err and "Traceback" not in err
+    assert main(["evaluate", str(empty_pred), str(empty_ref), "--labels", "1"]) == 0  # absent from both: Dice 1
+    assert json.loads((empty_pred / "metrics.json").read_text())["mean"]["dice"] == 1.0
+
+
 def test_cli_prints_a_table(tmp_path, capsys):
     pred, ref, _ = _folders(tmp_path)
     assert main(["evaluate", str(pred), str(ref), "--labels", "1"]) == 0

@@ -196,6 +196,55 @@ def test_two_folds_average_and_ensemble(trained_run, tmp_path, capsys):
     assert "at least two" in capsys.readouterr().err
 
 
+def _probabilities(folder, cid: str, shape=(2, 3, 4), values=(0, 1, 2), seed: int = 0) -> None:
+    from autoseg.inference.folder import save_probabilities
+    from autoseg.io import Geometry
+
+    folder.mkdir(parents=True, exist_ok=True)
+    probs = np.random.default_rng(seed).dirichlet(np.ones(len(values)), shape).transpose(3, 0, 1, 2)
+    geo = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), shape[::-1])
+    save_probabilities(probs.astype(np.float32), list(values), geo, folder / f"{cid}.npz")
+
+
+@pytest.mark.parametrize("broken", ["empty", "truncated", "npy", "foreign"])
+def test_ensemble_names_a_file_that_is_not_autoseg_probabilities(tmp_path, capsys, broken):
+    """An empty, truncated or foreign .npz, or a bare .npy under an .npz name: one line naming the file,
+    never a traceback (numpy raises EOFError, BadZipFile or hands back an array for these)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _probabilities(a, "s0")
+    _probabilities(b, "s0", seed=1)
+    bad = b / "s0.npz"
+    if broken == "empty":
+        bad.write_bytes(b"")
+    elif broken == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    elif broken == "npy":
+        with open(bad, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        np.savez(bad, something=np.zeros(3))
+    assert main(["ensemble", str(a), str(b), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: not a probabilities file written by autoseg")
+    assert lines[0].endswith("stopped there: nothing was written") and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_ensemble_stopped_by_a_mismatch_says_what_it_already_wrote(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for cid in ("s0", "s1"):
+        _probabilities(a, cid)
+    _probabilities(b, "s0", seed=1)
+    _probabilities(b, "s1", shape=(2, 3, 5))
+    assert main(["ensemble", str(a), str(b), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{b / 's1.npz'}: shape [3, 2, 3, 5]" in err and f"differ from {a / 's1.npz'}" in err
+    assert f"stopped there: the 1 case(s) before it are in {tmp_path / 'out'}" in err
+    assert "nothing was written" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s0.nii.gz"]
+
+
 def test_find_scans_naming(tmp_path):
     for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b.nii.gz", "scan_2024.nii.gz", "notes.txt", "c_0001.nii.gz"):
         (tmp_path / name).write_bytes(b"")
@@ -204,6 +253,17 @@ def test_find_scans_naming(tmp_path):
     assert any("case c" in p for p in problems) and any("case scan" in p for p in problems)
     cases, problems = find_scans(tmp_path, 1)
     assert {c.case_id for c in cases} >= {"b", "scan_2024"} and not any("scan" in p for p in problems)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_case_named_both_ways_is_a_problem_not_two_predictions_into_one_file(tmp_path, channels):
+    names = ["a.nii.gz", *(f"a_{c:04d}.nii.gz" for c in range(channels)), "b.nii.gz", "d_0000.nii.gz"]
+    for name in names + ([f"d_{c:04d}.nii.gz" for c in range(1, channels)]):
+        (tmp_path / name).write_bytes(b"")
+    cases, problems = find_scans(tmp_path, channels)
+    assert [c.case_id for c in cases] == ["b", "d"]
+    both = ", ".join(f"a_{c:04d}.nii.gz" for c in range(channels))
+    assert problems == [f"case a: both a.nii.gz and channel file(s) {both}; keep one naming"]
 
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
