@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from autoseg.parallel import available_cores
 
-__all__ = ["DeviceInfo", "detect_device", "check_device_args", "is_out_of_memory", "is_gpu_out_of_memory", "first_line"]
+__all__ = ["DeviceInfo", "detect_device", "check_device_args", "is_out_of_memory", "is_gpu_out_of_memory", "first_line",
+           "cpu_has_native_bfloat16"]
 
 
 @dataclass
@@ -95,6 +96,14 @@ def detect_device(gpu_memory_gib: float | None = None, device: str = "auto") -> 
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; give --gpu-memory GB to plan "
                          "for a GPU elsewhere")
     return DeviceInfo("cpu", _cpu_name(), cores, ram, None, round(ram, 2), "detected")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AMX tiles or AVX512-BF16), as PyTorch reports it."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(check()) for check in checks if check is not None)
 
 
 def first_line(exc: BaseException) -> str:

@@ -77,6 +77,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:  # SimpleITK reports decoding problems as RuntimeError
         raise ImageReadError(f"cannot be read as an image ({_first_error(e)})") from None
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise ImageReadError(f"has complex voxels ({img.GetPixelIDTypeAsString()}); expected real intensities")
     dim = img.GetDimension()
     ncomp = img.GetNumberOfComponentsPerPixel()
     _check_dims(dim, ncomp)

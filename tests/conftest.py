@@ -25,3 +25,14 @@ def step_time_fixed(monkeypatch):
     from autoseg.training.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "_measure_step", lambda self, stage, cfg: 0.05)
+
+
+@pytest.fixture(autouse=True)
+def float32_prediction_on_every_host(monkeypatch):
+    """Prediction in float32 whatever the CPU: on a CPU with bfloat16 arithmetic the predictor would otherwise
+    run our U-Nets under bfloat16 autocast (autoseg/defaults.py, CPU_INFERENCE_BFLOAT16), and tests that compare
+    predictions with float32 references would pass or fail with the host. The tests of that path
+    (tests/inference/test_bfloat16.py) switch it back on."""
+    import autoseg.inference.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "cpu_has_native_bfloat16", lambda: False)

@@ -86,9 +86,13 @@ def test_rgb_nifti_gives_its_components_as_channels(tmp_path):
     assert arr[:, 0, 0, 1].tolist() == [10, 20, 30] and arr[:, 0, 0, 0].tolist() == [10, 0, 30]
 
 
-def test_complex_nifti_is_refused_by_name(tmp_path):
+def test_complex_images_are_refused_by_name(tmp_path):
     import nibabel as nib
+    import SimpleITK as sitk
 
     nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.complex64), np.eye(4)), tmp_path / "c.nii.gz")
     with pytest.raises(ImageReadError, match=r"has complex voxels \(complex64\); expected real intensities"):
         read_image(tmp_path / "c.nii.gz")
+    sitk.WriteImage(sitk.Image([6, 5, 4], sitk.sitkComplexFloat32), str(tmp_path / "c.nrrd"))  # NRRD keeps it
+    with pytest.raises(ImageReadError, match=r"has complex voxels \(complex of 32-bit float\); expected real"):
+        read_image(tmp_path / "c.nrrd")

@@ -75,7 +75,7 @@ class ConfigurationEnsemble(Predictor):
     def __init__(self, members: list[Predictor], postprocessing: Postprocessing | None):
         first = members[0]
         super().__init__(first.plans, [n for m in members for n in m.networks], first.device,
-                         bool(first.mirror_axes), first.step, postprocessing)
+                         bool(first.mirror_axes), first.step, postprocessing, bfloat16=first.bfloat16, keep_layout=True)
         self.members = members
 
     def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:
@@ -88,13 +88,13 @@ class ConfigurationEnsemble(Predictor):
 
 def predictor_for_run(run_dir: Path, folds: list[str] | None = None, checkpoint: str = "final",
                       device: str = "auto", tta: bool | None = None, step: float | None = None,
-                      configuration: str | None = None,
-                      whole_volume: bool | None = None) -> tuple[Predictor, str]:
+                      configuration: str | None = None, whole_volume: bool | None = None,
+                      bfloat16: bool | None = None) -> tuple[Predictor, str]:
     """The predictor ``autoseg predict`` uses, and a few words saying which: ``configuration`` when given
     (with its own ``postprocessing.json``); else find-best's choice when the run has one; else the plan's
     default configuration. ``tta`` None: mirror as find-best's choice decided (always, without a choice).
     ``whole_volume`` None: a patch-free configuration predicts in one pass as find-best's choice decided (as its
-    plan says, without a choice); else as given (:class:`Predictor`).
+    plan says, without a choice); else as given (:class:`Predictor`). ``bfloat16`` as in :class:`Predictor`.
 
     Raises:
         ValueError: see :meth:`Predictor.from_run`.
@@ -102,11 +102,11 @@ def predictor_for_run(run_dir: Path, folds: list[str] | None = None, checkpoint:
     choice = None if configuration is not None else load_choice(run_dir)
     if choice is None:
         p = Predictor.from_run(run_dir, folds, checkpoint, device, tta is not False, step, configuration,
-                               whole_volume is not False)
+                               whole_volume is not False, bfloat16)
         return p, f"configuration {p.plans.configuration}"
     mirror = choice.mirroring if tta is None else tta
     whole = choice.whole_volume if whole_volume is None else whole_volume
-    members = [Predictor.from_run(run_dir, folds, checkpoint, device, mirror, step, c, whole)
+    members = [Predictor.from_run(run_dir, folds, checkpoint, device, mirror, step, c, whole, bfloat16)
                for c in choice.configurations]
     what = f"find-best's choice {' + '.join(choice.configurations)} ({CHOICE_FILE}; --config NAME overrides)"
     if tta is None and not choice.mirroring:

@@ -51,7 +51,8 @@ def ensemble_folders(folders: list[Path], out_dir: Path, save_probs: bool = Fals
             for d in folders[1:]:
                 probs, v, g = load_probabilities(d / f"{cid}.npz")
                 if probs.shape != total.shape or v != values or not np.allclose(g.spacing, geo.spacing) or \
-                        not np.allclose(g.origin, geo.origin, atol=1e-2):
+                        not np.allclose(g.origin, geo.origin, atol=1e-2) or \
+                        not np.allclose(g.direction, geo.direction, atol=1e-3):
                     raise ValueError(f"{d / (cid + '.npz')}: shape {list(probs.shape)}, labels {v} or geometry "
                                      f"differ from {folders[0] / (cid + '.npz')}")
                 total += probs

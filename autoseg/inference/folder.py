@@ -121,20 +121,21 @@ def find_scans(folder: Path, n_channels: int) -> tuple[list[ScanCase], list[str]
     for cid in twice:
         groups.pop(cid, None)
         singles.pop(cid, None)
+    as_channels = {}  # the groups read as channel files, complete or not
     for cid, chans in groups.items():
         if 0 not in chans and n_channels == 1:  # e.g. "scan_2024": not a channel suffix
             for ch, f in chans.items():
                 singles[f"{cid}_{ch:04d}"] = f
             continue
+        as_channels[cid] = chans
         if sorted(chans) != list(range(n_channels)):
             problems.append(f"case {cid}: channel files {[f'_{c:04d}' for c in sorted(chans)]}; the run expects "
                             f"{[f'_{c:04d}' for c in range(n_channels)]}")
             continue
         cases.append(ScanCase(cid, tuple(chans[c] for c in range(n_channels)), endings[cid]))
-    grouped = {c.case_id: c for c in cases}
-    clash = sorted(set(grouped) & set(singles))  # "a.nii.gz" and "a_0000.nii.gz": one prediction file for both
+    clash = sorted(set(as_channels) & set(singles))  # "a.nii.gz" and "a_0000.nii.gz": one prediction for both
     problems += [f"case {cid}: both {singles[cid].name} and channel file(s) "
-                 f"{', '.join(p.name for p in grouped[cid].files)}; keep one naming" for cid in clash]
+                 f"{', '.join(f.name for _, f in sorted(as_channels[cid].items()))}; keep one naming" for cid in clash]
     cases = [c for c in cases if c.case_id not in clash]
     cases += [ScanCase(cid, (f,), f.name[len(cid):]) for cid, f in singles.items() if cid not in clash]
     return sorted(cases, key=lambda c: c.case_id), problems
@@ -198,10 +199,16 @@ def load_probabilities(path: Path) -> tuple[np.ndarray, list[int], Geometry]:
             raise ValueError("a single array, not an .npz archive")
         with loaded as z:
             probs = z["probabilities"].astype(np.float32)
-            values = [int(v) for v in z["labels"]]
-            geo = Geometry(tuple(z["spacing"].tolist()), tuple(z["origin"].tolist()),  # type: ignore[arg-type]
-                           tuple(z["direction"].tolist()), tuple(probs.shape[1:]))  # type: ignore[arg-type]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            values = [int(v) for v in np.atleast_1d(z["labels"])]
+            spacing, origin, direction = (tuple(float(v) for v in np.ravel(z[k]))
+                                          for k in ("spacing", "origin", "direction"))
+        if probs.ndim != 4 or len(values) != probs.shape[0] or len(spacing) != 3 or len(origin) != 3 or \
+                len(direction) != 9:
+            raise ValueError(f"probabilities of shape {list(probs.shape)} for labels {values}, spacing {spacing}, "
+                             f"origin {origin}, direction {direction}: expected (K, z, y, x) for K labels and a 3D "
+                             "geometry")
+        geo = Geometry(spacing, origin, direction, tuple(probs.shape[1:]))  # type: ignore[arg-type]
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         why = str(e) or type(e).__name__
         raise ValueError(f"{path}: not a probabilities file written by autoseg predict ({why})") from None
     return probs, values, geo

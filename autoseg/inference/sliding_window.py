@@ -197,7 +197,7 @@ def divide_sums(acc: torch.Tensor, norm: torch.Tensor, crop: tuple[slice, ...], 
 def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: float, mirror_axes: list[int],
                    sigma_scale: float, device: torch.device, tiles_per_batch: int = 1,
                    amp: bool = False, accumulate_on: torch.device | None = None,
-                   chunk: int | None = None, flips_per_call: int = 1) -> torch.Tensor:
+                   chunk: int | None = None, flips_per_call: int = 1, cpu_bfloat16: bool = False) -> torch.Tensor:
     """Gaussian-weighted, mirrored logits ``(K, *spatial)`` (float32, on the CPU) of ``image`` ``(C, *spatial)``.
 
     The network runs on ``device``, ``tiles_per_batch`` tiles x ``flips_per_call`` of their mirrored copies per
@@ -205,7 +205,8 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
     summed weights and the (padded) input live on ``accumulate_on`` (default ``device``), all float32 whatever
     the device, so a GPU sums exactly as the CPU does. A volume smaller than the patch is zero-padded symmetrically and
     the result cropped back. The result is divided ``chunk`` slices at a time (:func:`divide_sums`; default
-    :func:`division_chunk`); sums kept on the CPU are divided in place and returned without a copy.
+    :func:`division_chunk`); sums kept on the CPU are divided in place and returned without a copy. The network
+    runs under float16 autocast on CUDA with ``amp``, under bfloat16 autocast on the CPU with ``cpu_bfloat16``.
 
     Raises:
         ValueError: ``tiles_per_batch`` or ``flips_per_call`` below 1.
@@ -233,7 +234,8 @@ def predict_logits(net: nn.Module, image: torch.Tensor, patch: list[int], step: 
         for j in range(0, len(flips), flips_per_call):
             dims = [[d + 2 for d in flip] for flip in flips[j:j + flips_per_call]]
             xs = [torch.flip(x, d) if d else x for d in dims]
-            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
+                                enabled=amp and device.type == "cuda" or cpu_bfloat16 and device.type == "cpu"):
                 y = net(xs[0] if len(xs) == 1 else torch.cat(xs)).float()
             for d, yi in zip(dims, y.split(len(group))):
                 yi = torch.flip(yi, d) if d else yi

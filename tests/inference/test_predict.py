@@ -231,6 +231,25 @@ def test_ensemble_names_a_file_that_is_not_autoseg_probabilities(tmp_path, capsy
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
+@pytest.mark.parametrize("arrays", [{"labels": np.array(1)}, {"labels": np.array([0, 1])},
+                                    {"direction": np.zeros(4)}])
+def test_ensemble_names_probabilities_whose_arrays_do_not_fit(tmp_path, capsys, arrays):
+    """A 0-d label array, fewer labels than probability channels, or a 2D direction: one line naming the file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _probabilities(a, "s0")
+    _probabilities(b, "s0", seed=1)
+    with np.load(b / "s0.npz") as z:
+        content = {k: z[k] for k in z.files}
+    content.update(arrays)
+    with open(b / "s0.npz", "wb") as f:
+        np.savez(f, **content)
+    assert main(["ensemble", str(a), str(b), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {b / 's0.npz'}: not a probabilities file written by")
+    assert "Traceback" not in err
+
+
 def test_ensemble_stopped_by_a_mismatch_says_what_it_already_wrote(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     for cid in ("s0", "s1"):
@@ -264,6 +283,12 @@ def test_a_case_named_both_ways_is_a_problem_not_two_predictions_into_one_file(t
     assert [c.case_id for c in cases] == ["b", "d"]
     both = ", ".join(f"a_{c:04d}.nii.gz" for c in range(channels))
     assert problems == [f"case a: both a.nii.gz and channel file(s) {both}; keep one naming"]
+    if channels == 2:  # an incomplete group beside the single file: both problems, and neither is predicted
+        (tmp_path / "a_0001.nii.gz").unlink()
+        cases, problems = find_scans(tmp_path, 2)
+        assert [c.case_id for c in cases] == ["b", "d"]
+        assert problems == ["case a: channel files ['_0000']; the run expects ['_0000', '_0001']",
+                            "case a: both a.nii.gz and channel file(s) a_0000.nii.gz; keep one naming"]
 
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
