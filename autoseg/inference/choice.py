@@ -75,7 +75,8 @@ class ConfigurationEnsemble(Predictor):
     def __init__(self, members: list[Predictor], postprocessing: Postprocessing | None):
         first = members[0]
         super().__init__(first.plans, [n for m in members for n in m.networks], first.device,
-                         bool(first.mirror_axes), first.step, postprocessing, bfloat16=first.bfloat16, keep_layout=True)
+                         bool(first.mirror_axes), first.step, postprocessing,
+                         bfloat16=any(m.bfloat16 for m in members), keep_layout=True)
         self.members = members
 
     def predict_preprocessed(self, data: np.ndarray) -> np.ndarray:

@@ -165,7 +165,7 @@ def _bare_predictor(device: torch.device = CPU):
     from autoseg.inference.predictor import Predictor
 
     predictor = Predictor.__new__(Predictor)
-    predictor.device, predictor.step, predictor.mirror_axes = device, 0.5, []
+    predictor.device, predictor.step, predictor.mirror_axes, predictor.bfloat16 = device, 0.5, [], False
     predictor.plans = type("P", (), {"inference": type("I", (), {"gaussian_sigma_scale": 0.125})(), "amp": False})()
     return predictor
 

@@ -164,7 +164,8 @@ def test_predict_mirrors_as_the_choice_decided_unless_told(tiny_run, monkeypatch
 
     made = []
 
-    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):  # records the mirroring asked for
+    # records the mirroring asked for
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume, bfloat16=None):
         made.append(tta)
         return SimpleNamespace(plans=SimpleNamespace(configuration=config or "3d"))
 
@@ -331,7 +332,8 @@ def test_predict_slides_tiles_as_the_choice_decided_unless_told(tiny_run, monkey
 
     made = []
 
-    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):  # records the one pass asked for
+    # records the one pass asked for
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume, bfloat16=None):
         made.append(whole_volume)
         return SimpleNamespace(plans=SimpleNamespace(configuration=config or "3d"))
 
@@ -360,7 +362,7 @@ def test_every_member_of_an_ensemble_choice_gets_the_one_pass_decision(free_plan
 
     made = {}
 
-    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume):
+    def from_run(cls, run, folds, ckpt, dev, tta, step, config, whole_volume, bfloat16=None):
         made[config] = whole_volume
         return Predictor(select_configuration(load_plans(run / "plans.json"), config),
                          [(torch.nn.Identity(), [8, 8, 8])], torch.device("cpu"), whole_volume=whole_volume)
