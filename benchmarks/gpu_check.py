@@ -310,7 +310,8 @@ def check_prediction(run: Path, device: torch.device) -> Row:
     for dev, p in ((device, fp32), (torch.device("cpu"), fp32), (device, plans)):
         net = build_network(plans.network, len(plans.channel_names), len(plans.labels))
         net.load_state_dict(state)
-        probs.append(Predictor(p, [(net, patch)], dev).predict_preprocessed(volume))
+        # float32 on the CPU too: a CPU with bfloat16 arithmetic would otherwise predict under bfloat16 autocast
+        probs.append(Predictor(p, [(net, patch)], dev, bfloat16=False).predict_preprocessed(volume))
     agree = float((probs[0].argmax(0) == probs[1].argmax(0)).mean())
     diff = float(np.abs(probs[0] - probs[1]).max())
     amp_agree = float((probs[2].argmax(0) == probs[1].argmax(0)).mean())
@@ -426,8 +427,9 @@ def check_throughput(hippocampus: Path | None, fallback: Path, root: Path, devic
     for _ in range(3):
         predictor.predict_preprocessed(volume)
     per_case = (time.perf_counter() - t0) / 3
+    precision = ", bfloat16 autocast" if predictor.bfloat16 else ""
     rows.append(Row("prediction throughput", "PASS",
-                    f"{label}: {per_case:.2f} s per median case "
+                    f"{label}: {per_case:.2f} s per median case{precision} "
                     f"({'x'.join(map(str, plans.median_shape_after_resampling))}, mirroring, one fold)"))
     return rows
 
