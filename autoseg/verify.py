@@ -15,7 +15,7 @@ from autoseg import defaults
 from autoseg.dataset import CaseFiles
 from autoseg.io import Geometry, ImageReadError, read_image
 
-__all__ = ["LoadedCase", "read_case", "geometry_mismatch", "label_dtype"]
+__all__ = ["LoadedCase", "read_case", "geometry_mismatch", "label_dtype", "non_integer_voxels"]
 
 
 @dataclass
@@ -43,6 +43,15 @@ def geometry_mismatch(g: Geometry, ref: Geometry) -> str | None:
     if not np.allclose(g.direction, ref.direction, rtol=0, atol=defaults.DIRECTION_ATOL):
         return f"direction {_fmt(g.direction)} differs from {_fmt(ref.direction)}"
     return None
+
+
+def non_integer_voxels(arr: np.ndarray) -> tuple[int, float] | None:
+    """How many voxels of a label map are not integers (NaN and infinity included) and one of their values, or
+    None when all are (always for an integer type)."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        return None
+    bad = ~np.isfinite(arr) | (arr != np.round(arr))
+    return (int(bad.sum()), float(arr[bad].ravel()[0])) if bad.any() else None
 
 
 def label_dtype(max_label: int) -> type:
@@ -92,13 +101,11 @@ def _read_label(case: CaseFiles, labels: dict[int, str], problems: list[str]) ->
         problems.append(f"{case.case_id}: {case.label}: label map has {arr.shape[0]} channels; expected 1")
         return None
     lab = arr[0]
-    if np.issubdtype(lab.dtype, np.floating):
-        bad = ~np.isfinite(lab) | (lab != np.round(lab))
-        if bad.any():
-            example = lab[bad].ravel()[0]
-            problems.append(f"{case.case_id}: {case.label}: {int(bad.sum())} voxel(s) hold non-integer label "
-                            f"values such as {example:g}; expected integers {sorted(labels)}")
-            return None
+    bad = non_integer_voxels(lab)
+    if bad:
+        problems.append(f"{case.case_id}: {case.label}: {bad[0]} voxel(s) hold non-integer label values such as "
+                        f"{bad[1]:g}; expected integers {sorted(labels)}")
+        return None
     values = np.unique(lab)
     unknown = sorted(int(v) for v in values if int(v) not in labels)
     if unknown:

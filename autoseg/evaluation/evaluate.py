@@ -21,7 +21,7 @@ from autoseg.dataset import DatasetError
 from autoseg.evaluation.distances import surface_scores
 from autoseg.io import ImageReadError, read_image, strip_suffix
 from autoseg.typedjson import write_json_atomic
-from autoseg.verify import geometry_mismatch
+from autoseg.verify import geometry_mismatch, non_integer_voxels
 
 __all__ = ["CaseScores", "score_case", "dice_score", "evaluate_folders", "EvaluationError", "METRICS", "format_table",
            "ratio"]
@@ -79,16 +79,6 @@ def score_case(case_id: str, pred: np.ndarray, ref: np.ndarray, label: int,
                       ratio(tp, tp + fn, empty), ratio(tp, tp + fp, empty), tp, fp, fn)
 
 
-def _non_integer(arr: np.ndarray) -> str | None:
-    """What is wrong with a label map whose voxels are not all integers (NaN included), or None."""
-    if not np.issubdtype(arr.dtype, np.floating):
-        return None
-    bad = ~np.isfinite(arr) | (arr != np.round(arr))
-    if not bad.any():
-        return None
-    return f"{int(bad.sum())} voxel(s) hold non-integer values such as {arr[bad].ravel()[0]:g}; expected integer labels"
-
-
 def _cases(folder: Path) -> dict[str, Path]:
     out = {}
     for f in sorted(folder.iterdir()):
@@ -139,8 +129,9 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, labels: list[int] | None = N
             problems.append(f"case {cid}: prediction {preds[cid].name}: {diff} of the reference {ref_path.name}; "
                             "they must cover the same voxels")
             continue
-        wrong = [f"case {cid}: {path}: {w}" for path, w in ((preds[cid], _non_integer(pred)),
-                                                           (ref_path, _non_integer(ref))) if w]
+        wrong = [f"case {cid}: {path}: {bad[0]} voxel(s) hold non-integer values such as {bad[1]:g}; expected "
+                 "integer labels" for path, bad in ((preds[cid], non_integer_voxels(pred)),
+                                                    (ref_path, non_integer_voxels(ref))) if bad]
         if wrong:
             problems += wrong
             continue
