@@ -21,8 +21,8 @@ in the workers (batchgenerators) and in the training process (torch, ``augmentat
 ``predict``: seconds per case of the network part of prediction (sliding window over the preprocessed case, the
 probabilities on its grid) for RUN_DIR's trained fold on its first ``--cases`` validation cases, per lever:
 mirroring on or off, mirrored copies in pairs or one per call, tiles as trained or larger (up to the whole
-case), the network contiguous (the CPU default) or channels-last at inference, in float32 (the default) or
-under the CPU's bfloat16 autocast;
+case), and the network in float32 or under the CPU's bfloat16 autocast (``Predictor(bfloat16=...)``; the
+default on a CPU that computes in bfloat16), each contiguous or channels-last;
 each lever's labels are compared with the default's (agreement) and scored against the stored labels (Dice on
 the preprocessed grid, mean over foreground classes and cases).
 
@@ -197,19 +197,6 @@ def _whole_tile(shape: list[int], patch: list[int], stride: list[int], most: flo
     return [max(p, min(-(-s // t) * t, int(most * p) // t * t)) for s, p, t in zip(shape, patch, stride)]
 
 
-class _Bfloat16(torch.nn.Module):
-    """``net`` under the CPU's bfloat16 autocast, its output back in float32 (the ``predict`` lever; the sliding
-    window itself autocasts on CUDA only)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.net(x).float()
-
-
 def _one_input_per_call(p: Predictor) -> Predictor:
     p.max_items_per_call = 1
     return p
@@ -228,7 +215,7 @@ def _dice(labels: np.ndarray, ref: np.ndarray, classes: range) -> float:
 def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
     plan, trained, patch = _fold_network(run, fold)
     net = Predictor(plan, [(trained, patch)], CPU).networks[0][0]  # in the inference layout, converted once
-    channels_last_copy = Predictor(plan, [(trained, patch)], CPU, channels_last=True).networks[0][0]
+    net32 = Predictor(plan, [(trained, patch)], CPU, bfloat16=False).networks[0][0]  # float32's layout (contiguous)
     cases = fold_cases(plan, fold)[1][:n_cases]
     arrays = {}
     for c in cases:
@@ -245,10 +232,12 @@ def bench_predict(run: Path, fold: str, n_cases: int, rounds: int) -> None:
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 2))], CPU),
         "tiles up to 4x (whole case where it covers)":
             lambda s: Predictor(plan, [(net, _whole_tile(s, patch, stride, 4))], CPU),
-        "channels-last at inference": lambda s: Predictor(plan, [(trained, patch)], CPU, channels_last=True),
-        "bfloat16 autocast at inference": lambda s: Predictor(plan, [(_Bfloat16(net), patch)], CPU),
-        "channels-last + bfloat16 autocast at inference":
-            lambda s: Predictor(plan, [(_Bfloat16(channels_last_copy), patch)], CPU),
+        "float32, contiguous (--fp32)": lambda s: Predictor(plan, [(net32, patch)], CPU, bfloat16=False),
+        "float32, channels-last": lambda s: Predictor(plan, [(trained, patch)], CPU, channels_last=True,
+                                                      bfloat16=False),
+        "bfloat16 autocast, contiguous": lambda s: Predictor(plan, [(net32, patch)], CPU, channels_last=False,
+                                                             bfloat16=True),
+        "bfloat16 autocast, channels-last": lambda s: Predictor(plan, [(trained, patch)], CPU, bfloat16=True),
     }
     seconds: dict[str, list[float]] = {n: [] for n in levers}
     labels: dict[str, dict[str, np.ndarray]] = {n: {} for n in levers}
